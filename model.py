@@ -1,0 +1,231 @@
+"""Models for ARC grids: a grid encoder, the communication/autoencoder bottleneck and the task heads.
+
+Grids arrive as (B, 30, 30) colour ids with the pad value `num_colors` outside the real area.
+An "example" is one grid or, with use_input_output_pairs, an (input, output) pair: (B, G, 30, 30), G in {1, 2}.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GRID_SIZE = 30
+TASK_TYPES = ("reconstruction", "selection", "puzzle_classification")
+BOTTLENECK_TYPES = ("communication", "autoencoder")
+PRETRAIN_MODES = ("binary", "selection")
+
+
+def _conv_plan(num_conv_layers, hidden_dim):
+    """Channels and strides: full resolution first, then stride 2 down to 8x8, widening towards hidden_dim."""
+    channels = [max(16, hidden_dim // 2 ** (num_conv_layers - 1 - i)) for i in range(num_conv_layers)]
+    strides = [1] + [2 if i <= 2 else 1 for i in range(1, num_conv_layers)]
+    return channels, strides
+
+
+class ARCEncoder(nn.Module):
+    """Colour embedding + conv stack; padding is zeroed after every layer and never enters the pooling."""
+
+    def __init__(self, num_colors=10, embedding_dim=16, hidden_dim=128, latent_dim=256, num_conv_layers=3):
+        super().__init__()
+        assert num_conv_layers >= 1, "num_conv_layers must be at least 1"
+        self.num_colors = num_colors
+        self.latent_dim = latent_dim
+        self.color_embedding = nn.Embedding(num_colors + 1, embedding_dim, padding_idx=num_colors)
+        # Row and column embeddings let the flattened map and the pooled features say where a colour is.
+        self.row_embedding = nn.Embedding(GRID_SIZE, embedding_dim)
+        self.col_embedding = nn.Embedding(GRID_SIZE, embedding_dim)
+        channels, self.strides = _conv_plan(num_conv_layers, hidden_dim)
+        in_channels = [embedding_dim] + channels[:-1]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, 3, stride=s, padding=1) for c_in, c_out, s in zip(in_channels, channels, self.strides)
+        )
+        side = GRID_SIZE
+        for s in self.strides:
+            side = (side - 1) // s + 1
+        self.out_channels, self.out_side = channels[-1], side
+        flat = self.out_channels * side * side
+        # Masked mean and max over the real area, plus the masked map itself (keeps layout for reconstruction).
+        self.to_latent = nn.Linear(2 * self.out_channels + flat, latent_dim)
+
+    def forward(self, grids):
+        """(B, 30, 30) colour ids -> (B, latent_dim)."""
+        mask = (grids != self.num_colors).unsqueeze(1).float()  # (B, 1, H, W)
+        rows = torch.arange(grids.shape[1], device=grids.device)
+        cols = torch.arange(grids.shape[2], device=grids.device)
+        x = self.color_embedding(grids) + self.row_embedding(rows)[None, :, None] + self.col_embedding(cols)[None, None]
+        x = x.permute(0, 3, 1, 2) * mask  # (B, E, H, W)
+        for conv, stride in zip(self.convs, self.strides):
+            if stride > 1:
+                mask = F.max_pool2d(mask, kernel_size=3, stride=stride, padding=1)
+            x = F.gelu(conv(x)) * mask
+        area = mask.sum(dim=(2, 3)).clamp_min(1.0)  # (B, 1)
+        mean = x.sum(dim=(2, 3)) / area
+        peak = x.masked_fill(mask == 0, -1e4).amax(dim=(2, 3))
+        return self.to_latent(torch.cat([mean, peak, x.flatten(1)], dim=1))
+
+
+class ExampleEncoder(nn.Module):
+    """Encodes one grid or an (input, output) pair into one latent vector."""
+
+    def __init__(self, encoder, grids_per_example):
+        super().__init__()
+        self.encoder = encoder
+        self.grids_per_example = grids_per_example
+        self.merge = nn.Linear(encoder.latent_dim * grids_per_example, encoder.latent_dim) if grids_per_example > 1 else None
+
+    def forward(self, examples):
+        """(N, G, 30, 30) -> (N, latent_dim)."""
+        n, g = examples.shape[:2]
+        latents = self.encoder(examples.flatten(0, 1)).view(n, g * self.encoder.latent_dim)
+        return self.merge(F.gelu(latents)) if self.merge is not None else latents
+
+
+class Sender(nn.Module):
+    """Latent -> message of max_length symbols over vocab_size, as one-hot rows (B, L, V)."""
+
+    def __init__(self, latent_dim, vocab_size, max_length, hidden_dim):
+        super().__init__()
+        self.vocab_size, self.max_length = vocab_size, max_length
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, max_length * vocab_size))
+
+    def forward(self, latent, temperature, generator=None):
+        logits = self.net(latent).view(-1, self.max_length, self.vocab_size)
+        if self.training:
+            # Straight-through: hard one-hot forward, soft Gumbel-softmax gradient backward. The noise comes from
+            # the caller's generator so a run's randomness is its own and can be saved and restored.
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
+            soft = F.softmax((logits + gumbel) / temperature, dim=-1)
+            hard = F.one_hot(soft.argmax(-1), self.vocab_size).to(soft.dtype)
+            symbols = hard - soft.detach() + soft
+        else:
+            symbols = F.one_hot(logits.argmax(-1), self.vocab_size).to(logits.dtype)
+        return symbols, logits
+
+
+class Receiver(nn.Module):
+    """Reads one-hot symbols through one embedding matrix (one-hot @ weight), the same way in training and evaluation."""
+
+    def __init__(self, vocab_size, max_length, hidden_dim):
+        super().__init__()
+        self.symbol_embedding = nn.Parameter(torch.randn(vocab_size, hidden_dim) / math.sqrt(hidden_dim))
+        self.position_embedding = nn.Parameter(torch.zeros(max_length, hidden_dim))
+        self.net = nn.Sequential(nn.Linear(max_length * hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+
+    def forward(self, symbols):
+        x = symbols @ self.symbol_embedding + self.position_embedding  # (B, L, hidden)
+        return self.net(x.flatten(1))
+
+
+class GridDecoder(nn.Module):
+    """Receiver state -> colour logits (B, G, 10, 30, 30) and height/width logits (B, G, 2, 30)."""
+
+    def __init__(self, hidden_dim, num_colors, grids_per_example, channels=64):
+        super().__init__()
+        self.g, self.num_colors, self.channels = grids_per_example, num_colors, channels
+        self.to_map = nn.Linear(hidden_dim, channels * 8 * 8)
+        # Full resolution gets fewer channels: it holds most of the decoder's compute.
+        widths = (channels, channels, channels // 2)
+        self.refine = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in zip((channels,) + widths[:-1], widths))
+        self.to_colors = nn.Conv2d(widths[-1], grids_per_example * num_colors, 1)
+        self.to_sizes = nn.Linear(hidden_dim, grids_per_example * 2 * GRID_SIZE)
+
+    def forward(self, state):
+        b = state.shape[0]
+        x = self.to_map(state).view(b, self.channels, 8, 8)
+        for side, conv in zip((8, 15, GRID_SIZE), self.refine):
+            x = F.gelu(conv(F.interpolate(x, size=(side, side), mode="nearest")))
+        colors = self.to_colors(x).view(b, self.g, self.num_colors, GRID_SIZE, GRID_SIZE)
+        sizes = self.to_sizes(state).view(b, self.g, 2, GRID_SIZE)
+        return colors, sizes
+
+
+class ARCAutoencoder(nn.Module):
+    """Encoder -> bottleneck (discrete message or continuous latent) -> receiver -> task head."""
+
+    def __init__(self, encoder, vocab_size=10, max_length=5, bottleneck_type="communication",
+                 task_type="reconstruction", num_distractors=3, use_input_output_pairs=False,
+                 temperature=1.0, hidden_dim=None, num_classes=0):
+        super().__init__()
+        assert bottleneck_type in BOTTLENECK_TYPES, f"bottleneck_type must be one of {BOTTLENECK_TYPES}"
+        assert task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}"
+        assert task_type != "puzzle_classification" or num_classes > 0, "puzzle_classification needs num_classes"
+        hidden_dim = hidden_dim or max(encoder.latent_dim, 128)
+        self.bottleneck_type, self.task_type = bottleneck_type, task_type
+        self.num_distractors, self.use_input_output_pairs = num_distractors, use_input_output_pairs
+        self.temperature = temperature
+        grids_per_example = 2 if use_input_output_pairs else 1
+        self.example_encoder = ExampleEncoder(encoder, grids_per_example)
+        latent = encoder.latent_dim
+        if bottleneck_type == "communication":
+            self.sender = Sender(latent, vocab_size, max_length, hidden_dim)
+            self.receiver = Receiver(vocab_size, max_length, hidden_dim)
+        else:
+            self.receiver_net = nn.Sequential(nn.Linear(latent, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+        if task_type == "reconstruction":
+            self.decoder = GridDecoder(hidden_dim, encoder.num_colors, grids_per_example)
+        elif task_type == "selection":
+            self.candidate_projection = nn.Linear(latent, hidden_dim)
+        else:
+            self.classifier = nn.Linear(hidden_dim, num_classes)
+
+    @property
+    def encoder(self):
+        return self.example_encoder.encoder
+
+    def transmit(self, latent, generator=None):
+        """Latent -> receiver state, plus the message symbols (B, L, V) for communication, else None."""
+        if self.bottleneck_type == "communication":
+            symbols, _ = self.sender(latent, self.temperature, generator)
+            return self.receiver(symbols), symbols
+        return self.receiver_net(latent), None
+
+    def forward(self, examples=None, candidates=None, target_index=None, generator=None):
+        """Returns a dict of outputs; see the task heads.
+
+        reconstruction / puzzle_classification: examples (B, G, 30, 30).
+        selection: candidates (B, K+1, G, 30, 30) and target_index (B,); the sender sees the target candidate.
+        generator: source of the Gumbel noise in training.
+        """
+        if self.task_type == "selection":
+            b, k = candidates.shape[:2]
+            cand_latents = self.example_encoder(candidates.flatten(0, 1)).view(b, k, -1)
+            target_latent = cand_latents[torch.arange(b, device=candidates.device), target_index]
+            state, symbols = self.transmit(target_latent, generator)
+            keys = self.candidate_projection(cand_latents)  # (B, K+1, hidden)
+            scores = torch.einsum("bkh,bh->bk", keys, state) / math.sqrt(state.shape[-1])
+            return {"scores": scores, "symbols": symbols}
+        state, symbols = self.transmit(self.example_encoder(examples), generator)
+        if self.task_type == "reconstruction":
+            colors, sizes = self.decoder(state)
+            return {"colors": colors, "sizes": sizes, "symbols": symbols}
+        return {"logits": self.classifier(state), "symbols": symbols}
+
+
+class EncoderPretrainer(nn.Module):
+    """Encoder with a pretraining head: 'binary' (same puzzle?) or 'selection' (pick the target, no bottleneck)."""
+
+    def __init__(self, encoder, mode, hidden_dim=128):
+        super().__init__()
+        assert mode in PRETRAIN_MODES, f"mode must be one of {PRETRAIN_MODES}"
+        self.encoder, self.mode = encoder, mode
+        latent = encoder.latent_dim
+        if mode == "binary":
+            self.head = nn.Sequential(nn.Linear(4 * latent, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+        else:
+            self.query = nn.Linear(latent, hidden_dim)
+            self.key = nn.Linear(latent, hidden_dim)
+
+    def forward(self, first=None, second=None, candidates=None, target_index=None):
+        if self.mode == "binary":
+            a, b = self.encoder(first), self.encoder(second)  # (B, latent)
+            return {"logits": self.head(torch.cat([a, b, (a - b).abs(), a * b], dim=1)).squeeze(1)}
+        bsz, k = candidates.shape[:2]
+        latents = self.encoder(candidates.flatten(0, 1)).view(bsz, k, -1)
+        target = latents[torch.arange(bsz, device=candidates.device), target_index]
+        scores = torch.einsum("bkh,bh->bk", self.key(latents), self.query(target)) / math.sqrt(self.query.out_features)
+        return {"scores": scores}
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())

