@@ -72,7 +72,7 @@ def sidecar_path(pth_path):
 
 # ---------------------------------------------------------------------------------------------- record
 
-def _now():
+def utc_now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -86,7 +86,7 @@ def save_full_checkpoint(checkpoint_dir, name, *, kind, config, model_state_dict
     assert kind in KINDS, f"kind must be one of {KINDS}"
     check_name(name, automatic=kind != "manual")
     record = {
-        "format_version": FORMAT_VERSION, "name": name, "kind": kind, "created_at": _now(),
+        "format_version": FORMAT_VERSION, "name": name, "kind": kind, "created_at": utc_now(),
         "epoch": progress["epoch"], "batch": progress["batch"], "global_step": progress["global_step"],
         "val_loss": progress.get("val_loss"), "val_acc": progress.get("val_acc"),
         "model_state_dict": model_state_dict, "encoder_state_dict": encoder_state_dict,
@@ -202,7 +202,7 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         ok, reason = verify(path)
         if not ok:
             raise CheckpointError(f"checkpoint {name!r} failed verification right after writing: {reason}")
-        sidecar["verified_at"] = _now()
+        sidecar["verified_at"] = utc_now()
         _write_json_atomic(sidecar_path(path), sidecar)
     return sidecar
 

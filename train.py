@@ -289,6 +289,21 @@ class Trainer:
         for p in self.model.encoder.parameters():
             p.requires_grad_(not self.config.freeze_encoder)
 
+    def load_weights(self, path):
+        """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
+        record = ckpt.load_checkpoint(path)
+        try:
+            self.model.load_state_dict(record["model_state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its model does not match this config (task, bottleneck and architecture "
+                             f"must be the same to fine-tune): {str(e).splitlines()[0]}") from None
+
+    def checkpoint_estimate(self):
+        """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        return weights + 2 * trainable + 256 * 1024
+
     def resume(self, path, verify_file=True):
         """Restore model, optimizer, position, RNG states and best score from a checkpoint: training goes on exactly."""
         record = ckpt.load_checkpoint(path, verify_file=verify_file)
@@ -538,7 +553,8 @@ class Trainer:
         def body():
             self.publish({"type": "training_started", "phase": "training", "config": self.config.to_dict(),
                           "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
-                          "batches_per_epoch": len(self.train_batches)})
+                          "batches_per_epoch": len(self.train_batches),
+                          "checkpoint_estimate_bytes": self.checkpoint_estimate()})
             self._run_epochs(self.model, self.train_batches, LOSSES[self.config.task_type],
                              self._after_main_validation)
 

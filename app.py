@@ -1,0 +1,392 @@
+"""The web app: adapts HTTP to the training worker and the checkpoint folder. No training logic lives here.
+
+    python app.py                      # http://127.0.0.1:5002, bundled ARC-AGI-1
+    python app.py --data-dir my_tasks --checkpoint-dir runs/ckpt --port 5003
+"""
+import argparse
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import sys
+
+import torch
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_file
+from werkzeug.exceptions import BadRequest, HTTPException
+
+import checkpoint as ckpt
+from events import EventBus
+from train import TrainConfig
+from worker import Busy, Conflict, TrainingWorker, list_runs, read_run
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("lab", __name__)
+
+CSP = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
+PATCHABLE = {"notes": str, "tags": list}
+
+
+def create_app(config=None, trainer=None):
+    """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER."""
+    app = Flask(__name__)
+    app.config.from_mapping(CHECKPOINT_DIR="checkpoints", DATASET="arcagi", DATA_DIR="", DEVICE="auto", TOKEN=None,
+                            TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20)
+    app.config.update(config or {})
+    defaults = {"dataset": app.config["DATASET"], "data_dir": app.config["DATA_DIR"], **app.config["TRAIN_DEFAULTS"]}
+    TrainConfig.from_dict(defaults)  # bad server defaults fail at start-up, not at the first request
+    if trainer is None:
+        trainer = TrainingWorker(app.config["CHECKPOINT_DIR"], EventBus(), device=app.config["DEVICE"],
+                                 dataset=app.config["DATASET"], data_dir=app.config["DATA_DIR"],
+                                 train_defaults=defaults, data=app.config["DATA"])
+        if app.config["START_WORKER"]:
+            trainer.start_thread()
+    app.extensions["trainer"] = trainer
+    app.register_blueprint(bp)
+    app.register_error_handler(Exception, _error_response)
+    app.before_request(_check_request)
+    app.after_request(_secure_headers)
+    return app
+
+
+def _worker():
+    return current_app.extensions["trainer"]
+
+
+def _folder():
+    return current_app.extensions["trainer"].checkpoint_dir
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+
+def _error_response(error):
+    if isinstance(error, Conflict):
+        return jsonify(error=str(error)), 409
+    if isinstance(error, Busy):
+        return jsonify(error=str(error)), 503, {"Retry-After": "1"}
+    if isinstance(error, FileNotFoundError):
+        return jsonify(error=str(error.args[0] if error.args else error)), 404
+    if isinstance(error, (ValueError, ckpt.CheckpointError)):
+        return jsonify(error=str(error)), 400
+    if isinstance(error, HTTPException):
+        return jsonify(error=f"{error.name}: {error.description}"), error.code
+    logger.exception("unexpected error on %s %s", request.method, request.path)
+    return jsonify(error=f"internal error ({type(error).__name__}); see the server log"), 500
+
+
+def _check_request():
+    """Token for anything that changes state or returns a file; JSON bodies only, so no cross-site form can post."""
+    token = current_app.config["TOKEN"]
+    needs_token = request.method in ("POST", "PATCH", "DELETE", "PUT") or request.path.endswith("/download")
+    if token and needs_token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return jsonify(error="missing or wrong access token: send Authorization: Bearer TOKEN"), 401
+    if request.method in ("POST", "PATCH", "PUT", "DELETE"):
+        has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
+        if (has_body or request.mimetype) and request.mimetype != "application/json":
+            return jsonify(error="send the body as JSON with Content-Type: application/json"), 415
+    return None
+
+
+def _secure_headers(response):
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _body():
+    """The JSON object sent, {} when there is no body; 400 otherwise."""
+    if not request.get_data(cache=True):
+        return {}
+    try:
+        body = request.get_json(force=True)
+    except BadRequest:
+        raise ValueError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def _checkpoint_file(name, must_exist=True):
+    """Path of a checkpoint named by the user: same name rules as saves, never outside the folder."""
+    path = ckpt.checkpoint_path(_folder(), name)
+    if must_exist and not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint named {name!r} in {_folder()}")
+    return path
+
+
+def _take_name(body, key):
+    value = body.pop(key, None)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a checkpoint name (a string)")
+    return _checkpoint_file(value)
+
+
+# ---------------------------------------------------------------------------------------------- pages
+
+@bp.get("/")
+def index():
+    return render_template("index.html")
+
+
+@bp.get("/vendor/plotly.min.js")
+def vendor_plotly():
+    import plotly  # served from the installed package: the page works offline
+    path = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
+    response = send_file(path, mimetype="text/javascript", max_age=86400)
+    response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+@bp.get("/config")
+def config_fields():
+    fields = [{"name": f.name, "type": f.type.__name__, "default": f.default, "choices": f.metadata["choices"],
+               "low": f.metadata["low"], "high": f.metadata["high"], "help": f.metadata["help"]}
+              for f in dataclasses.fields(TrainConfig)]
+    return jsonify(fields=fields, defaults=TrainConfig.from_dict(_worker().train_defaults).to_dict())
+
+
+@bp.get("/status")
+def status():
+    return jsonify({**_worker().status(), "checkpoint_dir": _folder(), "auth_required": bool(current_app.config["TOKEN"]),
+                    "disk_free_bytes": _disk_free()})
+
+
+def _disk_free():
+    try:
+        return shutil.disk_usage(_folder()).free
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- run control
+
+@bp.post("/start_pretraining")
+def start_pretraining():
+    body = _body()
+    mode = body.pop("mode", None)
+    if mode is not None:
+        body["pretrain_mode"] = mode
+    config = _worker().config_from(body)
+    return jsonify(run_id=_worker().start("pretraining", config, mode=config.pretrain_mode)), 202
+
+
+@bp.post("/start_training")
+def start_training():
+    body = _body()
+    pretrained = _take_name(body, "pretrained_encoder")
+    resume_from = _take_name(body, "resume_from")
+    fine_tune_from = _take_name(body, "fine_tune_from")
+    if resume_from and (fine_tune_from or pretrained):
+        raise ValueError("resume_from continues a run exactly; it cannot be combined with fine_tune_from "
+                         "or pretrained_encoder")
+    config = _worker().config_from({**body, **({"pretrained_encoder": pretrained} if pretrained else {})})
+    run_id = _worker().start("training", config, resume_from=resume_from, fine_tune_from=fine_tune_from)
+    return jsonify(run_id=run_id), 202
+
+
+@bp.post("/stop")
+def stop():
+    _body()
+    _worker().stop()
+    return jsonify(ok=True), 202
+
+
+@bp.post("/pause")
+def pause():
+    _body()
+    _worker().pause(True)
+    return jsonify(ok=True), 202
+
+
+@bp.post("/resume_training")
+def resume_training():
+    _body()
+    _worker().pause(False)
+    return jsonify(ok=True), 202
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+@bp.post("/save_checkpoint")
+def save_checkpoint():
+    body = _body()
+    unknown = set(body) - {"name", "overwrite"}
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}; send name and overwrite only")
+    name, overwrite = body.get("name"), body.get("overwrite", False)
+    if name is not None and not isinstance(name, str):
+        raise ValueError("name must be a string")
+    if not isinstance(overwrite, bool):
+        raise ValueError("overwrite must be true or false")
+    request_id, name = _worker().request_save(name or None, overwrite=overwrite)
+    return jsonify(request_id=request_id, name=name), 202
+
+
+LISTED = ("name", "kind", "file", "size", "created_at", "epoch", "batch", "global_step", "val_loss", "val_acc",
+          "task_type", "bottleneck_type", "sha256", "damaged", "error", "verified_at", "notes", "tags")
+
+
+@bp.get("/list_checkpoints")
+def list_checkpoints():
+    rows = [{key: meta.get(key) for key in LISTED} for meta in ckpt.list_checkpoints(_folder())]
+    return jsonify(checkpoints=rows)
+
+
+@bp.get("/checkpoints/<path:name>")
+def checkpoint_info(name):
+    return jsonify(ckpt.read_metadata(_checkpoint_file(name)))
+
+
+@bp.get("/checkpoints/<path:name>/download")
+def checkpoint_download(name):
+    path = _checkpoint_file(name)
+    return send_file(path, as_attachment=True, download_name=os.path.basename(path),
+                     mimetype="application/octet-stream")
+
+
+@bp.delete("/checkpoints/<path:name>")
+def checkpoint_delete(name):
+    _checkpoint_file(name)
+    ckpt.delete_checkpoint(_folder(), name)
+    _worker().bus.publish("checkpoint_deleted", {"name": name, "reason": "deleted by the user"})
+    return jsonify(deleted=name)
+
+
+@bp.patch("/checkpoints/<path:name>")
+def checkpoint_patch(name):
+    _checkpoint_file(name)
+    body = _body()
+    if not body or set(body) - set(PATCHABLE):
+        raise ValueError("send notes (a string) and/or tags (a list of strings); nothing else can be edited")
+    if "notes" in body and (not isinstance(body["notes"], str) or len(body["notes"]) > 10_000):
+        raise ValueError("notes must be a string of at most 10,000 characters")
+    if "tags" in body and (not isinstance(body["tags"], list) or len(body["tags"]) > 50
+                           or not all(isinstance(t, str) and 0 < len(t) <= 100 for t in body["tags"])):
+        raise ValueError("tags must be a list of at most 50 strings of 1-100 characters")
+    return jsonify(ckpt.update_sidecar(_folder(), name, body))
+
+
+@bp.post("/checkpoints/<path:name>/verify")
+def checkpoint_verify(name):
+    path = _checkpoint_file(name)
+    _body()
+    ok, reason = ckpt.verify(path)
+    if ok:
+        ckpt.update_sidecar(_folder(), name, {"verified_at": ckpt.utc_now()})
+    return jsonify(name=name, ok=ok, reason=reason)
+
+
+@bp.get("/compare")
+def compare():
+    names = request.args.get("a"), request.args.get("b")
+    if not all(names):
+        raise ValueError("give two checkpoint names: /compare?a=NAME&b=NAME")
+    # Reads two files, never the live model: the training thread still alone owns that.
+    a, b = (ckpt.load_checkpoint(_checkpoint_file(n)) for n in names)
+    return jsonify(compare_records(a, b))
+
+
+def compare_records(a, b):
+    """Config fields that differ, metrics side by side, parameter counts, per-tensor L2 change."""
+    keys = sorted(set(a["config"]) | set(b["config"]))
+    differ = [{"field": k, "a": a["config"].get(k), "b": b["config"].get(k)}
+              for k in keys if a["config"].get(k) != b["config"].get(k)]
+    changes = []
+    for name, tensor in a["model_state_dict"].items():
+        other = b["model_state_dict"].get(name)
+        if other is not None and other.shape == tensor.shape and tensor.is_floating_point():
+            changes.append({"name": name, "shape": list(tensor.shape),
+                            "l2_diff": float(torch.linalg.vector_norm(other.float() - tensor.float())),
+                            "l2_a": float(torch.linalg.vector_norm(tensor.float()))})
+    return {"a": a["name"], "b": b["name"], "config_diff": differ,
+            "metrics": {"a": a.get("metrics", {}), "b": b.get("metrics", {})},
+            "parameters": {"a": _param_count(a), "b": _param_count(b)}, "tensor_changes": changes}
+
+
+def _param_count(record):
+    return sum(t.numel() for t in record["model_state_dict"].values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------- runs and events
+
+@bp.get("/runs")
+def runs():
+    return jsonify(runs=list_runs(_worker().runs_dir()))
+
+
+@bp.get("/runs/<run_id>/metrics")
+def run_metrics(run_id):
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ValueError("invalid run id")
+    run = read_run(_worker().runs_dir(), run_id)
+    if run is None:
+        raise FileNotFoundError(f"no run {run_id!r}")
+    return jsonify(run)
+
+
+@bp.get("/events")
+def events():
+    last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    last = int(last) if last and last.isdigit() else None
+    stream = _worker().bus.stream(last_event_id=last)
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="ARC Autoencoder Lab web app")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
+    p.add_argument("--port", type=int, default=5002)
+    p.add_argument("--checkpoint-dir", default="checkpoints")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", default="arcagi", choices=("arcagi", "arcagi2"))
+    data.add_argument("--data-dir", default="", help="folder of ARC task JSON files")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--token", default=os.environ.get("ARC_LAB_TOKEN"),
+                   help="access token required for changes and downloads (or ARC_LAB_TOKEN)")
+    return p
+
+
+def main(argv=None):
+    from werkzeug.serving import make_server
+    args = build_parser().parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        print(f"app.py: error: refusing to listen on {args.host} without an access token: anyone on the network "
+              "could start runs and read checkpoints. Pass --token or set ARC_LAB_TOKEN.", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app({"CHECKPOINT_DIR": args.checkpoint_dir, "DATASET": args.dataset, "DATA_DIR": args.data_dir,
+                      "DEVICE": args.device, "TOKEN": args.token})
+    # Werkzeug's threaded server (no debugger, no reloader): a thread per connection, so streams never starve.
+    server = make_server(args.host, args.port, app, threaded=True)
+    print(f"ARC Autoencoder Lab: http://{args.host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.extensions["trainer"].shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The web app's training side: one worker thread running Trainer runs, a status snapshot, events out.
+
+Request handlers call start/stop/pause/request_save and read status(); they never touch tensors. The worker
+thread alone builds and drives the Trainer. Events from the trainer (and its checkpoint writer) pass through
+publish(), which keeps the status snapshot, throttles chart points and appends the run's metric history to disk.
+"""
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+
+import checkpoint as ckpt
+from data import load_data
+from train import Trainer, TrainConfig, resolve_device, run_stamp
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25  # chart points and status go out about 4 times a second
+MAX_OUTSTANDING_SAVES = 16
+ACTIVE_PHASES = ("pretraining", "training", "stopping")
+
+
+class Conflict(Exception):
+    """The request does not fit the current state (HTTP 409)."""
+
+
+class Busy(Exception):
+    """Too many requests waiting (HTTP 503)."""
+
+
+class TrainingWorker:
+    def __init__(self, checkpoint_dir, bus, device="auto", dataset="arcagi", data_dir="", train_defaults=None,
+                 data=None):
+        self.checkpoint_dir, self.bus = checkpoint_dir, bus
+        self.device, self.dataset, self.data_dir = device, dataset, data_dir
+        self.train_defaults = dict(train_defaults or {})
+        self._data_cache = {} if data is None else {(dataset, data_dir): data}
+        self.commands = queue.Queue()
+        self._runs = queue.Queue()
+        self._lock = threading.RLock()
+        self._status = self._idle_status()
+        self._pending_names = {}  # request_id -> name, for saves accepted and not yet answered
+        self._chart_points, self._last_flush = [], 0.0
+        self._history_file = None
+        self._thread = None
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        ckpt.recover(checkpoint_dir)
+
+    # ---- lifecycle
+
+    def start_thread(self):
+        assert self._thread is None, "the worker thread is already running"
+        self._thread = threading.Thread(target=self._loop, name="training-worker", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout=30):
+        self.commands.put({"type": "stop"})
+        self._runs.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while (run := self._runs.get()) is not None:
+            self._execute(run)
+
+    def _execute(self, run):
+        try:
+            trainer = Trainer(run["config"], self._data_for(run["config"]), resolve_device(run["config"].device),
+                              self.checkpoint_dir, self.publish, self.commands)
+            if run["phase"] == "pretraining":
+                trainer.pretrain(run["mode"])
+            else:
+                if run.get("resume_from"):
+                    trainer.resume(run["resume_from"])
+                else:
+                    trainer.setup()
+                if run.get("fine_tune_from"):
+                    trainer.load_weights(run["fine_tune_from"])
+                trainer.train()
+        except Exception as e:  # the one broad catch: whatever a run raises becomes an event, the server lives on
+            logger.exception("run %s failed", run["run_id"])
+            self.publish({"type": "training_error", "error": f"{type(e).__name__}: {e}"})
+        finally:
+            self._end_run()
+
+    def _data_for(self, config):
+        key = (config.dataset, config.data_dir)
+        if key not in self._data_cache:
+            self._data_cache[key] = load_data(config.dataset, config.data_dir or None)
+        return self._data_cache[key]
+
+    def _end_run(self):
+        with self._lock:
+            if self._status["phase"] in ACTIVE_PHASES:
+                self._status = {**self._status, "phase": "finished"}
+            self._status = {**self._status, "paused": False}
+            leftovers = []
+            while True:
+                try:
+                    leftovers.append(self.commands.get_nowait())
+                except queue.Empty:
+                    break
+        for command in leftovers:
+            if command.get("type") == "save":
+                self.publish({"type": "checkpoint_error", "request_id": command["request_id"], "name": command["name"],
+                              "error": "training ended before this save was served; nothing was written"})
+        self._flush(force=True)
+        self._publish_status()
+        if self._history_file is not None:
+            self._history_file.close()
+            self._history_file = None
+
+    # ---- requests (called from HTTP handlers)
+
+    def config_from(self, body):
+        """TrainConfig from the server defaults plus the request's fields; ValueError names a bad field."""
+        return TrainConfig.from_dict({**self.train_defaults, **body, "checkpoint_dir": self.checkpoint_dir,
+                                      **({"device": self.device} if "device" not in body else {})})
+
+    def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None):
+        with self._lock:
+            if self._status["phase"] in ACTIVE_PHASES:
+                raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
+            resolve_device(config.device)
+            run_id = f"{run_stamp()}-{uuid.uuid4().hex[:6]}"
+            self._open_history(run_id, phase, config, mode)
+            self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,
+                            "config": config.to_dict(), "epochs": config.epochs}
+            self._runs.put({"run_id": run_id, "phase": phase, "config": config, "mode": mode,
+                            "resume_from": resume_from, "fine_tune_from": fine_tune_from})
+        self._publish_status()
+        return run_id
+
+    def stop(self):
+        with self._lock:
+            if self._status["phase"] not in ("pretraining", "training"):
+                raise Conflict(f"nothing to stop: the worker is {self._status['phase']}")
+            self._status = {**self._status, "phase": "stopping"}
+        self.commands.put({"type": "stop"})
+        self._publish_status()
+
+    def pause(self, paused):
+        with self._lock:
+            if self._status["phase"] not in ("pretraining", "training"):
+                raise Conflict(f"no run to {'pause' if paused else 'resume'}: the worker is {self._status['phase']}")
+            if self._status["paused"] == paused:
+                raise Conflict(f"the run is already {'paused' if paused else 'running'}")
+            self._status = {**self._status, "paused": paused}
+        self.commands.put({"type": "pause" if paused else "resume"})
+
+    def request_save(self, name=None, overwrite=False):
+        """Queue a manual save; returns (request_id, name). Conflict outside main training, Busy when full."""
+        with self._lock:
+            status = self._status
+            if status["phase"] != "training":
+                raise Conflict(f"checkpoints can be saved during main training only; the worker is {status['phase']}"
+                               + (" (pretraining keeps pretrained_encoder_*.pth by itself)"
+                                  if status["phase"] == "pretraining" else ""))
+            if len(self._pending_names) >= MAX_OUTSTANDING_SAVES:
+                raise Busy(f"{len(self._pending_names)} saves are still waiting; try again shortly")
+            if name is None:
+                name = self._unique_name(f"checkpoint_epoch_{status['epoch'] + 1}_batch_{status['batch']}")
+            else:
+                ckpt.check_name(name)
+                if not overwrite and (self._name_taken(name)):
+                    raise Conflict(f"a checkpoint named {name!r} already exists or is being saved; "
+                                   "choose another name or send overwrite: true")
+            request_id = uuid.uuid4().hex[:12]
+            self._pending_names[request_id] = name
+            self.commands.put({"type": "save", "name": name, "request_id": request_id, "overwrite": overwrite})
+        return request_id, name
+
+    def _name_taken(self, name):
+        return name in self._pending_names.values() or os.path.exists(ckpt.checkpoint_path(self.checkpoint_dir, name))
+
+    def _unique_name(self, base):
+        name, n = base, 2
+        while self._name_taken(name):
+            name, n = f"{base}_{n}", n + 1
+        return name
+
+    def status(self):
+        with self._lock:
+            return {**self._status, "last_event_id": self.bus.last_id}
+
+    # ---- events (called from the trainer's threads)
+
+    def publish(self, event):
+        """Called from the training and checkpoint-writer threads; the lock keeps status and points consistent."""
+        kind = event["type"]
+        with self._lock:
+            event = {**event, "run_id": self._status["run_id"]}
+            self._update_status(event)
+            if kind in ("checkpoint_saved", "checkpoint_error"):
+                self._pending_names.pop(event.get("request_id"), None)
+            if kind == "batch":
+                self._chart_points.append(_train_point(event))
+                self._flush()
+            elif kind == "validation":
+                self._chart_points.append({k: v for k, v in event.items() if k != "type"})
+                self._flush(force=True)
+            else:
+                self.bus.publish(kind, event)
+                if kind.startswith("training_"):
+                    self._publish_status()
+
+    def _update_status(self, event):
+        kind, s = event["type"], self._status
+        if kind == "batch":
+            self._status = {**s, "epoch": event["epoch"], "batch": event["batch"], "global_step": event["global_step"],
+                            "batches_per_epoch": event["batches_per_epoch"], "epochs": event["epochs"],
+                            "samples_per_sec": event["samples_per_sec"], "train": _train_point(event)}
+        elif kind == "validation":
+            val = {k[4:]: v for k, v in event.items() if k.startswith("val_")}
+            self._status = {**s, "epoch": event["epoch"], "batch": 0, "val": val}
+        elif kind == "training_started":
+            self._status = {**s, "epoch": event["epoch"], "batch": event["batch"], "global_step": event["global_step"],
+                            "batches_per_epoch": event["batches_per_epoch"], "config": event["config"],
+                            "checkpoint_estimate_bytes": event.get("checkpoint_estimate_bytes")}
+        elif kind == "training_error":
+            self._status = {**s, "phase": "error", "error": event["error"]}
+        elif kind in ("training_paused", "training_resumed"):
+            self._status = {**s, "paused": kind == "training_paused"}
+
+    def _flush(self, force=False):
+        """Send the chart points gathered since the last flush, and a status, at most about 4 times a second."""
+        now = time.monotonic()
+        if not force and now - self._last_flush < FLUSH_SECONDS:
+            return
+        self._last_flush = now
+        points, self._chart_points = self._chart_points, []
+        if points:
+            train = [p for p in points if "loss" in p]
+            val = [p for p in points if "val_loss" in p]
+            self._append_history(points)
+            self.bus.publish("metrics", {"run_id": self._status["run_id"], "train": train, "val": val})
+        self._publish_status()
+
+    def _publish_status(self):
+        status = self.status()
+        try:
+            status["disk_free_bytes"] = shutil.disk_usage(self.checkpoint_dir).free
+        except OSError:
+            status["disk_free_bytes"] = None
+        self.bus.publish("status", status)
+
+    # ---- metric history on disk: runs/RUN_ID/metrics.jsonl beside the checkpoints
+
+    def runs_dir(self):
+        return os.path.join(self.checkpoint_dir, "runs")
+
+    def _open_history(self, run_id, phase, config, mode):
+        folder = os.path.join(self.runs_dir(), run_id)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "run.json"), "w", encoding="utf-8") as f:
+                json.dump({"run_id": run_id, "phase": phase, "mode": mode, "config": config.to_dict(),
+                           "started_at": run_stamp()}, f)
+            self._history_file = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+        except OSError as e:  # history is a convenience: training goes on without it
+            logger.warning("cannot keep metric history in %s: %s", folder, e)
+            self._history_file = None
+
+    def _append_history(self, points):
+        if self._history_file is None:
+            return
+        try:
+            self._history_file.write("".join(json.dumps(p, default=str) + "\n" for p in points))
+            self._history_file.flush()
+        except (OSError, ValueError) as e:
+            logger.warning("metric history write failed: %s", e)
+
+    @staticmethod
+    def _idle_status():
+        return {"phase": "idle", "paused": False, "run_id": None, "mode": None, "config": None, "epoch": 0,
+                "epochs": None, "batch": 0, "batches_per_epoch": None, "global_step": 0, "train": {}, "val": {},
+                "samples_per_sec": None, "error": None, "checkpoint_estimate_bytes": None}
+
+
+def _train_point(event):
+    skip = ("type", "phase", "batches_per_epoch", "epochs", "run_id")
+    return {k: v for k, v in event.items() if k not in skip}
+
+
+def read_run(runs_dir, run_id):
+    """A past run's description and metric points, or None if unknown."""
+    folder = os.path.join(runs_dir, run_id)
+    try:
+        with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
+            run = json.load(f)
+        points = []
+        with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    points.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut short by a crash
+    except (OSError, ValueError):
+        return None
+    return {**run, "train": [p for p in points if "loss" in p], "val": [p for p in points if "val_loss" in p]}
+
+
+def list_runs(runs_dir):
+    runs = []
+    if os.path.isdir(runs_dir):
+        for entry in sorted(os.listdir(runs_dir), reverse=True):
+            try:
+                with open(os.path.join(runs_dir, entry, "run.json"), encoding="utf-8") as f:
+                    runs.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return runs
