@@ -45,6 +45,7 @@ def create_app(config=None, trainer=None):
         if app.config["START_WORKER"]:
             trainer.start_thread()
     app.extensions["trainer"] = trainer
+    app.url_map.merge_slashes = False  # "/checkpoints//etc" must reach the name check, not be redirected
     app.register_blueprint(bp)
     app.register_error_handler(Exception, _error_response)
     app.before_request(_check_request)

@@ -93,7 +93,7 @@ def save_full_checkpoint(checkpoint_dir, name, *, kind, config, model_state_dict
         "optimizer_state_dict": optimizer_state_dict,
         **{key: config[key] for key in FLAT_CONFIG_KEYS},
         "config": dict(config), "rng_state": rng_state, "dataset": dataset, "metrics": metrics,
-        "versions": {"torch": torch.__version__, "project": PROJECT_VERSION},
+        "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
         **(extra or {}),
     }
     return write_checkpoint(checkpoint_dir, record, overwrite=overwrite, verify_after_save=verify_after_save)

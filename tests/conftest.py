@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import threading
+import time
 
 import pytest
 
@@ -46,3 +48,106 @@ def write_task_folder(root, n_training=6, n_evaluation=2, seed=0):
             with open(os.path.join(root, part, f"{part[:4]}{i:04d}.json"), "w") as f:
                 json.dump(task, f)
     return root
+
+
+# ---------------------------------------------------------------------------------------------- the web app
+
+TINY_TRAIN = dict(embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2, batch_size=8, epochs=50,
+                  device="cpu", checkpoint_every_epochs=0)
+
+
+def build_app(checkpoint_dir, data, **config):
+    from app import create_app
+    return create_app({"CHECKPOINT_DIR": str(checkpoint_dir), "TRAIN_DEFAULTS": dict(TINY_TRAIN), "DATA": data,
+                       **config})
+
+
+@pytest.fixture
+def app(tmp_path, arc_data):
+    app = build_app(tmp_path / "checkpoints", arc_data)
+    yield app
+    app.extensions["trainer"].shutdown()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class LiveServer:
+    """The app on a free loopback port, served by Werkzeug's threaded server in a thread."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.app.extensions["trainer"].shutdown()
+
+
+@pytest.fixture
+def live_server(app):
+    server = LiveServer(app)
+    yield server
+    server.close()
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
+    """Poll until predicate() is truthy; return its value or fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class EventReader:
+    """Reads /events over real HTTP in a thread; events are (id, name, data) tuples in arrival order."""
+
+    def __init__(self, url, last_event_id=None, headers=None):
+        import requests
+        self.events, self.closed = [], threading.Event()
+        headers = dict(headers or {})
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        self.response = requests.get(url + "/events", stream=True, headers=headers, timeout=(5, 60))
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        event_id = name = None
+        data = []
+        try:
+            for line in self.response.iter_lines(decode_unicode=True):
+                if line == "":
+                    if data:
+                        self.events.append((event_id, name, json.loads("\n".join(data))))
+                    event_id = name = None
+                    data = []
+                elif line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+        except Exception:  # the connection closing ends the reader; that is how tests stop it
+            pass
+        finally:
+            self.closed.set()
+
+    def named(self, name):
+        return [data for _, event_name, data in list(self.events) if event_name == name]
+
+    def wait(self, name, predicate=lambda data: True, timeout=30.0):
+        return wait_for(lambda: next((d for d in self.named(name) if predicate(d)), None), timeout,
+                        what=f"event {name}")
+
+    def close(self):
+        self.response.close()
