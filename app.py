@@ -121,13 +121,18 @@ def _checkpoint_file(name, must_exist=True):
     return path
 
 
-def _take_name(body, key):
+def _take_name(body, key, skip_verify):
+    """A checkpoint named in a start request, refused up front if it fails verification (unless salvaging)."""
     value = body.pop(key, None)
     if value in (None, ""):
         return None
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a checkpoint name (a string)")
-    return _checkpoint_file(value)
+    path = _checkpoint_file(value)
+    ok, reason = ckpt.verify(path)
+    if not ok and not skip_verify:
+        raise ValueError(f"{key} {value!r} fails verification: {reason}; send skip_verify: true to salvage it anyway")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- pages
@@ -182,14 +187,18 @@ def start_pretraining():
 @bp.post("/start_training")
 def start_training():
     body = _body()
-    pretrained = _take_name(body, "pretrained_encoder")
-    resume_from = _take_name(body, "resume_from")
-    fine_tune_from = _take_name(body, "fine_tune_from")
+    skip_verify = body.pop("skip_verify", False)
+    if not isinstance(skip_verify, bool):
+        raise ValueError("skip_verify must be true or false")
+    pretrained = _take_name(body, "pretrained_encoder", skip_verify)
+    resume_from = _take_name(body, "resume_from", skip_verify)
+    fine_tune_from = _take_name(body, "fine_tune_from", skip_verify)
     if resume_from and (fine_tune_from or pretrained):
         raise ValueError("resume_from continues a run exactly; it cannot be combined with fine_tune_from "
                          "or pretrained_encoder")
     config = _worker().config_from({**body, **({"pretrained_encoder": pretrained} if pretrained else {})})
-    run_id = _worker().start("training", config, resume_from=resume_from, fine_tune_from=fine_tune_from)
+    run_id = _worker().start("training", config, resume_from=resume_from, fine_tune_from=fine_tune_from,
+                             verify_files=not skip_verify)
     return jsonify(run_id=run_id), 202
 
 

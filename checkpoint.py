@@ -131,11 +131,16 @@ class _HashingFile:
 
     def __init__(self, f):
         self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self.error = None  # torch's zip writer hides the OSError behind a vague RuntimeError; keep it
 
     def write(self, data):
         self.sha256.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
@@ -171,6 +176,7 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         raise CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
     temp = os.path.join(folder, f".{name}.pth{TEMP_MARK}{uuid.uuid4().hex[:8]}")
     pending = os.path.join(folder, f".{name}.json{PENDING_SIDECAR}")
+    hashing = None
     try:
         os.makedirs(folder, exist_ok=True)
         needed = estimate_size(record) * SPACE_MARGIN
@@ -193,7 +199,9 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {name!r}: {e.strerror or e} ({folder})") from e
     except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
-        raise CheckpointError(f"could not write checkpoint {name!r}: {e} ({folder})") from e
+        cause = hashing.error if hashing is not None and hashing.error is not None else None
+        reason = (cause.strerror or str(cause)) if cause else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {name!r}: {reason} ({folder})") from e
     finally:
         for leftover in (temp, pending):
             if os.path.exists(leftover):

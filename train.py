@@ -289,9 +289,9 @@ class Trainer:
         for p in self.model.encoder.parameters():
             p.requires_grad_(not self.config.freeze_encoder)
 
-    def load_weights(self, path):
+    def load_weights(self, path, verify_file=True):
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
-        record = ckpt.load_checkpoint(path)
+        record = ckpt.load_checkpoint(path, verify_file=verify_file)
         try:
             self.model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
@@ -461,38 +461,50 @@ class Trainer:
                       "global_step": self.global_step, "samples_per_sec": self.samples_per_sec, **self.last_train})
 
     def _run_epochs(self, model, train_batches, loss_fn, after_validation):
-        """The loop both phases share: batches, commands between them, validation at each epoch's end."""
+        """The loop both phases share: batches, commands between them, validation at each epoch's end.
+
+        Reaching max_steps ends the run normally, after one last validation.
+        """
         c = self.config
-        self.samples_per_sec, last_sample = 0.0, 0.0
+        self.samples_per_sec = 0.0
         model.train()
         while self.epoch < c.epochs:
             if hasattr(model, "temperature"):
                 model.temperature = self.current_temperature()
-            while self.batch < len(train_batches):
-                self._serve_commands()
-                if c.max_steps and self.global_step >= c.max_steps:
-                    raise StopTraining()
-                started = time.perf_counter()
-                batch = self._to_device(train_batches.batch(self.epoch, self.batch))
-                out, sums = self._train_step(model, loss_fn, batch)
-                self.batch += 1
-                self.global_step += 1
-                self._publish_batch(sums, started, len(train_batches), len(next(iter(batch.values()))))
-                if self.phase == "training" and time.monotonic() - last_sample > 3.0:
-                    last_sample = time.monotonic()
-                    self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
-                                  **sample_of(c.task_type, batch, out)})
-                self._maybe_autosave()
-            self.epoch, self.batch = self.epoch + 1, 0
-            self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
-            self.publish({"type": "validation", "phase": self.phase, "epoch": self.epoch,
-                          "global_step": self.global_step, "temperature": self.current_temperature(),
-                          **{f"val_{k}": v for k, v in self.last_val.items()}})
-            if sample:
-                self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
-            after_validation()
-            if hasattr(model, "temperature"):
-                model.temperature = self.current_temperature()
+            self._train_batches(model, train_batches, loss_fn)
+            if self.batch == len(train_batches):
+                self.epoch, self.batch = self.epoch + 1, 0
+            self._validate(model, loss_fn, after_validation)
+            if c.max_steps and self.global_step >= c.max_steps:
+                return
+
+    def _train_batches(self, model, train_batches, loss_fn):
+        """The rest of the current epoch, or up to max_steps."""
+        c, last_sample = self.config, 0.0
+        while self.batch < len(train_batches):
+            self._serve_commands()
+            if c.max_steps and self.global_step >= c.max_steps:
+                return
+            started = time.perf_counter()
+            batch = self._to_device(train_batches.batch(self.epoch, self.batch))
+            out, sums = self._train_step(model, loss_fn, batch)
+            self.batch += 1
+            self.global_step += 1
+            self._publish_batch(sums, started, len(train_batches), len(next(iter(batch.values()))))
+            if self.phase == "training" and time.monotonic() - last_sample > 3.0:
+                last_sample = time.monotonic()
+                self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
+                              **sample_of(c.task_type, batch, out)})
+            self._maybe_autosave()
+
+    def _validate(self, model, loss_fn, after_validation):
+        self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
+        self.publish({"type": "validation", "phase": self.phase, "epoch": self.epoch,
+                      "global_step": self.global_step, "temperature": self.current_temperature(),
+                      **{f"val_{k}": v for k, v in self.last_val.items()}})
+        if sample:
+            self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
+        after_validation()
 
     def _maybe_autosave(self):
         minutes = self.config.autosave_minutes
@@ -505,7 +517,8 @@ class Trainer:
         if self.last_val["loss"] < self.best_val_loss:
             self.best_val_loss = self.last_val["loss"]
             self._save("best", "best_model", overwrite=True)
-        if c.checkpoint_every_epochs and self.epoch % c.checkpoint_every_epochs == 0:
+        epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
+        if epoch_done and c.checkpoint_every_epochs and self.epoch % c.checkpoint_every_epochs == 0:
             self._save("periodic", f"checkpoint_epoch_{self.epoch}", overwrite=True, on_saved=self._retain)
 
     def _retain(self, saved):

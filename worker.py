@@ -75,11 +75,11 @@ class TrainingWorker:
                 trainer.pretrain(run["mode"])
             else:
                 if run.get("resume_from"):
-                    trainer.resume(run["resume_from"])
+                    trainer.resume(run["resume_from"], verify_file=run["verify_files"])
                 else:
                     trainer.setup()
                 if run.get("fine_tune_from"):
-                    trainer.load_weights(run["fine_tune_from"])
+                    trainer.load_weights(run["fine_tune_from"], verify_file=run["verify_files"])
                 trainer.train()
         except Exception as e:  # the one broad catch: whatever a run raises becomes an event, the server lives on
             logger.exception("run %s failed", run["run_id"])
@@ -121,7 +121,7 @@ class TrainingWorker:
         return TrainConfig.from_dict({**self.train_defaults, **body, "checkpoint_dir": self.checkpoint_dir,
                                       **({"device": self.device} if "device" not in body else {})})
 
-    def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None):
+    def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None, verify_files=True):
         with self._lock:
             if self._status["phase"] in ACTIVE_PHASES:
                 raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
@@ -131,7 +131,8 @@ class TrainingWorker:
             self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,
                             "config": config.to_dict(), "epochs": config.epochs}
             self._runs.put({"run_id": run_id, "phase": phase, "config": config, "mode": mode,
-                            "resume_from": resume_from, "fine_tune_from": fine_tune_from})
+                            "resume_from": resume_from, "fine_tune_from": fine_tune_from,
+                            "verify_files": verify_files})
         self._publish_status()
         return run_id
 

@@ -190,8 +190,8 @@ def test_save_during_pretraining_says_why(held_app):
 
 def test_list_checkpoints_newest_first_with_metadata(client, folder_with_checkpoints):
     rows = client.get("/list_checkpoints").get_json()["checkpoints"]
-    assert [r["name"] for r in rows] == ["step 5", "step 2"]
-    row = rows[0]
+    assert [r["name"] for r in rows] == ["best_model", "step 5", "step 2"]  # the run ended with a validation
+    row = rows[1]
     for key in ("kind", "file", "size", "created_at", "epoch", "batch", "val_loss", "val_acc", "task_type",
                 "bottleneck_type", "sha256"):
         assert key in row
@@ -206,7 +206,8 @@ def test_checkpoint_info_download_verify_patch_delete(client, folder_with_checkp
     assert download.data == (folder_with_checkpoints / "step 2.pth").read_bytes()
     verified = client.post("/checkpoints/step%202/verify").get_json()
     assert verified["ok"] is True
-    assert client.get("/list_checkpoints").get_json()["checkpoints"][1]["verified_at"]
+    rows = {r["name"]: r for r in client.get("/list_checkpoints").get_json()["checkpoints"]}
+    assert rows["step 2"]["verified_at"] and not rows["step 5"]["verified_at"]
     pth_before = (folder_with_checkpoints / "step 2.pth").read_bytes()
     patched = client.patch("/checkpoints/step%202", json={"notes": "good one", "tags": ["keep"]})
     assert patched.status_code == 200 and patched.get_json()["notes"] == "good one"

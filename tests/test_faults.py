@@ -1,0 +1,225 @@
+"""Faults with real processes and real file systems: SIGKILL mid-write, disk full, permission denied,
+a folder deleted while running, a training step that fails."""
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+import checkpoint as ckpt
+from conftest import EventReader, LiveServer, build_app, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG_MODEL = {"latent_dim": 384, "hidden_dim": 128, "embedding_dim": 16, "num_conv_layers": 3, "batch_size": 4,
+             "epochs": 1000, "checkpoint_every_epochs": 0, "device": "cpu"}
+
+
+class AppProcess:
+    """python app.py in a subprocess on a free port."""
+
+    def __init__(self, folder):
+        self.proc = subprocess.Popen(
+            [sys.executable, "app.py", "--checkpoint-dir", str(folder), "--port", "0", "--device", "cpu"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if "http://" in line:
+                self.url = line.strip().split()[-1]
+                return
+            if not line and self.proc.poll() is not None:
+                break
+        self.proc.kill()
+        raise AssertionError("app.py did not print its address")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def check_folder_after_crash(folder, saved_before_kill):
+    """What a restart must find: no temporaries, nothing damaged, every announced checkpoint intact."""
+    leftovers = [n for n in os.listdir(folder) if n.startswith(".")]
+    assert leftovers == [], f"temporaries left after restart: {leftovers}"
+    listed = {m["name"]: m for m in ckpt.list_checkpoints(folder)}
+    damaged = [name for name, m in listed.items() if m["damaged"]]
+    assert damaged == [], f"damaged checkpoints listed: {damaged}"
+    for name in saved_before_kill:
+        assert name in listed, f"{name} was announced as saved but is missing"
+        ok, reason = ckpt.verify(os.path.join(folder, name + ".pth"))
+        assert ok, reason
+
+
+@pytest.mark.slow
+def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    rng = random.Random(1234)
+    kills, sizes = 0, []
+    saved_before = []
+    while kills < 20:
+        app = AppProcess(folder)
+        check_folder_after_crash(folder, saved_before)  # the restart itself cleaned up
+        for name in saved_before[:-1]:  # keep the disk small: the checks above are done for these
+            ckpt.delete_checkpoint(str(folder), name)
+        reader = EventReader(app.url)
+        try:
+            assert requests.post(app.url + "/start_training", json=BIG_MODEL, timeout=10).status_code == 202
+            wait_for(lambda: requests.get(app.url + "/status", timeout=5).json()["global_step"] > 0, 60,
+                     what="training to start")
+            for i in range(3):
+                requests.post(app.url + "/save_checkpoint", json={"name": f"kill {kills} save {i}"}, timeout=10)
+            time.sleep(rng.uniform(0.05, 1.5))  # land somewhere in the writes
+        finally:
+            app.kill()
+            reader.close()
+        kills += 1
+        saved = reader.named("checkpoint_saved")
+        sizes += [e["size"] for e in saved]
+        saved_before = [e["name"] for e in saved]
+    app = AppProcess(folder)
+    app.kill()
+    check_folder_after_crash(folder, saved_before)
+    assert sizes and max(sizes) >= 50e6, f"checkpoints were only {max(sizes, default=0) / 1e6:.0f} MB"
+
+
+def save_and_wait(server, reader, name):
+    response = requests.post(server.url + "/save_checkpoint", json={"name": name}, timeout=5)
+    assert response.status_code == 202, response.text
+    request_id = response.json()["request_id"]
+    wait_for(lambda: any(e.get("request_id") == request_id
+                         for e in reader.named("checkpoint_saved") + reader.named("checkpoint_error")),
+             what=f"the result of saving {name!r}")
+    ok = [e for e in reader.named("checkpoint_saved") if e.get("request_id") == request_id]
+    errors = [e for e in reader.named("checkpoint_error") if e.get("request_id") == request_id]
+    return (ok or errors)[0], bool(ok)
+
+
+def global_step(server):
+    return requests.get(server.url + "/status", timeout=5).json()["global_step"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 5 MB tmpfs (needs root); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def run_live(folder, arc_data, **train):
+    app = build_app(folder, arc_data)
+    server = LiveServer(app)
+    reader = EventReader(server.url)
+    body = {"epochs": 1000, **train}
+    assert requests.post(server.url + "/start_training", json=body, timeout=5).status_code == 202
+    wait_for(lambda: global_step(server) > 0, what="training to start")
+    return server, reader
+
+
+def test_disk_full_is_an_error_event_training_goes_on_and_a_later_save_succeeds(tmpfs, arc_data, monkeypatch):
+    folder = tmpfs / "checkpoints"
+    # The tiny model's checkpoints take about 2 MB each on a 5 MB disk.
+    server, reader = run_live(folder, arc_data)
+    try:
+        results = [save_and_wait(server, reader, f"fill {i}") for i in range(6)]
+        failures = [event for event, ok in results if not ok]
+        assert failures, "the disk never filled up"
+        assert any("MB free" in e["error"] or "space" in e["error"].lower() for e in failures)
+        assert not [n for n in os.listdir(folder) if n.startswith(".")], "a partial file was left behind"
+        for meta in ckpt.list_checkpoints(folder):
+            assert not meta["damaged"] and ckpt.verify(os.path.join(folder, meta["file"]))[0]
+
+        # Past the up-front check: the disk lies about free space, so the write itself hits ENOSPC.
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+        event, ok = save_and_wait(server, reader, "mid-write failure")
+        assert not ok and "space" in event["error"].lower()
+        assert not [n for n in os.listdir(folder) if n.startswith(".")]
+        assert not os.path.exists(folder / "mid-write failure.pth")
+        monkeypatch.undo()
+
+        before = global_step(server)
+        wait_for(lambda: global_step(server) > before + 2, what="training to go on")
+        for meta in ckpt.list_checkpoints(folder):
+            ckpt.delete_checkpoint(str(folder), meta["name"])
+        event, ok = save_and_wait(server, reader, "after freeing space")
+        assert ok, event
+    finally:
+        reader.close()
+        server.close()
+
+
+def test_permission_denied_is_an_error_event_and_training_goes_on(tmp_path, arc_data, monkeypatch):
+    server, reader = run_live(tmp_path / "checkpoints", arc_data)
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if ".tmp-" in os.path.basename(str(path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr("builtins.open", refuse)
+        event, ok = save_and_wait(server, reader, "denied")
+        assert not ok and "Permission denied" in event["error"]
+        monkeypatch.undo()
+        assert not os.path.exists(tmp_path / "checkpoints" / "denied.pth")
+        before = global_step(server)
+        wait_for(lambda: global_step(server) > before + 2, what="training to go on")
+        assert save_and_wait(server, reader, "allowed again")[1]
+    finally:
+        reader.close()
+        server.close()
+
+
+def test_checkpoint_folder_deleted_while_running(tmp_path, arc_data):
+    folder = tmp_path / "checkpoints"
+    server, reader = run_live(folder, arc_data)
+    try:
+        assert save_and_wait(server, reader, "before")[1]
+        shutil.rmtree(folder)
+        event, ok = save_and_wait(server, reader, "after deletion")
+        assert ok, event  # the folder is made again; nothing half-written appears
+        assert ckpt.verify(str(folder / "after deletion.pth"))[0]
+        before = global_step(server)
+        wait_for(lambda: global_step(server) > before + 2, what="training to go on")
+    finally:
+        reader.close()
+        server.close()
+
+
+def test_nan_loss_is_a_training_error_and_a_new_run_can_start(tmp_path, arc_data, monkeypatch):
+    import train
+    real = train.LOSSES["reconstruction"]
+
+    def nan_loss(out, batch):
+        loss, sums = real(out, batch)
+        return loss * float("nan"), sums
+
+    monkeypatch.setitem(train.LOSSES, "reconstruction", nan_loss)
+    app = build_app(tmp_path / "checkpoints", arc_data)
+    server = LiveServer(app)
+    reader = EventReader(server.url)
+    try:
+        assert requests.post(server.url + "/start_training", json={}, timeout=5).status_code == 202
+        error = reader.wait("training_error")
+        assert "loss became nan" in error["error"] and "learning rate" in error["error"]
+        status = requests.get(server.url + "/status", timeout=5).json()
+        assert status["phase"] == "error" and "nan" in status["error"]
+        monkeypatch.undo()
+        assert requests.post(server.url + "/start_training", json={"max_steps": 3}, timeout=5).status_code == 202
+        reader.wait("training_finished")
+    finally:
+        reader.close()
+        server.close()
