@@ -128,7 +128,10 @@ def _take_name(body, key, skip_verify):
         return None
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a checkpoint name (a string)")
-    path = _checkpoint_file(value)
+    try:
+        path = _checkpoint_file(value)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
     ok, reason = ckpt.verify(path)
     if not ok and not skip_verify:
         raise ValueError(f"{key} {value!r} fails verification: {reason}; send skip_verify: true to salvage it anyway")

@@ -320,8 +320,12 @@ class Trainer:
             logger.info("resuming with the checkpoint's %s", ", ".join(differ))
         self.config = self.config.replace(pretrained_encoder="")
         self.setup()
-        self.model.load_state_dict(record["model_state_dict"])
-        self.optimizer.load_state_dict(record["optimizer_state_dict"])
+        try:
+            self.model.load_state_dict(record["model_state_dict"])
+            self.optimizer.load_state_dict(record["optimizer_state_dict"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"{path}: its weights do not fit the model it describes (damaged?): "
+                                       f"{str(e).strip().splitlines()[0][:200]}") from None
         self.epoch, self.batch, self.global_step = record["epoch"], record["batch"], record["global_step"]
         trainer_state = record.get("trainer", {})
         self.best_val_loss = trainer_state.get("best_val_loss", math.inf)

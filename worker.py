@@ -118,6 +118,8 @@ class TrainingWorker:
 
     def config_from(self, body):
         """TrainConfig from the server defaults plus the request's fields; ValueError names a bad field."""
+        if body.get("checkpoint_dir", self.checkpoint_dir) != self.checkpoint_dir:
+            raise ValueError("checkpoint_dir is fixed by the server (app.py --checkpoint-dir); leave it out")
         return TrainConfig.from_dict({**self.train_defaults, **body, "checkpoint_dir": self.checkpoint_dir,
                                       **({"device": self.device} if "device" not in body else {})})
 
