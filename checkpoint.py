@@ -25,7 +25,8 @@ PROJECT_VERSION = "0.1.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")
-_RESERVED_PATTERN = re.compile(r"best_model|checkpoint_epoch_\d+|autosave_step_\d+|pretrained_encoder_(binary|selection)")
+_RESERVED_PATTERN = re.compile(
+    r"best_model|best_k_step_\d+|checkpoint_epoch_\d+|autosave_step_\d+|pretrained_encoder_(binary|selection)")
 TEMP_MARK = ".tmp-"  # temporary files: ".NAME.pth.tmp-<random>", never listed, removed at start-up
 PENDING_SIDECAR = ".pending"  # ".NAME.json.pending": the sidecar of a .pth being renamed into place
 SPACE_MARGIN = 1.2

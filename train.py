@@ -27,6 +27,9 @@ from model import BOTTLENECK_TYPES, PRETRAIN_MODES, TASK_TYPES, ARCAutoencoder, 
 logger = logging.getLogger(__name__)
 
 
+MONITORS = ("val_loss", "val_acc", "val_size_acc", "val_exact_acc", "val_distinct_share")
+
+
 def setting(default, help, choices=None, low=None, high=None):
     """A TrainConfig field with its help text and the values it accepts."""
     return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high})
@@ -66,6 +69,10 @@ class TrainConfig:
     checkpoint_every_epochs: int = setting(10, "periodic checkpoint_epoch_N every N epochs (0: off)", low=0, high=10**6)
     autosave_minutes: float = setting(0.0, "autosave every N minutes (0: off)", low=0.0, high=10**6)
     keep_last: int = setting(5, "periodic/autosave checkpoints kept (0: keep all)", low=0, high=10**6)
+    keep_best_k: int = setting(0, "also keep the K best checkpoints by `monitor` as best_k_step_N (0: off)",
+                               low=0, high=1000)
+    monitor: str = setting("val_loss", "metric that ranks the keep_best_k checkpoints", choices=MONITORS)
+    mode: str = setting("min", "whether lower or higher `monitor` is better", choices=("min", "max"))
     verify_after_save: bool = setting(False, "re-read and re-hash every checkpoint after writing it")
     pretrained_encoder: str = setting("", "start from this pretrained encoder checkpoint")
     freeze_encoder: bool = setting(False, "keep the pretrained encoder's weights fixed")
@@ -312,7 +319,8 @@ class Trainer:
         saved = {k: v for k, v in record["config"].items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
-                      "keep_last", "verify_after_save", "pretrained_encoder", "freeze_encoder", "pretrain_mode"}
+                      "keep_last", "keep_best_k", "monitor", "mode", "verify_after_save", "pretrained_encoder",
+                      "freeze_encoder", "pretrain_mode"}
         ours = self.config.to_dict()
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
         if differ:
@@ -521,9 +529,43 @@ class Trainer:
         if self.last_val["loss"] < self.best_val_loss:
             self.best_val_loss = self.last_val["loss"]
             self._save("best", "best_model", overwrite=True)
+        if c.keep_best_k:
+            self._keep_top_k()
         epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
         if epoch_done and c.checkpoint_every_epochs and self.epoch % c.checkpoint_every_epochs == 0:
             self._save("periodic", f"checkpoint_epoch_{self.epoch}", overwrite=True, on_saved=self._retain)
+
+    def _top_k(self):
+        """The keep_best_k checkpoints on disk, best first, as (score, name); the folder is the memory across resumes."""
+        c, key = self.config, self.config.monitor[len("val_"):]
+        ranked = []
+        for meta in ckpt.list_checkpoints(self.checkpoint_dir):
+            value = (meta.get("metrics") or {}).get("val", {}).get(key)
+            if meta.get("name", "").startswith("best_k_step_") and not meta.get("damaged") and value is not None:
+                ranked.append((value if c.mode == "min" else -value, meta["name"]))
+        return sorted(ranked)
+
+    def _keep_top_k(self):
+        value = self.last_val.get(self.config.monitor[len("val_"):])
+        if value is None:
+            return
+        score, ranked = (value if self.config.mode == "min" else -value), self._top_k()
+        if len(ranked) < self.config.keep_best_k or score < ranked[-1][0]:
+            self._save("best", f"best_k_step_{self.global_step}", overwrite=True, on_saved=self._retain_top_k)
+
+    def _retain_top_k(self, saved):
+        """After a new top-k checkpoint is durable, delete those that fell out of the top k."""
+        for _, name in self._top_k()[self.config.keep_best_k:]:
+            self._delete_for_retention(name, f"retention: not among the {self.config.keep_best_k} best by "
+                                             f"{self.config.monitor} ({self.config.mode})")
+
+    def _delete_for_retention(self, name, reason):
+        try:
+            ckpt.delete_checkpoint(self.checkpoint_dir, name)
+        except (OSError, ValueError) as e:
+            logger.warning("retention could not delete %s: %s", name, e)
+            return
+        self.publish({"type": "checkpoint_deleted", "name": name, "reason": reason})
 
     def _retain(self, saved):
         """Keep the newest keep_last periodic/autosave checkpoints; never touch manual, best or pretrained ones."""
@@ -534,14 +576,8 @@ class Trainer:
                      if m.get("kind") in ("periodic", "autosave") and not m.get("damaged")]
         automatic.sort(key=lambda m: (m.get("global_step", 0), m.get("created_at", "")), reverse=True)
         for old in automatic[keep:]:
-            try:
-                ckpt.delete_checkpoint(self.checkpoint_dir, old["name"])
-            except (OSError, ValueError) as e:
-                logger.warning("retention could not delete %s: %s", old["name"], e)
-                continue
-            self.publish({"type": "checkpoint_deleted", "name": old["name"],
-                          "reason": f"retention: keep_last={keep} periodic/autosave checkpoints "
-                                    f"(newest is {saved['name']})"})
+            self._delete_for_retention(old["name"], f"retention: keep_last={keep} periodic/autosave checkpoints "
+                                                    f"(newest is {saved['name']})")
 
     def _run(self, phase, body):
         """Common frame: writer up, started/stopped/finished events, writer drained however the run ends."""
