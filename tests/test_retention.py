@@ -8,7 +8,7 @@ from train import Trainer
 def run(tmp_path, **changes):
     data = load_data(data_dir=write_task_folder(str(tmp_path / "tasks"), n_training=8, n_evaluation=2))
     folder = tmp_path / "checkpoints"
-    config = tiny_config(folder, epochs=8, max_steps=0, checkpoint_every_epochs=1, **changes)
+    config = tiny_config(folder, **{"epochs": 8, "max_steps": 0, "checkpoint_every_epochs": 1, **changes})
     events = []
     trainer = Trainer(config, data, "cpu", str(folder), events.append)
 
@@ -42,3 +42,14 @@ def test_keep_best_k_keeps_the_k_best_by_the_monitored_metric(tmp_path):
     assert len([name for name, m in kept.items() if m["kind"] == "periodic"]) == 8  # keep_last=0 keeps all
     assert any("not among the 2 best" in e["reason"] for e in events if e["type"] == "checkpoint_deleted") \
         or len(val_losses) <= 2
+
+
+def test_time_based_autosave_writes_and_retains(tmp_path):
+    folder, events, kept = run(tmp_path, keep_last=2, autosave_minutes=0.002, checkpoint_every_epochs=0)
+    autosaves = [e for e in events if e["type"] == "checkpoint_saved" and e["kind"] == "autosave"]
+    assert len(autosaves) >= 3, "an autosave every 0.12 s should have fired several times"
+    kept_autosaves = sorted((m["global_step"], name) for name, m in kept.items() if m["kind"] == "autosave")
+    assert len(kept_autosaves) == 2
+    assert [name for _, name in kept_autosaves] == [f"autosave_step_{s}" for s, _ in kept_autosaves]
+    newest = max(e["global_step"] for e in autosaves)
+    assert kept_autosaves[-1][0] == newest
