@@ -254,6 +254,7 @@ class Trainer:
         self.stop_requested = threading.Event()
         self.phase = "idle"
         self.model = self.optimizer = None
+        self.num_classes, self.pretrain_mode = 0, None
         self.epoch = self.batch = self.global_step = 0  # completed epochs, batches of this epoch, optimizer steps
         self.best_val_loss = math.inf
         self.last_val = {}
@@ -364,7 +365,10 @@ class Trainer:
     def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
         """Submit a snapshot of this step to the writer; its tensors are copied while the next step computes."""
         model_state = self.model.state_dict()
-        prefix = "example_encoder.encoder."
+        pretraining = self.phase == "pretraining"
+        prefix = "encoder." if pretraining else "example_encoder.encoder."
+        extra = {"pretrain_mode": self.pretrain_mode} if pretraining else {
+            "num_classes": self.num_classes, "trainer": {"best_val_loss": self.best_val_loss, "phase": self.phase}}
         fields = {
             "name": name, "kind": kind, "config": self.config.to_dict(),
             "model_state_dict": model_state,
@@ -376,8 +380,7 @@ class Trainer:
             "dataset": {"name": self.data.name, "split_seed": self.config.seed,
                         "num_puzzles": len(self.data.puzzle_ids)},
             "metrics": {"train": dict(self.last_train), "val": dict(self.last_val)},
-            "extra": {"num_classes": getattr(self, "num_classes", 0),
-                      "trainer": {"best_val_loss": self.best_val_loss, "phase": self.phase}},
+            "extra": extra,
         }
         self.writer.submit(ckpt.SaveJob(fields, request_id=request_id, overwrite=overwrite,
                                         verify_after_save=self.config.verify_after_save, on_saved=on_saved))
@@ -616,7 +619,7 @@ class Trainer:
     def pretrain(self, mode):
         """Encoder pretraining; keeps pretrained_encoder_{mode}.pth whenever validation accuracy improves."""
         assert mode in PRETRAIN_MODES, f"mode must be one of {PRETRAIN_MODES}"
-        c = self.config
+        c, self.pretrain_mode = self.config, mode
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             encoder = ARCEncoder(c.num_colors, c.embedding_dim, c.hidden_dim, c.latent_dim, c.num_conv_layers)
@@ -635,7 +638,7 @@ class Trainer:
             nonlocal best_acc
             if self.last_val["acc"] > best_acc:
                 best_acc = self.last_val["acc"]
-                self._save_pretrained(mode)
+                self._save("pretrained", f"pretrained_encoder_{mode}", overwrite=True)
 
         def body():
             self.publish({"type": "training_started", "phase": "pretraining", "mode": mode,
@@ -644,24 +647,6 @@ class Trainer:
             self._run_epochs(self.model, self.train_batches, loss_fn, keep_best)
 
         return self._run("pretraining", body)
-
-    def _save_pretrained(self, mode):
-        prefix = "encoder."
-        state = self.model.state_dict()
-        fields = {
-            "name": f"pretrained_encoder_{mode}", "kind": "pretrained", "config": self.config.to_dict(),
-            "model_state_dict": state,
-            "encoder_state_dict": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
-                         "val_loss": self.last_val.get("loss"), "val_acc": self.last_val.get("acc")},
-            "rng_state": self._rng_state(),
-            "dataset": {"name": self.data.name, "split_seed": self.config.seed,
-                        "num_puzzles": len(self.data.puzzle_ids)},
-            "metrics": {"train": dict(self.last_train), "val": dict(self.last_val)},
-            "extra": {"pretrain_mode": mode},
-        }
-        self.writer.submit(ckpt.SaveJob(fields, overwrite=True, verify_after_save=self.config.verify_after_save))
 
     def test(self):
         """Metrics on the held-out test split (never used for model selection)."""
