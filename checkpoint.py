@@ -177,7 +177,7 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         raise CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
     temp = os.path.join(folder, f".{name}.pth{TEMP_MARK}{uuid.uuid4().hex[:8]}")
     pending = os.path.join(folder, f".{name}.json{PENDING_SIDECAR}")
-    hashing = None
+    hashing, renamed = None, False
     try:
         os.makedirs(folder, exist_ok=True)
         needed = estimate_size(record) * SPACE_MARGIN
@@ -194,6 +194,7 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         # The sidecar is durable before the .pth is renamed, so recovery can always pair them (see recover()).
         _write_json_atomic(pending, sidecar)
         os.replace(temp, path)
+        renamed = True
         _fsync_folder(folder)
         os.replace(pending, sidecar_path(path))
         _fsync_folder(folder)
@@ -204,9 +205,16 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         reason = (cause.strerror or str(cause)) if cause else str(e).strip().splitlines()[0]
         raise CheckpointError(f"could not write checkpoint {name!r}: {reason} ({folder})") from e
     finally:
-        for leftover in (temp, pending):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        if os.path.exists(temp):
+            os.remove(temp)
+        if os.path.exists(pending):
+            if renamed:  # the new .pth is in place: its sidecar must follow, or it is paired with the old one
+                try:
+                    os.replace(pending, sidecar_path(path))
+                except OSError:
+                    logger.warning("sidecar of %s left pending; recover() finishes it", path)
+            else:
+                os.remove(pending)
     if verify_after_save:
         ok, reason = verify(path)
         if not ok:
@@ -301,7 +309,10 @@ def list_checkpoints(checkpoint_dir):
     metas = []
     for entry in os.scandir(checkpoint_dir):
         if entry.name.endswith(".pth") and not entry.name.startswith(".") and entry.is_file():
-            meta = read_metadata(entry.path)
+            try:
+                meta = read_metadata(entry.path)
+            except FileNotFoundError:  # deleted (retention, another request) since the folder was scanned
+                continue
             meta.setdefault("name", entry.name[:-4])
             metas.append(meta)
     return sorted(metas, key=_sort_key, reverse=True)

@@ -84,9 +84,9 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ValueError("config must be an object of field: value")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        unknown = sorted(map(str, set(values) - set(fields)))  # str first: keys of mixed types do not sort
         if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(map(str, unknown))}")
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         config = cls(**{name: _check_value(fields[name], value) for name, value in values.items()})
         if config.min_temperature > config.temperature:
             raise ValueError("min_temperature must not exceed temperature")
@@ -317,6 +317,10 @@ class Trainer:
         record = ckpt.load_checkpoint(path, verify_file=verify_file)
         if record.get("kind") == "pretrained":
             raise ValueError(f"{path} is a pretrained encoder; pass it as pretrained_encoder, not resume_from")
+        trained_on = (record.get("dataset") or {}).get("name")
+        if trained_on and trained_on != self.data.name:  # the data is loaded before the checkpoint is read
+            raise ValueError(f"{path} was trained on {trained_on}, but this run's data is {self.data.name}; "
+                             "resume with the same dataset / data_dir")
         saved = {k: v for k, v in record["config"].items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",

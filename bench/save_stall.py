@@ -1,0 +1,447 @@
+"""What a checkpoint save costs the training thread: the real Trainer and CheckpointWriter, a >= 100 MB state.
+
+    python bench/save_stall.py           # 4 rounds x 5 saves on the big model, prototypes, default model (minutes)
+    python bench/save_stall.py --quick   # 1 round x 4 saves, default model, no prototypes (under a minute)
+
+One Trainer.train() per scenario, driven between steps from its publish() callback (which runs on the training
+thread). Each round runs, in turn: quiet steps (no save); back-to-back asynchronous saves (the next "save" command
+is queued as soon as the writer is idle); synchronous saves of the same checkpoint (torch.save to a file + fsync,
+in the training thread); a plain write + fsync of the same byte count, once in a background thread while training
+goes on and once with training held. Rounds interleave the modes, so load from other processes hits them alike.
+Validation is switched off in this bench's Trainer subclass (steps and saves only).
+"""
+import argparse
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+from common import (LoadWatch, add_wait_option, capture_fields, fmt_ms, header, idle_check, percentile, verdict,
+                    wait_for_idle)
+
+import torch  # noqa: E402
+
+import checkpoint as ckpt  # noqa: E402
+from data import load_data  # noqa: E402
+from model import count_parameters  # noqa: E402
+from train import TrainConfig, Trainer  # noqa: E402
+
+BIG = {"latent_dim": 640}  # parameters + two Adam moments: about 134 MB of float32
+STALL_RATIO_TARGET, THROUGHPUT_TARGET, WRITE_SPEED_TARGET, DEFAULT_STALL_TARGET = 0.05, 0.95, 0.7, 0.020
+CHUNK = 4 << 20
+
+_original = {"clone_tensors": ckpt.clone_tensors, "save_full_checkpoint": ckpt.save_full_checkpoint,
+             "write_checkpoint": ckpt.write_checkpoint, "CheckpointWriter": ckpt.CheckpointWriter}
+
+
+class Log:
+    """Everything one scenario records; lists of (start, end, ...) in perf_counter seconds."""
+
+    def __init__(self):
+        self.copies, self.writes, self.saves, self.waits = [], [], [], []
+        self.sync, self.raw_fg, self.raw_bg = [], [], []
+        self.blocks = []  # (mode, t_start, t_end, steps)
+        self.current_save = None
+        self.copy_cpu, self.write_cpu = [], []  # CPU seconds of the copy / write thread per save
+
+
+# ---------------------------------------------------------------------------------------------- instrumentation
+
+def timed_writer_class(log, writer_nice):
+    class TimedWriter(_original["CheckpointWriter"]):
+        """The real writer; times the training thread's waits and can lower the write thread's priority."""
+
+        def wait_for_copies(self):
+            with self._lock:
+                pending = bool(self._pending)
+            if not pending:
+                return super().wait_for_copies()
+            started = time.perf_counter()
+            super().wait_for_copies()
+            log.waits.append((started, time.perf_counter(), log.current_save))
+
+        def _write_loop(self):
+            if writer_nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), writer_nice)  # this thread only
+            super()._write_loop()
+
+    return TimedWriter
+
+
+# name: (what it is, write function, nice level of the write thread)
+VARIANTS = {
+    "current": ("current (torch.save into the hashing file)", "write_checkpoint", 0),
+    "nocrc": ("torch CRC32 off around torch.save", "nocrc", 0),
+    "path": ("torch.save to a path, then hash the file", "path", 0),
+    "nice10": ("write thread at nice 10", "write_checkpoint", 10),
+    "nice19": ("write thread at nice 19", "write_checkpoint", 19),
+    "nocrc+nice10": ("CRC32 off + write thread at nice 10", "nocrc", 10),
+}
+
+
+def install(log, variant):
+    """Patch the module functions the writer threads call, so their work is timed; variant picks the write path."""
+    def clone_tensors(value):
+        started, cpu = time.perf_counter(), time.thread_time()
+        out = _original["clone_tensors"](value)
+        log.copies.append((started, time.perf_counter()))
+        log.copy_cpu.append(time.thread_time() - cpu)
+        return out
+
+    def save_full_checkpoint(*args, **kwargs):
+        started, cpu = time.perf_counter(), time.thread_time()
+        sidecar = _original["save_full_checkpoint"](*args, **kwargs)
+        log.writes.append((started, time.perf_counter(), sidecar["size"]))
+        log.write_cpu.append(time.thread_time() - cpu)
+        return sidecar
+
+    _, write, nice = VARIANTS[variant]
+    ckpt.clone_tensors, ckpt.save_full_checkpoint = clone_tensors, save_full_checkpoint
+    ckpt.CheckpointWriter = timed_writer_class(log, nice)
+    ckpt.write_checkpoint = {"nocrc": write_checkpoint_nocrc, "path": write_checkpoint_via_path}.get(
+        write, _original["write_checkpoint"])
+
+
+def uninstall():
+    for name, value in _original.items():
+        setattr(ckpt, name, value)
+
+
+# ---------------------------------------------------------------------------------------------- prototypes
+
+def write_checkpoint_nocrc(checkpoint_dir, record, **kwargs):
+    """Prototype: the module's write with torch's per-record CRC32 off (the SHA-256 already covers the file)."""
+    from torch.utils.serialization import config
+    config.save.compute_crc32 = False  # only the write thread calls torch.save in these scenarios
+    try:
+        return _original["write_checkpoint"](checkpoint_dir, record, **kwargs)
+    finally:
+        config.save.compute_crc32 = True
+
+
+def write_checkpoint_via_path(checkpoint_dir, record, overwrite=False, verify_after_save=False):
+    """Prototype: torch.save to a path (C++ file writer, no Python per write), then hash the file from page cache."""
+    name = record["name"]
+    path = ckpt.checkpoint_path(checkpoint_dir, name)
+    folder = os.path.dirname(path)
+    if os.path.exists(path) and not overwrite:
+        raise ckpt.CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
+    temp = os.path.join(folder, f".{name}.pth{ckpt.TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    pending = os.path.join(folder, f".{name}.json{ckpt.PENDING_SIDECAR}")
+    try:
+        needed = ckpt.estimate_size(record) * ckpt.SPACE_MARGIN
+        if shutil.disk_usage(folder).free < needed:
+            raise OSError(errno.ENOSPC, "no space")
+        torch.save(record, temp)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sidecar = {**ckpt.metadata_of(record), "file": os.path.basename(path), "size": os.path.getsize(temp),
+                   "sha256": ckpt.file_sha256(temp), "verified_at": None}
+        ckpt._write_json_atomic(pending, sidecar)
+        os.replace(temp, path)
+        ckpt._fsync_folder(folder)
+        os.replace(pending, ckpt.sidecar_path(path))
+        ckpt._fsync_folder(folder)
+    finally:
+        for leftover in (temp, pending):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return sidecar
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+def raw_write(path, buffer):
+    """Plain sequential write of buffer in 4 MiB chunks + fsync; returns seconds."""
+    started = time.perf_counter()
+    view = memoryview(buffer)
+    with open(path, "wb") as f:
+        for offset in range(0, len(view), CHUNK):
+            f.write(view[offset:offset + CHUNK])
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - started
+
+
+def capture_record(trainer, name):
+    """The exact record the writer would save for this step (fields from Trainer._save, built by the module)."""
+    fields = capture_fields(trainer, "manual", name, save=Trainer._save)
+    ckpt.write_checkpoint = lambda checkpoint_dir, record, **kwargs: record
+    try:
+        return _original["save_full_checkpoint"](trainer.checkpoint_dir, **fields, overwrite=True)
+    finally:
+        ckpt.write_checkpoint = current_write[0]
+
+
+current_write = [None]  # the write_checkpoint a scenario installed, put back after capture_record
+
+
+# ---------------------------------------------------------------------------------------------- one scenario
+
+class BenchTrainer(Trainer):
+    """The real Trainer with _save timed and validation off (this bench times steps and saves only)."""
+
+    log = None
+
+    def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
+        self.log.current_save = len(self.log.saves)
+        started = time.perf_counter()
+        super()._save(kind, name, request_id, overwrite, on_saved)
+        self.log.saves.append((started, time.perf_counter()))
+
+    def _validate(self, model, loss_fn, after_validation):
+        pass
+
+
+def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant="current", sync=True, wait_idle=0):
+    """Train with the round plan on the training thread; returns the Log."""
+    if wait_idle:
+        wait_for_idle(wait_idle)
+    log = Log()
+    watch = LoadWatch()
+    config = TrainConfig(**overrides, epochs=100_000)
+    folder = tempfile.mkdtemp(prefix="bench-save-")
+    trainer = BenchTrainer(config, data, "cpu", folder, publish=lambda e: None)
+    trainer.log = log
+    stamps = []
+
+    def script():
+        yield from range(3)  # warm-up steps, not timed
+        for r in range(rounds):
+            start, n0 = stamps[-1], len(stamps)
+            for _ in range(quiet_steps):
+                yield
+            log.blocks.append(("quiet", start, stamps[-1], len(stamps) - n0))
+            start, n0 = stamps[-1], len(stamps)
+            for i in range(saves_per_round):
+                trainer.commands.put({"type": "save", "name": f"stall-{i % 2}", "overwrite": True})
+                yield  # the next step serves the command: _save, then the copy overlaps its forward/backward
+                while trainer.writer.busy():
+                    yield
+            log.blocks.append(("async", start, stamps[-1], len(stamps) - n0))
+            for i in range(saves_per_round if sync else 0):
+                started = time.perf_counter()
+                record = capture_record(trainer, "sync")
+                with open(os.path.join(folder, "sync.pth"), "wb") as f:
+                    torch.save(record, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                log.sync.append((started, time.perf_counter()))
+                del record
+                yield
+            size = log.writes[-1][2]
+            buffer = bytearray(size)
+            if sync:
+                log.raw_fg.append((raw_write(os.path.join(folder, "raw-fg"), buffer), size))
+                yield
+            done = []
+            thread = threading.Thread(target=lambda: done.append(raw_write(os.path.join(folder, "raw-bg"), buffer)))
+            thread.start()
+            while thread.is_alive():
+                yield
+            log.raw_bg.append((done[0], size))
+        trainer.commands.put({"type": "stop"})
+        while True:
+            yield
+
+    steps = script()
+
+    def publish(event):
+        if event["type"] == "batch":
+            stamps.append(time.perf_counter())
+            next(steps)
+
+    trainer.publish = publish
+    install(log, variant)
+    current_write[0] = ckpt.write_checkpoint
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        uninstall()
+        shutil.rmtree(folder, ignore_errors=True)
+    log.others = watch.read()[1]
+    log.params = count_parameters(trainer.model)
+    log.state_bytes = trainer.checkpoint_estimate()
+    return log
+
+
+def summarize(log):
+    """Per-save stalls, throughput per mode, write speeds."""
+    stall, submit_only, wait_total = [], [], []
+    for i, (s0, s1) in enumerate(log.saves):
+        waited = sum(w1 - w0 for w0, w1, idx in log.waits if idx == i)
+        stall.append(s1 - s0 + waited)
+        submit_only.append(s1 - s0)
+        wait_total.append(waited)
+    sync = [t1 - t0 for t0, t1 in log.sync]
+    rate, span = {}, {}
+    for mode in ("quiet", "async"):
+        blocks = [b for b in log.blocks if b[0] == mode]
+        span[mode] = sum(b[2] - b[1] for b in blocks)
+        rate[mode] = sum(b[3] for b in blocks) / span[mode]
+    writes = [(t1 - t0, size) for t0, t1, size in log.writes]
+    speed = sum(size for _, size in writes) / sum(t for t, _ in writes)
+    return {
+        "stall": stall, "save_call": submit_only, "wait": wait_total, "sync": sync, "rate": rate,
+        "write_speed": speed, "write_s": [t for t, _ in writes], "copy_s": [t1 - t0 for t0, t1 in log.copies],
+        "size": writes[0][1] if writes else 0, "copy_cpu": log.copy_cpu, "write_cpu": log.write_cpu,
+        "writer_cores": (sum(log.copy_cpu) + sum(log.write_cpu)) / span["async"],
+        "raw_fg": sum(s for _, s in log.raw_fg) / sum(t for t, _ in log.raw_fg) if log.raw_fg else None,
+        "raw_bg": sum(s for _, s in log.raw_bg) / sum(t for t, _ in log.raw_bg) if log.raw_bg else None,
+    }
+
+
+def print_summary(title, log, s):
+    p = lambda xs, q: percentile(xs, q)  # noqa: E731
+    print(f"-- {title}: {log.params:,} parameters, state with Adam {log.state_bytes / 1e6:.1f} MB, "
+          f"checkpoint file {s['size'] / 1e6:.1f} MB, {len(s['stall'])} async + {len(s['sync'])} sync saves; "
+          f"other processes used {log.others:.2f} cores meanwhile")
+    print(f"   training-thread stall per async save (Trainer._save incl. submit + wait_for_copies): "
+          f"p50 {fmt_ms(p(s['stall'], 50))}  p95 {fmt_ms(p(s['stall'], 95))}  max {fmt_ms(max(s['stall']))}")
+    print(f"     of which Trainer._save (state_dict, rng state, submit): p50 {fmt_ms(p(s['save_call'], 50))}  "
+          f"p95 {fmt_ms(p(s['save_call'], 95))};  wait_for_copies: p50 {fmt_ms(p(s['wait'], 50))}  "
+          f"p95 {fmt_ms(p(s['wait'], 95))}")
+    print(f"   synchronous torch.save + fsync of the same record in the training thread: "
+          f"p50 {fmt_ms(p(s['sync'], 50))}  p95 {fmt_ms(p(s['sync'], 95))}")
+    print(f"   background copy (clone_tensors) per save: p50 {fmt_ms(p(s['copy_s'], 50))}; write thread "
+          f"(save_full_checkpoint) per save: p50 {fmt_ms(p(s['write_s'], 50))}  p95 {fmt_ms(p(s['write_s'], 95))}")
+    print(f"   CPU per save: copy thread p50 {fmt_ms(p(s['copy_cpu'], 50))}, write thread p50 "
+          f"{fmt_ms(p(s['write_cpu'], 50))} (thread CPU time); the writer threads kept {s['writer_cores']:.2f} cores "
+          f"busy during the back-to-back blocks")
+    print(f"   steps/s: quiet {s['rate']['quiet']:.3f}, saves back to back {s['rate']['async']:.3f} "
+          f"(if training lost only the writer's CPU share: {s['rate']['quiet'] * (1 - s['writer_cores'] / 2):.3f})")
+    raw = f"{s['raw_bg'] / 1e6:.0f}" if s["raw_bg"] else "n/a"
+    held = f"{s['raw_fg'] / 1e6:.0f}" if s["raw_fg"] else "n/a"
+    print(f"   write speed: checkpoint writer {s['write_speed'] / 1e6:.0f} MB/s; plain write + fsync of the same "
+          f"bytes {raw} MB/s in a background thread while training, {held} MB/s with training held")
+
+
+# ---------------------------------------------------------------------------------------------- GIL probe
+
+PROBE = """
+import json, sys, time
+end, lags = time.perf_counter() + float(sys.argv[1]), []
+while time.perf_counter() < end:
+    t0 = time.perf_counter()
+    time.sleep(0.0005)
+    lags.append(time.perf_counter() - t0 - 0.0005)
+print(json.dumps(lags))
+"""
+
+
+def _probe_thread(seconds, lags):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        time.sleep(0.0005)
+        lags.append(time.perf_counter() - t0 - 0.0005)
+
+
+def gil_probe(data, seconds):
+    """Does the write thread hold the GIL? Two probes sleep 0.5 ms in a loop at the same time: a thread of this
+    process (needs the GIL to wake) and a separate process (needs only a CPU). Lateness the thread sees beyond the
+    process's is GIL waiting. No training runs: idle, then the writer saving the big record back to back."""
+    trainer = Trainer(TrainConfig(**BIG), data, "cpu", tempfile.mkdtemp(prefix="bench-gil-"), lambda e: None)
+    trainer.setup()
+    trainer.writer = _original["CheckpointWriter"](trainer.checkpoint_dir, lambda e: None)
+    results = {}
+    for label, write in (("idle", None), ("writer: current", _original["write_checkpoint"]),
+                         ("writer: torch.save to path", write_checkpoint_via_path)):
+        ckpt.write_checkpoint = write or _original["write_checkpoint"]
+        other = subprocess.Popen([sys.executable, "-c", PROBE, str(seconds)], stdout=subprocess.PIPE, text=True)
+        lags = []
+        thread = threading.Thread(target=_probe_thread, args=(seconds, lags))
+        thread.start()
+        while thread.is_alive():
+            if write:
+                trainer._save("manual", "gil", overwrite=True)
+                trainer.writer.flush()
+            else:
+                time.sleep(0.05)
+        thread.join()
+        results[label] = (lags, json.loads(other.communicate()[0]))
+    ckpt.write_checkpoint = _original["write_checkpoint"]
+    trainer.writer.close()
+    shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round, 4 saves, no prototypes: under a minute")
+    add_wait_option(parser)
+    args = parser.parse_args()
+    rounds, per_round, quiet = (1, 4, 5) if args.quick else (4, 5, 8)
+    header("checkpoint save stall, real Trainer + CheckpointWriter")
+    print(f"plan: big model TrainConfig({', '.join(f'{k}={v}' for k, v in BIG.items())}), {rounds} round(s) x "
+          f"({quiet} quiet steps, {per_round} async saves back to back, {per_round} sync saves, 2 plain writes); "
+          f"then the default model the same way" + ("" if args.quick else "; then write-path prototypes"))
+    print(f"before start: other processes kept {idle_check():.2f} cores busy")
+    started = time.perf_counter()
+    data = load_data("arcagi")
+    watch = LoadWatch()
+
+    big = run_scenario(data, BIG, rounds, per_round, quiet, wait_idle=args.wait_idle)
+    s = summarize(big)
+    print_summary("big model, current writer", big, s)
+    small = run_scenario(data, {}, rounds, per_round, quiet, wait_idle=args.wait_idle)
+    d = summarize(small)
+    print_summary("default model, current writer", small, d)
+    print(watch.line())
+
+    stall_ratio = percentile(s["stall"], 95) / percentile(s["sync"], 95)
+    throughput_ratio = s["rate"]["async"] / s["rate"]["quiet"]
+    write_ratio = s["write_speed"] / s["raw_bg"]
+    print()
+    print("targets (big model, %.0f MB state):" % (big.state_bytes / 1e6))
+    print(f"  (a) p95 stall async / p95 sync = {fmt_ms(percentile(s['stall'], 95))} / "
+          f"{fmt_ms(percentile(s['sync'], 95))} = {stall_ratio:.4f}  target <= {STALL_RATIO_TARGET}: "
+          f"{verdict(stall_ratio <= STALL_RATIO_TARGET)}   (p50 ratio {percentile(s['stall'], 50) / percentile(s['sync'], 50):.4f})")
+    print(f"  (b) steps/s with saves back to back / without = {s['rate']['async']:.3f} / {s['rate']['quiet']:.3f} = "
+          f"{throughput_ratio:.3f}  target >= {THROUGHPUT_TARGET}: {verdict(throughput_ratio >= THROUGHPUT_TARGET)}")
+    print(f"  (c) writer MB/s / plain write+fsync MB/s (both beside training) = {s['write_speed'] / 1e6:.0f} / "
+          f"{s['raw_bg'] / 1e6:.0f} = {write_ratio:.3f}  target >= {WRITE_SPEED_TARGET}: "
+          f"{verdict(write_ratio >= WRITE_SPEED_TARGET)}   (vs plain write with training held: "
+          f"{s['write_speed'] / s['raw_fg']:.3f})")
+    p95 = percentile(d["stall"], 95)
+    print(f"  (d) default model stall per save p50 {fmt_ms(percentile(d['stall'], 50))}, p95 {fmt_ms(p95)}  "
+          f"target < {DEFAULT_STALL_TARGET * 1000:.0f} ms: {verdict(p95 < DEFAULT_STALL_TARGET)}")
+
+    if not args.quick:
+        print()
+        print("GIL probe (no training; 0.5 ms sleeps): lateness of a thread here (GIL + CPU) vs a separate process "
+              "(CPU only)")
+        for label, (here, apart) in gil_probe(data, 3.0).items():
+            print(f"  {label:<28} thread: p50 {fmt_ms(percentile(here, 50))}  p99 {fmt_ms(percentile(here, 99))}  "
+                  f"max {fmt_ms(max(here))}   process: p50 {fmt_ms(percentile(apart, 50))}  "
+                  f"p99 {fmt_ms(percentile(apart, 99))}  max {fmt_ms(max(apart))}")
+        print()
+        print("write-path prototypes on the big model (2 rounds x 3 saves back to back, 5 quiet steps, one plain "
+              "background write per round; each row normalised by its own quiet steps):")
+        print(f"  {'variant':<40}{'stall p95':>10}{'steps/s ratio':>15}{'write s p50':>13}{'writer MB/s':>13}"
+              f"{'plain MB/s':>12}{'write ratio':>13}{'others':>8}")
+        for variant, (what, _, _) in VARIANTS.items():
+            run = run_scenario(data, BIG, 2, 3, 5, variant=variant, sync=False, wait_idle=args.wait_idle)
+            v = summarize(run)
+            print(f"  {what:<40}{fmt_ms(percentile(v['stall'], 95)):>10}"
+                  f"{v['rate']['async'] / v['rate']['quiet']:>15.3f}{percentile(v['write_s'], 50):>12.2f}s"
+                  f"{v['write_speed'] / 1e6:>13.0f}{v['raw_bg'] / 1e6:>12.0f}{v['write_speed'] / v['raw_bg']:>13.3f}"
+                  f"{run.others:>8.2f}")
+        print(watch.line())
+    print(f"total bench time {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Inspect, verify, list, compare and export checkpoints; rebuild a checkpoint's model and run it once.
+
+    python load_checkpoint.py checkpoints/best_model.pth                  # metadata, model check, resume hint
+    python load_checkpoint.py checkpoints/best_model.pth --info-only --json
+    python load_checkpoint.py checkpoints/best_model.pth --verify
+    python load_checkpoint.py --list checkpoints
+    python load_checkpoint.py --compare checkpoints/a.pth checkpoints/b.pth
+    python load_checkpoint.py checkpoints/best_model.pth --export-weights best.safetensors
+
+Files are read with torch.load(weights_only=True) only, after their size and SHA-256 match the sidecar;
+--skip-verify loads a file that fails verification (salvage). Exit codes: 0 fine, 1 refused or failed, 2 bad usage.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import uuid
+import warnings
+
+import torch
+
+import checkpoint as ckpt
+from data import NUM_COLORS, PAD
+from model import GRID_SIZE, ARCEncoder, count_parameters
+from train import TrainConfig, build_model
+
+PROG = "load_checkpoint.py"
+LISTED = ("name", "kind", "epoch", "batch", "global_step", "val_loss", "val_acc", "size", "created_at", "damaged")
+SAMPLE_GRID = ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 0, 1))  # a 3x4 ARC grid, padded to 30x30 with PAD
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="Inspect, verify, list, compare and export checkpoints.")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth file")
+    parser.add_argument("--info-only", action="store_true", help="metadata only; do not rebuild the model")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--verify", action="store_true", help="check size and SHA-256 against the sidecar, print it")
+    parser.add_argument("--skip-verify", action="store_true",
+                        help="load a file that fails verification anyway (salvage)")
+    parser.add_argument("--list", metavar="FOLDER", help="table of every checkpoint in FOLDER")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two checkpoint files")
+    parser.add_argument("--export-weights", metavar="OUT", help="write PATH's model_state_dict to OUT (safetensors)")
+    parser.add_argument("--force", action="store_true", help="let --export-weights overwrite an existing OUT")
+    return parser
+
+
+def check_usage(parser, args):
+    """Exactly one of PATH, --list, --compare; every other flag only where it means something."""
+    modes = [name for name, given in (("PATH", args.path), ("--list", args.list), ("--compare", args.compare))
+             if given is not None]
+    if len(modes) != 1:
+        parser.error("give exactly one of PATH, --list FOLDER, --compare A B" +
+                     (f" (got {', '.join(modes)})" if modes else ""))
+    for flag, given in (("--info-only", args.info_only), ("--verify", args.verify),
+                        ("--export-weights", args.export_weights)):
+        if given and args.path is None:
+            parser.error(f"{flag} needs PATH")
+    if args.skip_verify and args.list is not None:
+        parser.error("--skip-verify does not apply to --list (listing never loads tensors)")
+    if args.force and not args.export_weights:
+        parser.error("--force only applies to --export-weights")
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+def plain(value):
+    """JSON-safe copy: non-finite floats become None, so every JSON reader accepts the output."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def shown(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(plain(value))
+    return str(value)
+
+
+def human_size(size):
+    if not isinstance(size, int):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def flatten(mapping, prefix=""):
+    """Nested dicts -> [(dotted key, value)], in their stored order."""
+    rows = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            rows.extend(flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def key_value_table(rows):
+    width = max((len(key) for key, _ in rows), default=0)
+    return "\n".join(f"{key:<{width}}  {shown(value)}" for key, value in rows)
+
+
+def column_table(header, rows):
+    cells = [list(header)] + [[shown(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+# ---------------------------------------------------------------------------------------------- one file
+
+def load(path, skip_verify):
+    """The record at path, verified unless skip_verify; CheckpointError otherwise."""
+    with warnings.catch_warnings():
+        # torch warns about a foreign pickle before refusing it; the refusal alone is the one line to show.
+        warnings.simplefilter("ignore", UserWarning)
+        return ckpt.load_checkpoint(path, verify_file=not skip_verify)
+
+
+def verification(path, skip_verify):
+    """--verify: {"ok", "reason"}; a failure is an error unless --skip-verify."""
+    ok, reason = ckpt.verify(path)
+    if not ok and not skip_verify:
+        raise ckpt.CheckpointError(f"{reason}. Refusing to load; pass --skip-verify to salvage it anyway")
+    return {"ok": ok, "reason": reason}
+
+
+def metadata(path, record):
+    """Every field but the tensors, plus what only the sidecar knows (file, size, sha256, verified_at, notes)."""
+    sidecar = ckpt.read_sidecar(path) or {}
+    info = {**{k: v for k, v in sidecar.items() if k not in record}, **ckpt.metadata_of(record)}
+    info.setdefault("size", os.path.getsize(path))
+    return info
+
+
+def state_dict(path, record, key):
+    """record[key] as a dict of tensors; CheckpointError for a file that only looks like a checkpoint."""
+    value = record.get(key)
+    if not isinstance(value, dict) or not all(isinstance(t, torch.Tensor) for t in value.values()):
+        raise ckpt.CheckpointError(f"{path}: its {key} is not a dict of tensors")
+    return value
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def rebuild(path, record):
+    """The model a record describes, with its weights loaded, in eval mode."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        raise ckpt.CheckpointError(f"{path}: no config to rebuild its model from")
+    try:
+        if record.get("kind") == "pretrained":
+            model = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
+                               config["latent_dim"], config["num_conv_layers"])
+            model.load_state_dict(state_dict(path, record, "encoder_state_dict"))
+        else:
+            model = build_model(config, record.get("num_classes", 0))
+            model.load_state_dict(state_dict(path, record, "model_state_dict"))
+    except (KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:  # a config or weights that lie
+        raise ckpt.CheckpointError(f"{path}: cannot rebuild the model it describes: {first_line(e)}") from None
+    return model.eval()
+
+
+def sample_grids(count):
+    """(count, 30, 30) colour ids: SAMPLE_GRID with its colours shifted by i, padded with PAD."""
+    grids = torch.full((count, GRID_SIZE, GRID_SIZE), PAD, dtype=torch.long)
+    grid = torch.tensor(SAMPLE_GRID)
+    for i in range(count):
+        grids[i, :grid.shape[0], :grid.shape[1]] = (grid + i) % NUM_COLORS
+    return grids
+
+
+@torch.no_grad()
+def forward_once(model, record):
+    """One forward pass on a sample grid (eval mode); returns (input shapes, outputs)."""
+    config = record["config"]
+    if record.get("kind") == "pretrained":
+        grids = sample_grids(1)  # (1, 30, 30)
+        return {"grids": grids.shape}, {"latent": model(grids)}
+    g = 2 if config["use_input_output_pairs"] else 1
+    if config["task_type"] == "selection":
+        k = config["num_distractors"]
+        candidates = sample_grids((k + 1) * g).view(1, k + 1, g, GRID_SIZE, GRID_SIZE)
+        target_index = torch.tensor([0])
+        return ({"candidates": candidates.shape, "target_index": target_index.shape},
+                model(candidates=candidates, target_index=target_index))
+    examples = sample_grids(g).view(1, g, GRID_SIZE, GRID_SIZE)
+    return {"examples": examples.shape}, model(examples)
+
+
+def model_check(path, record):
+    """Rebuild, count parameters, run once: a plain dict report."""
+    model = rebuild(path, record)
+    try:
+        inputs, outputs = forward_once(model, record)
+    except (KeyError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{path}: the rebuilt model failed on a sample grid: {first_line(e)}") from None
+    report = {"class": type(model).__name__, "parameters": count_parameters(model),
+              "inputs": {k: list(shape) for k, shape in inputs.items()},
+              "outputs": {k: None if v is None else list(v.shape) for k, v in outputs.items()}}
+    if outputs.get("symbols") is not None:
+        report["message"] = outputs["symbols"][0].argmax(-1).tolist()
+    return report
+
+
+def data_flags(config):
+    """CLI flags naming the data a run used, so a command rebuilds the same splits and classes."""
+    if config.get("data_dir"):
+        return f" --data-dir {shlex.quote(config['data_dir'])}"
+    dataset = config.get("dataset", TrainConfig().dataset)
+    return "" if dataset == TrainConfig().dataset else f" --dataset {dataset}"
+
+
+def resume_hint(path, record):
+    """Example code to carry on from this file: resume (main training) or fine-tune (pretrained encoder)."""
+    config = record["config"]
+    data_call = f"load_data({config.get('dataset', TrainConfig().dataset)!r}, {config.get('data_dir') or None!r})"
+    flags = data_flags(config)
+    if record.get("kind") == "pretrained":
+        dims = {k: config[k] for k in ("embedding_dim", "hidden_dim", "latent_dim", "num_conv_layers")}
+        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in dims.items()) + flags
+        heading = "Fine-tune from this pretrained encoder (the encoder sizes must match):"
+        command = f"python train.py --pretrained-encoder {shlex.quote(path)}{flags} [--freeze-encoder true]"
+        values = {"pretrained_encoder": path, **dims, **{k: config[k] for k in ("data_dir",) if config.get(k)}}
+        last = "trainer.train()"
+    else:
+        heading = "Resume training exactly where this checkpoint left off:"
+        command = f"python train.py --resume {shlex.quote(path)}{flags}"
+        values = {"checkpoint_dir": config.get("checkpoint_dir", "checkpoints")}
+        last = f"trainer.resume({path!r})  # takes the checkpoint's task, architecture and position\n" \
+               f"    trainer.train()"
+    return (f"{heading}\n    {command}\nor in Python:\n"
+            f"    from data import load_data\n"
+            f"    from train import Trainer, TrainConfig\n"
+            f"    events = []  # every event the run publishes\n"
+            f"    config = TrainConfig.from_dict({values!r})\n"
+            f"    trainer = Trainer(config, {data_call}, 'cpu', config.checkpoint_dir, events.append)\n"
+            f"    {last}")
+
+
+def export_weights(record, path, out, force):
+    """Write model_state_dict as safetensors (tensors only, nothing to unpickle); returns the tensor count."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    if os.path.realpath(out) == os.path.realpath(path):
+        raise ckpt.CheckpointError(f"{out} is the checkpoint itself; choose another output file")
+    if os.path.exists(out) and not force:
+        raise ckpt.CheckpointError(f"{out} already exists; pass --force to overwrite it")
+    # Cloned: safetensors refuses tensors that share storage.
+    tensors = {k: v.detach().clone().contiguous() for k, v in state_dict(path, record, "model_state_dict").items()}
+    described = {"name": record.get("name"), "kind": record.get("kind"), "global_step": record.get("global_step"),
+                 "config": record.get("config")}
+    folder = os.path.dirname(os.path.abspath(out))
+    temp = os.path.join(folder, f".{os.path.basename(out)}{ckpt.TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, temp, metadata={k: json.dumps(plain(v)) for k, v in described.items()})
+        os.replace(temp, out)
+    except SafetensorError as e:  # safetensors reports I/O failures (missing folder, disk full) as its own type
+        raise ckpt.CheckpointError(f"could not write {out}: {e}") from None
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return len(tensors)
+
+
+def inspect_file(args):
+    """PATH mode: verify (if asked), load, show metadata, check the model, export (if asked)."""
+    report = {"path": args.path, "verify": None, "metadata": None, "model": None, "exported": None}
+    if args.verify:
+        report["verify"] = verification(args.path, args.skip_verify)
+    record = load(args.path, skip_verify=args.skip_verify or args.verify)  # --verify has just hashed it
+    report["metadata"] = metadata(args.path, record)
+    if not args.info_only:
+        report["model"] = model_check(args.path, record)
+    if args.export_weights:
+        count = export_weights(record, args.path, args.export_weights, args.force)
+        report["exported"] = {"path": args.export_weights, "tensors": count}
+    if args.json:
+        print(json.dumps(plain(report), indent=1, default=str))
+    else:
+        print_inspection(report, record)
+    return 0
+
+
+def print_inspection(report, record):
+    if report["verify"] is not None:
+        print(f"verify: {'OK' if report['verify']['ok'] else 'FAILED'}: {report['verify']['reason']}\n")
+    # The flat config keys repeat config.*; show them once, under config.
+    info = {k: v for k, v in report["metadata"].items() if k not in ckpt.FLAT_CONFIG_KEYS}
+    print(f"checkpoint {report['path']}\n{key_value_table(flatten(info))}")
+    model = report["model"]
+    if model is not None:
+        print(f"\nmodel: {model['class']}, {model['parameters']:,} parameters, weights loaded, eval mode")
+        for name, shape in {**model["inputs"], **model["outputs"]}.items():
+            print(f"  {'input ' if name in model['inputs'] else 'output'} {name}: {shape_text(shape)}")
+        if "message" in model:
+            print(f"  message for the sample grid: {model['message']}")
+        print("\n" + resume_hint(report["path"], record))
+    if report["exported"] is not None:
+        print(f"\nexported {report['exported']['tensors']} tensors of model_state_dict to {report['exported']['path']}")
+
+
+def shape_text(shape):
+    if shape is None:
+        return "None (no message: autoencoder bottleneck)"
+    return str(tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------------- many files
+
+def list_folder(folder, as_json):
+    if not os.path.isdir(folder):
+        raise ckpt.CheckpointError(f"{folder}: no such folder")
+    metas = ckpt.list_checkpoints(folder)
+    if as_json:
+        print(json.dumps(plain(metas), indent=1, default=str))
+        return 0
+    if not metas:
+        print(f"no checkpoints in {folder}")
+        return 0
+    rows = [[human_size(m.get(k)) if k == "size" else m.get(k) for k in LISTED] for m in metas]
+    print(column_table(LISTED, rows))
+    for meta in metas:
+        if meta.get("damaged"):
+            print(f"damaged: {meta.get('name')}: {meta.get('error')}")
+    return 0
+
+
+def parameter_count(state_dict):
+    return sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+
+
+def compare_records(a, b, state_a, state_b):
+    """Config fields that differ, metrics side by side, parameter counts, per-tensor L2 norm of the change."""
+    config_a, config_b = a.get("config") or {}, b.get("config") or {}
+    differ = [{"field": k, "a": config_a.get(k), "b": config_b.get(k)}
+              for k in sorted(set(config_a) | set(config_b)) if config_a.get(k) != config_b.get(k)]
+    changes = []
+    for name, tensor in state_a.items():
+        other = state_b.get(name)
+        if other is not None and other.shape == tensor.shape and tensor.is_floating_point():
+            changes.append({"name": name, "shape": list(tensor.shape),
+                            "l2_diff": float(torch.linalg.vector_norm(other.float() - tensor.float())),
+                            "l2_a": float(torch.linalg.vector_norm(tensor.float()))})
+    return {"a": a.get("name"), "b": b.get("name"), "config_diff": differ,
+            "metrics": {"a": a.get("metrics") or {}, "b": b.get("metrics") or {}},
+            "parameters": {"a": parameter_count(state_a), "b": parameter_count(state_b)},
+            "tensor_changes": changes}
+
+
+def compare(paths, skip_verify, as_json):
+    a, b = (load(p, skip_verify) for p in paths)
+    result = compare_records(a, b, *(state_dict(p, r, "model_state_dict") for p, r in zip(paths, (a, b))))
+    if as_json:
+        print(json.dumps(plain(result), indent=1, default=str))
+    else:
+        print_comparison(result, paths)
+    return 0
+
+
+def print_comparison(result, paths):
+    print(f"A: {paths[0]} ({result['a']})\nB: {paths[1]} ({result['b']})\n")
+    if result["config_diff"]:
+        print(column_table(("config field", "A", "B"), [[d["field"], d["a"], d["b"]] for d in result["config_diff"]]))
+    else:
+        print("config: identical")
+    metrics_a, metrics_b = dict(flatten(result["metrics"]["a"])), dict(flatten(result["metrics"]["b"]))
+    keys = list(dict.fromkeys([*metrics_a, *metrics_b]))
+    print("\n" + column_table(("metric", "A", "B"), [[k, metrics_a.get(k), metrics_b.get(k)] for k in keys]))
+    print(f"\nparameters: A {result['parameters']['a']:,}, B {result['parameters']['b']:,}")
+    if result["tensor_changes"]:
+        rows = [[c["name"], "x".join(map(str, c["shape"])), c["l2_diff"], c["l2_a"]] for c in result["tensor_changes"]]
+        print("\n" + column_table(("tensor", "shape", "L2(B - A)", "L2(A)"), rows))
+    else:
+        print("no tensors of the same name and shape to compare")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_usage(parser, args)
+    try:
+        if args.list is not None:
+            return list_folder(args.list, args.json)
+        if args.compare is not None:
+            return compare(args.compare, args.skip_verify, args.json)
+        return inspect_file(args)
+    except (ckpt.CheckpointError, OSError) as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def one_line(error):
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+// The page: config form, run controls, live status, charts, samples, checkpoints. Wired to the server's JSON
+// API and its server-sent events; no inline scripts (the Content-Security-Policy forbids them).
+
+import { authIsRequired, download, el, formatBytes, formatDate, formatNumber, getJSON, load, send,
+  setAuthRequired, toast } from "./api.js";
+import { Charts, RunCurves } from "./charts.js";
+import { renderSample } from "./grids.js";
+
+const $ = (id) => document.getElementById(id);
+const ACTIVE_PHASES = ["pretraining", "training", "stopping"];
+const RUNNING_PHASES = ["pretraining", "training"];
+const DISK_MARGIN = 1.2; // a save needs this many times its estimated size free
+const GROUPS = [
+  ["Task", ["task_type", "bottleneck_type", "num_distractors", "use_input_output_pairs"]],
+  ["Message", ["vocab_size", "max_message_length", "temperature", "temperature_decay", "min_temperature"]],
+  ["Model", ["latent_dim", "hidden_dim"]],
+  ["Optimisation", ["epochs", "batch_size", "learning_rate"]],
+  ["Pretraining", ["pretrain_mode", "pretrained_encoder", "freeze_encoder"]],
+];
+const SERVER_FIXED = new Set(["checkpoint_dir"]); // shown, never sent: the server owns its folder
+
+const state = {
+  status: { phase: "idle" },
+  fields: [],
+  checkpoints: [],
+  compare: { a: null, b: null },
+  samples: { train: null, val: null },
+};
+const charts = new Charts({ loss: $("chart-loss"), acc: $("chart-acc"), temperature: $("chart-temperature") });
+
+// ---------------------------------------------------------------------------------------------- config form
+
+function fieldInput(field, value) {
+  const id = `cfg-${field.name}`;
+  if (field.name === "pretrained_encoder") {
+    return el("select", { id, name: field.name }, el("option", { value: "" }, "none"));
+  }
+  if (field.choices) {
+    return el("select", { id, name: field.name },
+      ...field.choices.map((c) => el("option", { value: c, selected: c === value }, String(c))));
+  }
+  if (field.type === "bool") return el("input", { id, name: field.name, type: "checkbox", checked: Boolean(value) });
+  if (field.type === "int" || field.type === "float") {
+    return el("input", { id, name: field.name, type: "number", value: String(value), min: field.low ?? undefined,
+      max: field.high ?? undefined, step: field.type === "int" ? "1" : "any" });
+  }
+  return el("input", { id, name: field.name, type: "text", value: value ?? "", disabled: SERVER_FIXED.has(field.name) });
+}
+
+function fieldRow(field, value) {
+  const input = fieldInput(field, value);
+  const label = el("label", { for: input.id }, field.name.replaceAll("_", " "));
+  input.setAttribute("aria-description", field.help || "");
+  return el("div", { className: `field field-${field.type}`, title: field.help || "" }, label, input);
+}
+
+function buildForm(fields, defaults) {
+  state.fields = fields;
+  const byName = new Map(fields.map((f) => [f.name, f]));
+  const grouped = new Set(GROUPS.flatMap(([, names]) => names));
+  const groups = GROUPS.map(([title, names]) => {
+    const rows = names.filter((n) => byName.has(n)).map((n) => fieldRow(byName.get(n), defaults[n]));
+    return rows.length ? el("fieldset", {}, el("legend", {}, title), ...rows) : null;
+  });
+  $("config-groups").replaceChildren(...groups.filter(Boolean));
+  $("config-advanced").replaceChildren(
+    ...fields.filter((f) => !grouped.has(f.name)).map((f) => fieldRow(f, defaults[f.name])));
+}
+
+function fieldValue(field, input) {
+  if (field.type === "bool") return input.checked;
+  if (field.type === "int" || field.type === "float") {
+    const number = Number(input.value);
+    // a non-number goes to the server as typed, so its 400 names the field and the value
+    return input.value.trim() !== "" && Number.isFinite(number) ? number : input.value;
+  }
+  return input.value;
+}
+
+/** Every form field's value, typed; fields the server fixes are left out. */
+function readForm() {
+  const config = {};
+  for (const field of state.fields) {
+    const input = $(`cfg-${field.name}`);
+    if (input && !SERVER_FIXED.has(field.name)) config[field.name] = fieldValue(field, input);
+  }
+  return config;
+}
+
+function fillPretrainedSelect(checkpoints) {
+  const select = $("cfg-pretrained_encoder");
+  if (!select) return;
+  const current = select.value;
+  const names = checkpoints.filter((c) => c.kind === "pretrained" && !c.damaged).map((c) => c.name);
+  select.replaceChildren(el("option", { value: "" }, "none"),
+    ...names.map((n) => el("option", { value: n, selected: n === current }, n)));
+}
+
+// ---------------------------------------------------------------------------------------------- run controls
+
+async function startPretraining() {
+  const config = readForm();
+  delete config.pretrained_encoder; // main training only
+  const result = await send("POST", "/start_pretraining", { ...config, mode: config.pretrain_mode });
+  if (result.ok) toast(`Pretraining (${config.pretrain_mode}) started: run ${result.data.run_id}`, "info");
+}
+
+async function startTraining(extra = {}, message = "Training started") {
+  const body = "resume_from" in extra ? extra : { ...readForm(), ...extra };
+  const result = await send("POST", "/start_training", body);
+  if (result.ok) toast(`${message}: run ${result.data.run_id}`, "info");
+}
+
+async function control(url) {
+  await send("POST", url);
+}
+
+function pauseOrResume() {
+  control(state.status.paused ? "/resume_training" : "/pause");
+}
+
+// ---------------------------------------------------------------------------------------------- saving
+
+function defaultCheckpointName(status) {
+  return `checkpoint_epoch_${(status.epoch || 0) + 1}_batch_${status.batch || 0}`;
+}
+
+async function saveCheckpoint() {
+  const status = state.status;
+  const estimate = status.checkpoint_estimate_bytes;
+  const free = status.disk_free_bytes;
+  if (typeof estimate === "number" && typeof free === "number" && free < DISK_MARGIN * estimate) {
+    toast(`Not enough disk space: the checkpoint needs about ${formatBytes(estimate)} ` +
+      `(with margin ${formatBytes(DISK_MARGIN * estimate)}), only ${formatBytes(free)} free`, "error");
+    return;
+  }
+  const name = window.prompt(`Checkpoint name\nEstimated size: ${formatBytes(estimate)} · ` +
+    `free disk space: ${formatBytes(free)}`, defaultCheckpointName(status));
+  if (name === null) return; // cancelled
+  const result = await send("POST", "/save_checkpoint", { name: name.trim() });
+  if (result.ok) toast(`Saving “${result.data.name}”…`, "info");
+}
+
+// ---------------------------------------------------------------------------------------------- status
+
+function pct(value) {
+  return typeof value === "number" ? `${(value * 100).toFixed(1)}%` : "–";
+}
+
+function statusRows(s) {
+  const train = s.train || {};
+  const val = s.val || {};
+  const rows = [
+    ["run", s.run_id || "–", "run_id"],
+    ["paused", s.paused ? "yes" : "no", "paused"],
+    ["global step", formatNumber(s.global_step), "global_step"],
+    ["samples / s", typeof s.samples_per_sec === "number" ? s.samples_per_sec.toFixed(1) : "–", "samples_per_sec"],
+    ["train loss", formatNumber(train.loss), "train_loss"],
+    ["train acc", pct(train.acc), "train_acc"],
+    ["temperature", formatNumber(train.temperature, 3), "temperature"],
+    ["val loss", formatNumber(val.loss), "val_loss"],
+    ["val acc", pct(val.acc) + (typeof val.chance === "number" ? ` (chance ${pct(val.chance)})` : ""), "val_acc"],
+  ];
+  if (s.mode) rows.splice(1, 0, ["pretrain mode", s.mode, "mode"]);
+  if (typeof val.size_acc === "number") rows.push(["val size acc", pct(val.size_acc), "val_size_acc"]);
+  if (typeof val.exact_acc === "number") rows.push(["val exact", pct(val.exact_acc), "val_exact_acc"]);
+  if (typeof val.distinct_share === "number") {
+    rows.push(["distinct messages", pct(val.distinct_share), "distinct_share"]);
+    rows.push(["message entropy", `${formatNumber(val.message_entropy, 3)} bits`, "message_entropy"]);
+  }
+  return rows;
+}
+
+function renderStatusList(s) {
+  const items = statusRows(s).flatMap(([label, value, key]) =>
+    [el("dt", {}, label), el("dd", { "data-key": key }, value)]);
+  if (s.val && s.val.message_collapse) {
+    items.push(el("dt", {}, "messages"), el("dd", { "data-key": "message_collapse" },
+      el("span", { className: "flag-collapse", title: "fewer than half of the messages are distinct" }, "collapse")));
+  }
+  $("status-list").replaceChildren(...items);
+}
+
+function renderProgress(s) {
+  const epochs = s.epochs || 0;
+  const running = ACTIVE_PHASES.includes(s.phase) && s.epoch < epochs;
+  $("status-epoch").textContent = epochs
+    ? `epoch ${running ? s.epoch + 1 : s.epoch} / ${epochs}${running ? ` (${s.epoch} done)` : ""}` : "epoch –";
+  const perEpoch = s.batches_per_epoch || 0;
+  $("status-batch").textContent = perEpoch ? `batch ${s.batch} / ${perEpoch}` : "batch –";
+  $("batch-progress").style.width = perEpoch ? `${Math.min(100, (100 * s.batch) / perEpoch)}%` : "0%";
+}
+
+function renderButtons(s) {
+  const active = ACTIVE_PHASES.includes(s.phase);
+  const running = RUNNING_PHASES.includes(s.phase);
+  $("start-pretraining").disabled = active;
+  $("start-training").disabled = active;
+  $("stop").disabled = !running;
+  $("pause-resume").disabled = !running;
+  $("pause-resume").textContent = s.paused ? "Resume" : "Pause";
+  const save = $("save-checkpoint");
+  save.disabled = s.phase !== "training";
+  save.title = save.disabled ? `saving is possible during main training only (now ${s.phase})`
+    : `estimated size ${formatBytes(s.checkpoint_estimate_bytes)}, ${formatBytes(s.disk_free_bytes)} free`;
+  for (const button of document.querySelectorAll("[data-needs-idle]")) button.disabled = active;
+}
+
+function applyStatus(s) {
+  state.status = s;
+  const badge = $("phase-badge");
+  badge.textContent = s.phase + (s.paused ? " · paused" : "");
+  badge.className = `badge phase-${s.phase}${s.paused ? " paused" : ""}`;
+  renderProgress(s);
+  renderStatusList(s);
+  renderButtons(s);
+  const error = $("status-error");
+  error.hidden = !(s.phase === "error" && s.error);
+  error.textContent = s.error || "";
+  if (s.checkpoint_dir) {
+    $("checkpoint-dir").textContent = s.checkpoint_dir;
+    const input = $("cfg-checkpoint_dir");
+    if (input) input.value = s.checkpoint_dir;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- samples
+
+function showSample(sample) {
+  state.samples[sample.split === "val" ? "val" : "train"] = sample;
+  const panels = ["train", "val"].map((split) => state.samples[split]).filter(Boolean).map(renderSample);
+  $("samples").replaceChildren(...panels);
+}
+
+// ---------------------------------------------------------------------------------------------- checkpoints
+
+let refreshTimer = null;
+
+/** Reload the table soon; bursts of checkpoint events cause one request. */
+function refreshCheckpointsSoon() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(refreshCheckpoints, 200);
+}
+
+async function refreshCheckpoints() {
+  const data = await load("/list_checkpoints");
+  if (!data) return;
+  state.checkpoints = data.checkpoints;
+  const names = new Set(data.checkpoints.map((c) => c.name));
+  for (const side of ["a", "b"]) if (!names.has(state.compare[side])) state.compare[side] = null;
+  renderCheckpoints();
+  fillPretrainedSelect(data.checkpoints);
+}
+
+function pickRadio(side, name) {
+  return el("input", { type: "radio", name: `compare-${side}`, value: name, checked: state.compare[side] === name,
+    "aria-label": `compare ${side.toUpperCase()}: ${name}`, "data-side": side });
+}
+
+function actionButton(action, name, label, extra = {}) {
+  return el("button", { type: "button", className: "btn btn-small", "data-action": action, "data-name": name,
+    ...extra }, label);
+}
+
+function checkpointActions(c) {
+  const url = `/checkpoints/${encodeURIComponent(c.name)}/download`;
+  const busy = ACTIVE_PHASES.includes(state.status.phase);
+  const trainable = c.kind !== "pretrained" && !c.damaged;
+  return el("td", { className: "actions" }, el("div", { className: "action-buttons" },
+    trainable ? actionButton("resume", c.name, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
+    trainable ? actionButton("fine-tune", c.name, "Fine-tune from", { "data-needs-idle": true, disabled: busy }) : null,
+    actionButton("verify", c.name, "Verify"),
+    el("a", { className: "btn btn-small", href: url, "data-action": "download", "data-name": c.name,
+      download: c.file || `${c.name}.pth` }, "Download"),
+    actionButton("delete", c.name, "Delete", { className: "btn btn-small btn-danger" })));
+}
+
+/** A table cell; data-label names the column when narrow screens show rows as cards. */
+const cell = (label, content, props = {}) => el("td", { "data-label": label, ...props }, content);
+
+function checkpointRow(c) {
+  const verified = c.verified_at
+    ? el("span", { className: "verified", title: `verified ${formatDate(c.verified_at, true)}` }, "✓") : "";
+  const name = el("td", { className: "name" }, c.name,
+    c.damaged ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null);
+  return el("tr", { "data-name": c.name, className: c.damaged ? "is-damaged" : "" },
+    cell("A", pickRadio("a", c.name), { className: "pick" }), cell("B", pickRadio("b", c.name), { className: "pick" }),
+    name, cell("kind", c.kind || "–"), cell("epoch", formatNumber(c.epoch)), cell("batch", formatNumber(c.batch)),
+    cell("step", formatNumber(c.global_step)), cell("val_loss", formatNumber(c.val_loss)),
+    cell("val_acc", formatNumber(c.val_acc)), cell("size", formatBytes(c.size)),
+    cell("created", formatDate(c.created_at), { className: "created", title: c.created_at }),
+    cell("verified", verified), checkpointActions(c));
+}
+
+function renderCheckpoints() {
+  const body = $("checkpoints-table").tBodies[0];
+  const rows = state.checkpoints.map(checkpointRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 13, className: "muted" }, "No checkpoints yet.")));
+  body.replaceChildren(...rows);
+  updateCompareButton();
+}
+
+function updateCompareButton() {
+  const { a, b } = state.compare;
+  $("compare").disabled = !(a && b && a !== b);
+}
+
+const checkpointUrl = (name) => `/checkpoints/${encodeURIComponent(name)}`;
+
+async function verifyCheckpoint(name) {
+  const result = await send("POST", `${checkpointUrl(name)}/verify`);
+  if (!result.ok) return;
+  if (result.data.ok) toast(`“${name}” verified: ${result.data.reason || "ok"}`, "success");
+  else toast(`“${name}” failed verification: ${result.data.reason}`, "error");
+  refreshCheckpointsSoon();
+}
+
+async function deleteCheckpoint(name) {
+  if (!window.confirm(`Delete checkpoint “${name}”? This cannot be undone.`)) return;
+  const result = await send("DELETE", checkpointUrl(name));
+  if (result.ok) refreshCheckpointsSoon();
+}
+
+function onTableClick(event) {
+  const target = event.target.closest("[data-action]");
+  if (!target) return;
+  const name = target.dataset.name;
+  const action = target.dataset.action;
+  if (action === "download") {
+    if (!authIsRequired()) return; // the plain link downloads
+    event.preventDefault(); // a link cannot send the token: fetch the file and save the blob
+    download(target.getAttribute("href"), target.getAttribute("download"));
+  } else if (action === "resume") startTraining({ resume_from: name }, `Resuming from “${name}”`);
+  else if (action === "fine-tune") startTraining({ fine_tune_from: name }, `Fine-tuning from “${name}”`);
+  else if (action === "verify") verifyCheckpoint(name);
+  else if (action === "delete") deleteCheckpoint(name);
+}
+
+function onTableChange(event) {
+  const input = event.target;
+  if (input.type !== "radio") return;
+  state.compare[input.dataset.side] = input.value;
+  updateCompareButton();
+}
+
+// ---------------------------------------------------------------------------------------------- compare
+
+function simpleTable(className, headers, rows) {
+  return el("table", { className: `table ${className}` },
+    el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((c) => el("td", {}, c))))));
+}
+
+function flatMetrics(metrics) {
+  const flat = {};
+  for (const [split, values] of Object.entries(metrics || {})) {
+    if (values && typeof values === "object") {
+      for (const [key, value] of Object.entries(values)) flat[`${split} ${key}`] = value;
+    } else flat[split] = values;
+  }
+  return flat;
+}
+
+function show(value) {
+  if (typeof value === "number") return formatNumber(value);
+  if (value === null || value === undefined) return "–";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function compareTables(data) {
+  const a = flatMetrics(data.metrics.a);
+  const b = flatMetrics(data.metrics.b);
+  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort();
+  const configRows = data.config_diff.map((d) => [d.field, show(d.a), show(d.b)]);
+  const tensors = [...data.tensor_changes].sort((x, y) => y.l2_diff - x.l2_diff).map((t) => [t.name,
+    t.shape.join("×"), formatNumber(t.l2_diff), formatNumber(t.l2_a), t.l2_a ? pct(t.l2_diff / t.l2_a) : "–"]);
+  return [
+    el("h3", {}, `A: ${data.a}  ↔  B: ${data.b}`),
+    simpleTable("compare-params", ["", "A", "B"], [["parameters", formatNumber(data.parameters.a),
+      formatNumber(data.parameters.b)]]),
+    el("h4", {}, "Metrics"),
+    simpleTable("compare-metrics", ["metric", "A", "B"], keys.map((k) => [k, show(a[k]), show(b[k])])),
+    el("h4", {}, `Config fields that differ (${configRows.length})`),
+    configRows.length ? simpleTable("compare-config", ["field", "A", "B"], configRows)
+      : el("p", { className: "muted" }, "The configs are the same."),
+    el("h4", {}, "Per-tensor change (L2)"),
+    el("div", { className: "table-wrap tall" },
+      simpleTable("compare-tensors", ["tensor", "shape", "‖B − A‖", "‖A‖", "relative"], tensors)),
+  ];
+}
+
+async function compareCheckpoints() {
+  const { a, b } = state.compare;
+  const data = await load(`/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
+  if (!data) return;
+  const box = $("compare-result");
+  const close = el("button", { type: "button", className: "btn btn-small close" }, "Close");
+  close.addEventListener("click", () => { box.hidden = true; });
+  box.replaceChildren(close, ...compareTables(data));
+  box.hidden = false;
+}
+
+// ---------------------------------------------------------------------------------------------- runs and curves
+
+async function refreshRuns() {
+  const data = await load("/runs");
+  if (!data) return;
+  const select = $("overlay-run");
+  const current = select.value;
+  const options = data.runs.map((r) => {
+    const c = r.config || {};
+    const what = r.phase === "pretraining" ? `pretrain ${r.mode || c.pretrain_mode || ""}` : `${c.task_type}/${c.bottleneck_type}`;
+    return el("option", { value: r.run_id, selected: r.run_id === current }, `${r.run_id} · ${what}`);
+  });
+  select.replaceChildren(el("option", { value: "" }, "none"), ...options);
+}
+
+const runMetrics = (runId) => load(`/runs/${encodeURIComponent(runId)}/metrics`);
+
+async function loadHistory(runId) {
+  const data = await runMetrics(runId);
+  if (!data) return null;
+  const curves = new RunCurves();
+  curves.reset(runId);
+  curves.add(data.train, data.val);
+  return curves;
+}
+
+async function chooseOverlay() {
+  const runId = $("overlay-run").value;
+  if (!runId) {
+    charts.setOverlay(null, "");
+    return;
+  }
+  const curves = await loadHistory(runId);
+  if (curves) charts.setOverlay(curves, runId.slice(-6));
+}
+
+function onMetrics(data) {
+  if (data.run_id !== charts.live.runId) charts.resetLive(data.run_id);
+  charts.live.add(data.train, data.val);
+  charts.schedule();
+}
+
+// ---------------------------------------------------------------------------------------------- events
+
+function onCheckpointSaved(d) {
+  if (d.request_id) { // asked for by someone; automatic saves (best, periodic, autosave) only refresh the table
+    toast(`Saved “${d.name}” to ${d.path} (epoch ${d.epoch}, batch ${d.batch}` +
+      `${d.verified ? ", verified" : ""})`, "success");
+  }
+  refreshCheckpointsSoon();
+}
+
+function onCheckpointDeleted(d) {
+  if (d.reason) toast(`Deleted “${d.name}”: ${d.reason}`, "info");
+  refreshCheckpointsSoon();
+}
+
+function onTrainingStarted(d) {
+  if (d.run_id !== charts.live.runId) charts.resetLive(d.run_id);
+  state.samples = { train: null, val: null };
+  $("samples").replaceChildren(el("p", { className: "muted" }, "Waiting for the first samples…"));
+  refreshRuns();
+}
+
+function onTrainingEnded(kind, d) {
+  const best = typeof d.best_val_loss === "number" ? `, best val loss ${formatNumber(d.best_val_loss)}` : "";
+  toast(`${d.phase || "run"} ${kind} at step ${d.global_step}${best}`, kind === "finished" ? "success" : "info");
+  refreshRuns();
+  refreshCheckpointsSoon();
+}
+
+const HANDLERS = {
+  status: applyStatus,
+  metrics: onMetrics,
+  samples: showSample,
+  checkpoint_saved: onCheckpointSaved,
+  checkpoint_error: (d) => toast(`Checkpoint “${d.name}” failed: ${d.error}`, "error"),
+  checkpoint_deleted: onCheckpointDeleted,
+  training_started: onTrainingStarted,
+  training_stopped: (d) => onTrainingEnded("stopped", d),
+  training_finished: (d) => onTrainingEnded("finished", d),
+  training_error: (d) => toast(`Training failed: ${d.error}`, "error"),
+};
+
+function connectEvents(lastEventId) {
+  const query = typeof lastEventId === "number" ? `?last_event_id=${lastEventId}` : "";
+  const source = new EventSource(`/events${query}`);
+  const connection = $("connection");
+  source.addEventListener("open", () => { connection.textContent = "live"; connection.className = "connection live"; });
+  source.addEventListener("error", () => { connection.textContent = "reconnecting…"; connection.className = "connection down"; });
+  for (const [name, handler] of Object.entries(HANDLERS)) {
+    source.addEventListener(name, (event) => handler(JSON.parse(event.data)));
+  }
+  return source;
+}
+
+// ---------------------------------------------------------------------------------------------- start-up
+
+function wireControls() {
+  $("start-pretraining").addEventListener("click", startPretraining);
+  $("start-training").addEventListener("click", () => startTraining());
+  $("stop").addEventListener("click", () => control("/stop"));
+  $("pause-resume").addEventListener("click", pauseOrResume);
+  $("save-checkpoint").addEventListener("click", saveCheckpoint);
+  $("refresh-checkpoints").addEventListener("click", refreshCheckpoints);
+  $("compare").addEventListener("click", compareCheckpoints);
+  $("overlay-run").addEventListener("change", chooseOverlay);
+  const table = $("checkpoints-table");
+  table.addEventListener("click", onTableClick);
+  table.addEventListener("change", onTableChange);
+  const slider = $("smoothing");
+  slider.addEventListener("input", () => {
+    const weight = Number(slider.value);
+    $("smoothing-value").textContent = weight.toFixed(3);
+    charts.setSmoothing(weight);
+  });
+  charts.setSmoothing(Number(slider.value));
+  charts.watchVisibility(document.querySelector(".charts"));
+}
+
+async function init() {
+  wireControls();
+  const reply = await getJSON("/status");
+  if (!reply.ok) toast(`/status: ${reply.data.error}`, "error");
+  const status = reply.ok ? reply.data : { phase: "idle" };
+  setAuthRequired(status.auth_required);
+  const config = await load("/config");
+  if (config) buildForm(config.fields, config.defaults);
+  applyStatus(status);
+  await Promise.all([refreshCheckpoints(), refreshRuns()]);
+  if (status.run_id) { // history first; the event stream then continues from the status's last event id
+    const history = await runMetrics(status.run_id);
+    charts.resetLive(status.run_id);
+    if (history) charts.live.add(history.train, history.val);
+  }
+  charts.draw();
+  connectEvents(status.last_event_id);
+}
+
+init();

@@ -1,0 +1,301 @@
+"""The page in headless Chromium against a real server: form, run controls, live status and charts, samples,
+saving, the checkpoints table (compare, delete, resume). One server and one browser for the module; the tests
+run in file order and share the run they start."""
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TINY_TRAIN = dict(embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2, batch_size=8, epochs=50,
+                  device="cpu", checkpoint_every_epochs=0)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WAIT_MS = 30_000  # the machine may be busy: training steps can take a second
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+expect.set_options(timeout=WAIT_MS)
+
+
+@contextlib.contextmanager
+def serve(folder, data, **config):
+    """The app with tiny training defaults on a free loopback port; yields its URL."""
+    from werkzeug.serving import make_server
+
+    from app import create_app
+    app = create_app({"CHECKPOINT_DIR": str(folder), "TRAIN_DEFAULTS": dict(TINY_TRAIN), "DATA": data, **config})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        app.extensions["trainer"].shutdown()
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, arc_data):
+    with serve(tmp_path_factory.mktemp("browser") / "checkpoints", arc_data) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """The Playwright page plus what it logged: console errors, page errors, and requests sent."""
+
+    def __init__(self, page):
+        self.page, self.console_errors, self.page_errors, self.posts = page, [], [], []
+        page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        self.requests = []
+        page.on("request", self._log_request)
+
+    def _log_request(self, request):
+        if request.method != "GET":
+            self.requests.append(request)
+            self.posts.append((request.method, request.url, request.post_data))
+
+
+def open_page(chromium, url):
+    page = chromium.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(WAIT_MS)
+    wrapped = Page(page)
+    page.goto(url)
+    expect(page.locator("#connection")).to_have_text("live")
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def ui(chromium, server_url):
+    wrapped = open_page(chromium, server_url)
+    yield wrapped
+    wrapped.page.close()
+
+
+def phase(page):
+    return page.locator("#phase-badge")
+
+
+def status_value(page, key):
+    return page.locator(f'#status-list dd[data-key="{key}"]')
+
+
+def wait_until_stopped(page):
+    expect(phase(page)).to_have_text("finished")
+    expect(page.locator("#start-training")).to_be_enabled()
+
+
+def save_via_prompt(ui, answer):
+    """Click Save Checkpoint and answer its prompt; returns the prompt's text and default value."""
+    seen = {}
+
+    def on_dialog(dialog):
+        seen.update(message=dialog.message, default=dialog.default_value, type=dialog.type)
+        dialog.accept(answer) if answer is not None else dialog.dismiss()
+
+    ui.page.once("dialog", on_dialog)
+    ui.page.click("#save-checkpoint")
+    expect(ui.page.locator("#save-checkpoint")).to_be_enabled()  # the page is responsive again
+    return seen
+
+
+def test_form_is_built_from_config(ui):
+    page = ui.page
+    expect(page.locator("#cfg-task_type option")).to_have_count(3)
+    assert page.locator("#cfg-use_input_output_pairs").get_attribute("type") == "checkbox"
+    epochs = page.locator("#cfg-epochs")
+    assert epochs.get_attribute("type") == "number" and epochs.get_attribute("min") == "1"
+    assert epochs.input_value() == "50"  # the server's defaults, not the dataclass's
+    assert page.locator("#advanced #cfg-seed").count() == 1
+    expect(page.locator("#advanced #cfg-seed")).to_be_hidden()  # inside the closed Advanced section
+    expect(page.locator("#cfg-pretrained_encoder option")).to_have_text(["none"])
+    expect(page.locator("#save-checkpoint")).to_be_disabled()  # idle
+    expect(page.locator("#stop")).to_be_disabled()
+
+
+def test_bad_field_shows_the_servers_error(ui):
+    page = ui.page
+    page.fill("#cfg-batch_size", "0")
+    page.click("#start-training")
+    toast = page.locator(".toast.toast-error", has_text="batch_size")
+    expect(toast).to_be_visible()
+    page.fill("#cfg-batch_size", "8")
+    expect(phase(page)).to_have_text("idle")
+    ui.first_error_toast = toast.element_handle()
+
+
+def test_save_button_disabled_during_pretraining(ui):
+    page = ui.page
+    page.select_option("#cfg-pretrain_mode", "selection")
+    page.click("#start-pretraining")
+    expect(phase(page)).to_have_text("pretraining")
+    body = next(b for m, u, b in ui.posts if u.endswith("/start_pretraining"))
+    assert '"mode":"selection"' in body and "checkpoint_dir" not in body
+    expect(status_value(page, "mode")).to_have_text("selection")
+    expect(page.locator("#save-checkpoint")).to_be_disabled()
+    expect(page.locator("#start-training")).to_be_disabled()
+    page.wait_for_function("() => document.getElementById('chart-loss').data[0].x.length >= 1")
+    expect(page.locator("#save-checkpoint")).to_be_disabled()
+    page.click("#stop")
+    wait_until_stopped(page)
+    expect(page.locator("#save-checkpoint")).to_be_disabled()  # finished
+
+
+def test_training_shows_status_chart_and_samples(ui):
+    page = ui.page
+    page.click("#start-training")
+    expect(phase(page)).to_have_text("training")
+    expect(page.locator("#save-checkpoint")).to_be_enabled()
+    page.wait_for_function("() => Number(document.querySelector('[data-key=global_step]').textContent"
+                           ".replaceAll(',', '')) >= 2")
+    page.wait_for_function("() => { const d = document.getElementById('chart-loss').data;"
+                           " return d && d[0].x.length >= 2 && d[1].y.length >= 2; }")
+    expect(page.locator("#status-batch")).to_contain_text("/")
+    expect(page.locator("#samples .sample canvas.grid").first).to_be_visible()
+    expect(page.locator("#samples .message .token").first).to_be_visible()  # communication by default
+    page.wait_for_function("e => !e.isConnected", arg=ui.first_error_toast)  # toasts dismiss themselves
+
+
+def test_save_checkpoint_from_the_prompt(ui):
+    page = ui.page
+    seen = save_via_prompt(ui, "my save")
+    assert seen["type"] == "prompt"
+    assert seen["default"].startswith("checkpoint_epoch_1_batch_")
+    assert "Estimated size" in seen["message"] and "free disk space" in seen["message"]
+    expect(page.locator(".toast.toast-success", has_text="my save")).to_be_visible()
+    row = page.locator('#checkpoints-table tr[data-name="my save"]')
+    expect(row).to_be_visible()
+    expect(row.locator("td").nth(3)).to_have_text("manual")
+
+
+def test_duplicate_name_shows_red_toast(ui):
+    page = ui.page
+    save_via_prompt(ui, "my save")
+    expect(page.locator(".toast.toast-error", has_text="already exists")).to_be_visible()
+
+
+def test_cancelled_prompt_sends_nothing(ui):
+    before = sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts)
+    save_via_prompt(ui, None)
+    ui.page.wait_for_timeout(300)
+    assert sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
+
+
+def test_compare_two_checkpoints(ui):
+    page = ui.page
+    save_via_prompt(ui, "other save")
+    expect(page.locator('#checkpoints-table tr[data-name="other save"]')).to_be_visible()
+    page.check('input[name="compare-a"][value="my save"]')
+    page.check('input[name="compare-b"][value="other save"]')
+    page.click("#compare")
+    result = page.locator("#compare-result")
+    expect(result.locator("table.compare-params")).to_contain_text("parameters")
+    expect(result.locator("table.compare-metrics tbody tr").first).to_be_visible()
+    assert result.locator("table.compare-tensors tbody tr").count() > 3
+
+
+def test_verify_and_download_from_a_row(ui):
+    page = ui.page
+    row = page.locator('#checkpoints-table tr[data-name="my save"]')
+    row.locator('[data-action="verify"]').click()
+    expect(page.locator(".toast.toast-success", has_text="verified")).to_be_visible()
+    expect(row.locator(".verified")).to_have_text("✓")
+    assert row.locator('[data-action="download"]').get_attribute("href") == "/checkpoints/my%20save/download"
+    with page.expect_download() as download:
+        row.locator('[data-action="download"]').click()
+    assert download.value.suggested_filename == "my save.pth"
+    assert os.path.getsize(download.value.path()) > 1000
+
+
+def test_overlay_run_adds_curves(ui):
+    page = ui.page
+    options = page.locator("#overlay-run option")
+    expect(options).to_have_count(3)  # none, the pretraining run, this run
+    page.select_option("#overlay-run", index=2)  # the older run (pretraining): runs are listed newest first
+    page.wait_for_function("() => { const d = document.getElementById('chart-loss').data;"
+                           " return d.length === 5 && d[3].x.length >= 1; }")
+
+
+def test_screenshots(ui):
+    page = ui.page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.click("#compare-result .close")
+    # a click dismisses a toast; the screenshots should show the page under them
+    page.evaluate("() => document.querySelectorAll('.toast').forEach((toast) => toast.click())")
+    expect(page.locator(".toast")).to_have_count(0)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.wait_for_timeout(700)  # one chart redraw
+    page.screenshot(path=str(ARTIFACTS / "page.png"))
+    page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_timeout(700)
+    page.screenshot(path=str(ARTIFACTS / "page-narrow.png"))
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 420  # nothing sticks out sideways
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def test_delete_asks_first(ui):
+    page = ui.page
+    row = page.locator('#checkpoints-table tr[data-name="other save"]')
+    page.once("dialog", lambda d: d.dismiss())
+    row.locator('[data-action="delete"]').click()
+    page.wait_for_timeout(300)
+    expect(row).to_be_visible()
+    page.once("dialog", lambda d: d.accept())
+    row.locator('[data-action="delete"]').click()
+    expect(row).to_have_count(0)
+    expect(page.locator(".toast.toast-info", has_text="deleted by the user")).to_be_visible()
+
+
+def test_resume_from_a_row(ui):
+    page = ui.page
+    run_before = status_value(page, "run_id").text_content()
+    page.click("#stop")
+    wait_until_stopped(page)
+    row = page.locator('#checkpoints-table tr[data-name="my save"]')
+    row.locator('[data-action="resume"]').click()
+    expect(phase(page)).to_have_text("training")
+    expect(status_value(page, "run_id")).not_to_have_text(run_before)
+    assert any(b and '"resume_from":"my save"' in b for _, u, b in ui.posts if u.endswith("/start_training"))
+    page.click("#stop")
+    wait_until_stopped(page)
+
+
+def test_no_script_or_policy_errors(ui):
+    assert ui.page_errors == []
+    # a 4xx answer logs "Failed to load resource" in Chromium; those are the tests' own bad requests
+    unexpected = [e for e in ui.console_errors if "Failed to load resource" not in e]
+    assert unexpected == []
+
+
+def test_access_token_is_asked_once_and_sent(chromium, tmp_path, arc_data):
+    with serve(tmp_path / "checkpoints", arc_data, TOKEN="s3cret") as url:
+        ui = open_page(chromium, url)
+        page = ui.page
+        page.fill("#cfg-batch_size", "0")  # a refused config: the answer shows whether the token passed
+        page.once("dialog", lambda d: d.accept("wrong"))
+        page.click("#start-training")
+        expect(page.locator(".toast.toast-error", has_text="access token")).to_be_visible()
+        page.once("dialog", lambda d: d.accept("s3cret"))  # a 401 forgets the token, so it is asked again
+        page.click("#start-training")
+        expect(page.locator(".toast.toast-error", has_text="batch_size")).to_be_visible()
+        with page.expect_response(lambda r: r.url.endswith("/start_training")) as third:
+            page.click("#start-training")  # no third prompt (an unhandled one is dismissed: no token, a 401)
+        assert third.value.status == 400
+        starts = [r for r in ui.requests if r.url.endswith("/start_training")]
+        assert [r.headers.get("authorization") for r in starts] == ["Bearer wrong", "Bearer s3cret", "Bearer s3cret"]
+        page.close()

@@ -1,0 +1,235 @@
+"""model.py: every task x bottleneck x io-pairs model runs both ways; messages are one-hot; gradients reach
+every part through the discrete message; padding never counts; the generator makes Gumbel noise reproducible."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import BOTTLENECK_TYPES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer, Sender
+
+PAD = 10
+VOCAB, LENGTH, K, CLASSES = 7, 4, 3, 11
+
+
+def random_grids(n, seed=0, max_side=12):
+    """(n, 30, 30) colour ids, each grid a random size in the top-left corner, PAD elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    grids = torch.full((n, 30, 30), PAD, dtype=torch.long)
+    for i in range(n):
+        h, w = torch.randint(1, max_side + 1, (2,), generator=gen).tolist()
+        grids[i, :h, :w] = torch.randint(0, 10, (h, w), generator=gen)
+    return grids
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2)
+
+
+def tiny_model(task="reconstruction", bottleneck="communication", pairs=False, seed=0):
+    encoder = tiny_encoder(seed)
+    return ARCAutoencoder(encoder, vocab_size=VOCAB, max_length=LENGTH, bottleneck_type=bottleneck, task_type=task,
+                          num_distractors=K, use_input_output_pairs=pairs, temperature=1.0, hidden_dim=16,
+                          num_classes=CLASSES if task == "puzzle_classification" else 0)
+
+
+def inputs_for(task, pairs, b=4, seed=0):
+    g = 2 if pairs else 1
+    if task == "selection":
+        candidates = random_grids(b * (K + 1) * g, seed).view(b, K + 1, g, 30, 30)
+        return {"candidates": candidates, "target_index": torch.arange(b) % (K + 1)}
+    return {"examples": random_grids(b * g, seed).view(b, g, 30, 30)}
+
+
+def task_loss(task, out, inputs, b=4):
+    """The receiver's loss for the task (what training minimises)."""
+    if task == "reconstruction":
+        target = inputs["examples"]
+        mask = target != PAD
+        return F.cross_entropy(out["colors"].movedim(2, -1)[mask], target[mask]) + out["sizes"].logsumexp(-1).mean()
+    if task == "selection":
+        return F.cross_entropy(out["scores"], inputs["target_index"])
+    return F.cross_entropy(out["logits"], torch.arange(b) % CLASSES)
+
+
+def is_one_hot(symbols):
+    return torch.equal(symbols, F.one_hot(symbols.argmax(-1), symbols.shape[-1]).to(symbols.dtype))
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["grids", "pairs"])
+@pytest.mark.parametrize("bottleneck", BOTTLENECK_TYPES)
+@pytest.mark.parametrize("task", TASK_TYPES)
+def test_every_combination_builds_runs_forward_and_backward(task, bottleneck, pairs):
+    model = tiny_model(task, bottleneck, pairs).train()
+    b, g = 4, 2 if pairs else 1
+    inputs = inputs_for(task, pairs, b)
+    out = model(**inputs, generator=torch.Generator().manual_seed(0))
+    if task == "reconstruction":
+        assert out["colors"].shape == (b, g, 10, 30, 30)
+        assert out["sizes"].shape == (b, g, 2, 30)
+    elif task == "selection":
+        assert out["scores"].shape == (b, K + 1)
+    else:
+        assert out["logits"].shape == (b, CLASSES)
+    if bottleneck == "communication":
+        assert out["symbols"].shape == (b, LENGTH, VOCAB) and is_one_hot(out["symbols"])
+    else:
+        assert out["symbols"] is None
+    loss = task_loss(task, out, inputs, b)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no (finite) gradient for {missing}"
+    model.eval()
+    with torch.no_grad():
+        again = model(**inputs)
+    assert again.keys() == out.keys()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_messages_are_exactly_one_hot(mode):
+    torch.manual_seed(0)
+    sender = Sender(latent_dim=16, vocab_size=VOCAB, max_length=LENGTH, hidden_dim=32)
+    sender.train(mode == "train")
+    gen = torch.Generator().manual_seed(1)
+    for scale in (0.1, 1.0, 30.0):
+        for temperature in (0.1, 1.0, 5.0):
+            latent = torch.randn(256, 16, generator=gen) * scale
+            symbols, logits = sender(latent, temperature, gen)
+            assert symbols.shape == logits.shape == (256, LENGTH, VOCAB)
+            assert is_one_hot(symbols), "a message row is not exactly one-hot"
+            assert set(symbols.unique().tolist()) <= {0.0, 1.0}
+            assert torch.equal(symbols.sum(-1), torch.ones(256, LENGTH))
+
+
+def test_eval_messages_are_the_argmax_of_the_logits_and_ignore_noise():
+    torch.manual_seed(0)
+    sender = Sender(16, VOCAB, LENGTH, 32).eval()
+    latent = torch.randn(64, 16)
+    a, logits = sender(latent, 1.0, torch.Generator().manual_seed(0))
+    b, _ = sender(latent, 0.01, torch.Generator().manual_seed(99))
+    assert torch.equal(a.argmax(-1), logits.argmax(-1))
+    assert torch.equal(a, b)
+
+
+def test_train_messages_are_noisy_but_follow_the_logits_at_low_temperature():
+    torch.manual_seed(0)
+    sender = Sender(16, VOCAB, LENGTH, 32).train()
+    latent = torch.randn(512, 16) * 10  # confident logits
+    symbols, logits = sender(latent, 0.5, torch.Generator().manual_seed(0))
+    agree = (symbols.argmax(-1) == logits.argmax(-1)).float().mean()
+    assert 0.5 < agree < 1.0, "training messages should be sampled (Gumbel), mostly the argmax"
+
+
+def test_straight_through_passes_gradient_from_receiver_state_to_latent():
+    model = tiny_model("reconstruction", "communication").train()
+    latent = torch.randn(8, 16, requires_grad=True)
+    state, symbols = model.transmit(latent, torch.Generator().manual_seed(0))
+    assert is_one_hot(symbols)
+    state.pow(2).sum().backward()
+    assert latent.grad is not None and latent.grad.abs().sum() > 0, "no gradient crosses the discrete message"
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["grids", "pairs"])
+@pytest.mark.parametrize("task", TASK_TYPES)
+def test_receiver_loss_reaches_every_encoder_sender_and_receiver_parameter(task, pairs):
+    model = tiny_model(task, "communication", pairs).train()
+    inputs = inputs_for(task, pairs, b=6, seed=3)
+    out = model(**inputs, generator=torch.Generator().manual_seed(0))
+    task_loss(task, out, inputs, b=6).backward()
+    parts = dict(model.example_encoder.named_parameters(prefix="example_encoder"))
+    parts.update(model.sender.named_parameters(prefix="sender"))
+    parts.update(model.receiver.named_parameters(prefix="receiver"))
+    assert "receiver.symbol_embedding" in parts and "receiver.position_embedding" in parts
+    assert "example_encoder.encoder.color_embedding.weight" in parts
+    dead = [name for name, p in parts.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, f"zero gradient for {dead}"
+
+
+def test_encoder_gets_gradient_only_through_the_message_in_reconstruction():
+    """Reconstruction has no path around the bottleneck: detach the message and the encoder learns nothing."""
+    model = tiny_model("reconstruction", "communication").train()
+    inputs = inputs_for("reconstruction", False, b=4)
+    original = model.sender.forward
+    model.sender.forward = lambda *a, **k: tuple(t.detach() for t in original(*a, **k))
+    task_loss("reconstruction", model(**inputs, generator=torch.Generator().manual_seed(0)), inputs).backward()
+    assert all(p.grad is None for p in model.example_encoder.parameters())
+    assert model.receiver.symbol_embedding.grad.abs().sum() > 0
+
+
+def test_a_grid_encodes_the_same_whatever_else_is_in_the_batch():
+    encoder = tiny_encoder().eval()
+    grids = random_grids(6, seed=4)
+    alone = encoder(grids[:1])
+    with_others = encoder(grids)
+    changed = grids.clone()
+    changed[1:] = random_grids(5, seed=5)
+    with_changed = encoder(changed)
+    assert torch.allclose(alone[0], with_others[0], atol=1e-6)
+    assert torch.allclose(with_others[0], with_changed[0], atol=1e-6)
+    assert not torch.allclose(with_others[1], with_changed[1])
+
+
+def test_the_pad_area_never_counts():
+    """A 3x3 grid's latent ignores everything the encoder holds for the pad-only area: the pad colour's
+    embedding and the row/column embeddings of rows and columns 3-29 (wherever the pad-only area is)."""
+    encoder = tiny_encoder().eval()
+    grid = torch.full((1, 30, 30), PAD, dtype=torch.long)
+    grid[0, :3, :3] = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 0]])
+    before = encoder(grid)
+    with torch.no_grad():
+        encoder.color_embedding.weight[PAD] = torch.randn(encoder.color_embedding.weight.shape[1]) * 100
+        encoder.row_embedding.weight[3:] = torch.randn_like(encoder.row_embedding.weight[3:]) * 100
+        encoder.col_embedding.weight[3:] = torch.randn_like(encoder.col_embedding.weight[3:]) * 100
+    after = encoder(grid)
+    assert torch.allclose(before, after, atol=1e-6), "the pad area changed the latent"
+    # ...while the real area does count.
+    with torch.no_grad():
+        encoder.row_embedding.weight[1] += 1.0
+    assert not torch.allclose(before, encoder(grid), atol=1e-3)
+
+
+def test_pad_is_not_colour_zero():
+    encoder = tiny_encoder().eval()
+    small = torch.full((1, 30, 30), PAD, dtype=torch.long)
+    small[0, :3, :3] = 0
+    larger = small.clone()
+    larger[0, :3, 3] = 0  # a column of colour 0 where the pad was
+    assert not torch.allclose(encoder(small), encoder(larger), atol=1e-4)
+
+
+def test_generator_makes_training_messages_reproducible():
+    model = tiny_model("selection", "communication").train()
+    inputs = inputs_for("selection", False, b=16)
+    state = torch.get_rng_state()
+    a = model(**inputs, generator=torch.Generator().manual_seed(7))["symbols"]
+    b = model(**inputs, generator=torch.Generator().manual_seed(7))["symbols"]
+    c = model(**inputs, generator=torch.Generator().manual_seed(8))["symbols"]
+    assert torch.equal(torch.get_rng_state(), state), "the model drew from the global RNG"
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    gen = torch.Generator().manual_seed(7)
+    first = model(**inputs, generator=gen)["symbols"]
+    second = model(**inputs, generator=gen)["symbols"]  # the generator moves on
+    assert torch.equal(first, a) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("mode", ["binary", "selection"])
+def test_encoder_pretrainer_runs_forward_and_backward(mode):
+    model = EncoderPretrainer(tiny_encoder(), mode, hidden_dim=16).train()
+    if mode == "binary":
+        out = model(first=random_grids(5, 1), second=random_grids(5, 2))
+        assert out["logits"].shape == (5,)
+        loss = F.binary_cross_entropy_with_logits(out["logits"], torch.ones(5))
+    else:
+        out = model(candidates=random_grids(5 * (K + 1), 1).view(5, K + 1, 30, 30), target_index=torch.zeros(5).long())
+        assert out["scores"].shape == (5, K + 1)
+        loss = F.cross_entropy(out["scores"], torch.zeros(5).long())
+    loss.backward()
+    dead = [n for n, p in model.encoder.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead
+
+
+@pytest.mark.parametrize("layers", [1, 3, 5])
+def test_encoder_depths_give_the_latent_size(layers):
+    encoder = ARCEncoder(10, 4, 32, 24, layers)
+    assert encoder(random_grids(3)).shape == (3, 24)

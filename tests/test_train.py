@@ -1,0 +1,611 @@
+"""train.py: TrainConfig validation, learning, determinism, the events a run publishes, commands, the CLI,
+pretraining, and exact resume (bit-identical weights and metrics)."""
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import train
+from conftest import tiny_config, wait_for, write_task_folder
+from data import load_data
+from model import ARCEncoder
+from train import LOSSES, TrainConfig, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARGS = ["--embedding-dim", "4", "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2",
+             "--batch-size", "8", "--device", "cpu"]
+BATCHES_PER_EPOCH = 11  # small_data: 11 training puzzles x 8 grids, batches of 8
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """12 training + 3 evaluation puzzles: 1 validation puzzle, an epoch of 11 batches of 8 grids."""
+    root = write_task_folder(tmp_path_factory.mktemp("tasks"), n_training=12, n_evaluation=3, seed=11)
+    return str(root), load_data(data_dir=str(root))
+
+
+def run(config, data, on_event=None, commands=None):
+    """Train to the end; returns the trainer and every event it published."""
+    events = []
+    trainer = None
+
+    def publish(event):
+        events.append(event)
+        if on_event is not None:
+            on_event(trainer, event)
+
+    trainer = Trainer(config, data, "cpu", config.checkpoint_dir, publish, commands)
+    trainer.train()
+    return trainer, events
+
+
+def of_type(events, kind):
+    return [e for e in events if e["type"] == kind]
+
+
+def comparable(events, after=0):
+    """Batch and validation events after global_step `after`, without wall-clock fields."""
+    return [{k: v for k, v in e.items() if k != "samples_per_sec"} for e in events
+            if e["type"] in ("batch", "validation") and e["global_step"] > after]
+
+
+def assert_same(a, b, where="state"):
+    """Nested equality; torch.equal (bit-identical) for tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: different keys"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training_state(a, b):
+    assert_same(a.model.state_dict(), b.model.state_dict(), "model")
+    assert_same(a.optimizer.state_dict(), b.optimizer.state_dict(), "optimizer")
+    assert (a.epoch, a.batch, a.global_step) == (b.epoch, b.batch, b.global_step)
+    assert_same(a.generator.get_state(), b.generator.get_state(), "generator")
+
+
+def save_and_stop_at(step, name="mid"):
+    """An on_event callback: at the batch event of `step`, ask for a manual save, then a stop."""
+    def on_event(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == step:
+            trainer.commands.put({"type": "save", "name": name, "request_id": "r-" + name})
+            trainer.commands.put({"type": "stop"})
+    return on_event
+
+
+# ---------------------------------------------------------------------------------------------- TrainConfig
+
+def test_defaults_round_trip_and_every_field_is_documented():
+    config = TrainConfig()
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert config.replace(batch_size=3).batch_size == 3
+    for f in train.dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f"{f.name} has no help"
+    with pytest.raises(train.dataclasses.FrozenInstanceError):
+        config.batch_size = 2
+
+
+def test_numbers_for_float_fields_become_floats():
+    config = TrainConfig.from_dict({"learning_rate": 1, "temperature": 2})
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert isinstance(config.temperature, float)
+
+
+BAD_VALUES = [
+    ("batch_size", "8"), ("batch_size", 8.0), ("batch_size", True), ("batch_size", None), ("batch_size", 0),
+    ("batch_size", 4097), ("epochs", -1), ("max_steps", 1.5), ("seed", -1), ("seed", 2**31),
+    ("learning_rate", "0.1"), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
+    ("learning_rate", True), ("learning_rate", 0.0), ("learning_rate", 2.0),
+    ("temperature", 0), ("temperature", float("-inf")), ("temperature_decay", 1.5),
+    ("use_input_output_pairs", 1), ("use_input_output_pairs", "true"), ("freeze_encoder", None),
+    ("task_type", "classification"), ("task_type", 3), ("bottleneck_type", "Communication"),
+    ("device", "tpu"), ("dataset", "arcagi3"), ("pretrain_mode", "contrastive"),
+    ("num_distractors", 0), ("num_distractors", 64), ("num_colors", 11), ("vocab_size", 1),
+    ("checkpoint_dir", "a\x00b"), ("checkpoint_dir", ["x"]), ("data_dir", 5), ("autosave_minutes", -1),
+    ("min_temperature", 5.0),  # above temperature 1.0
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_VALUES, ids=[f"{f}={v!r}"[:40] for f, v in BAD_VALUES])
+def test_bad_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError) as info:
+        TrainConfig.from_dict({field: value})
+    assert field in str(info.value)
+
+
+def test_unknown_keys_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown config field.*bogus.*lr"):
+        TrainConfig.from_dict({"bogus": 1, "lr": 0.1, "batch_size": 8})
+    with pytest.raises(ValueError, match="unknown config field"):
+        TrainConfig.from_dict({1: 2, "x": 3})
+    with pytest.raises(ValueError, match="object"):
+        TrainConfig.from_dict([("batch_size", 8)])
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("task,bottleneck", [("reconstruction", "communication"), ("selection", "communication"),
+                                             ("puzzle_classification", "communication"),
+                                             ("reconstruction", "autoencoder")])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task, bottleneck):
+    config = make_config(task_type=task, bottleneck_type=bottleneck, learning_rate=0.01)
+    trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir, lambda event: None)
+    trainer.setup()
+    trainer.phase = "training"
+    trainer.writer = ckpt.CheckpointWriter(config.checkpoint_dir, lambda event: None)
+    batch = trainer.train_batches.batch(0, 0)
+    loss_fn, model = LOSSES[task], trainer.model
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            loss = loss_fn(trainer._forward(model, batch), batch)[0].item()
+        model.train()
+        return loss
+
+    before = eval_loss()
+    for _ in range(10):
+        trainer._train_step(model, loss_fn, batch)
+    trainer.writer.close()
+    after = eval_loss()
+    assert after < 0.8 * before, f"loss went from {before:.4f} to {after:.4f}"
+
+
+def test_two_runs_with_the_same_seed_are_identical(small_data, tmp_path):
+    data_dir, data = small_data
+    base = dict(task_type="selection", epochs=2, max_steps=15, data_dir=data_dir)
+    a, events_a = run(tiny_config(tmp_path / "a", **base), data)
+    b, events_b = run(tiny_config(tmp_path / "b", **base), data)
+    c, events_c = run(tiny_config(tmp_path / "c", seed=1, **base), data)
+    assert_same_training_state(a, b)
+    assert comparable(events_a) == comparable(events_b)
+    assert len(comparable(events_a)) == 15 + 2
+    assert not torch.equal(a.model.encoder.color_embedding.weight, c.model.encoder.color_embedding.weight)
+    assert comparable(events_a) != comparable(events_c)
+    assert a.test() == b.test()
+
+
+def test_max_steps_ends_the_run_after_one_last_validation(arc_data, make_config):
+    trainer, events = run(make_config(max_steps=3), arc_data)
+    kinds = [e["type"] for e in events if e["type"] in ("batch", "validation", "training_finished")]
+    assert kinds == ["batch"] * 3 + ["validation", "training_finished"]
+    assert (trainer.global_step, trainer.epoch, trainer.batch) == (3, 0, 3)
+    finished = of_type(events, "training_finished")[0]
+    assert finished["global_step"] == 3 and finished["val"]["loss"] == finished["best_val_loss"]
+
+
+# ---------------------------------------------------------------------------------------------- published metrics
+
+@pytest.mark.parametrize("task,bottleneck,k", [("reconstruction", "communication", 3), ("selection", "communication", 3),
+                                               ("selection", "autoencoder", 5),
+                                               ("puzzle_classification", "communication", 3)])
+def test_batch_and_validation_events_carry_the_metrics(arc_data, make_config, task, bottleneck, k):
+    trainer, events = run(make_config(task_type=task, bottleneck_type=bottleneck, num_distractors=k), arc_data)
+    batches = of_type(events, "batch")
+    assert [e["global_step"] for e in batches] == [1, 2, 3, 4]
+    for e in batches:
+        assert e["phase"] == "training" and e["epoch"] == 0 and e["batches_per_epoch"] == len(trainer.train_batches)
+        assert math.isfinite(e["loss"]) and 0.0 <= e["acc"] <= 1.0
+        assert e["temperature"] == 1.0 and e["samples_per_sec"] > 0
+    [val] = of_type(events, "validation")
+    assert math.isfinite(val["val_loss"]) and 0.0 <= val["val_acc"] <= 1.0
+    if task == "selection":
+        assert val["val_chance"] == pytest.approx(1 / (k + 1))
+    if task == "reconstruction":
+        assert 0.0 <= val["val_exact_acc"] <= val["val_size_acc"] <= 1.0
+    if bottleneck == "communication":
+        assert 0.0 < val["val_distinct_share"] <= 1.0
+        assert 0.0 <= val["val_message_entropy"] <= math.log2(10) * 5
+        assert isinstance(val["val_message_collapse"], bool)
+    else:
+        assert "val_distinct_share" not in val and "val_message_entropy" not in val
+    started = of_type(events, "training_started")[0]
+    assert started["config"] == trainer.config.to_dict() and started["checkpoint_estimate_bytes"] > 0
+    assert of_type(events, "samples"), "no sample of what the model makes of a grid"
+
+
+def test_message_stats():
+    messages = torch.tensor([[0, 1], [0, 1], [2, 3], [4, 5]])
+    stats = train.message_stats(messages)
+    assert stats["distinct_share"] == 0.75
+    assert stats["message_entropy"] == pytest.approx(1.5)
+    assert stats["message_collapse"] is False
+    assert train.message_stats(torch.zeros(4, 3, dtype=torch.long))["message_entropy"] == 0.0
+
+
+def test_temperature_anneals_per_epoch_down_to_the_minimum(small_data, tmp_path):
+    data_dir, data = small_data
+    config = tiny_config(tmp_path, data_dir=data_dir, epochs=4, temperature=2.0, temperature_decay=0.5,
+                         min_temperature=0.3, max_steps=0, task_type="selection")
+    seen = []
+
+    def on_event(trainer, event):
+        if event["type"] == "batch":
+            seen.append((event["epoch"], event["temperature"], trainer.model.temperature))
+
+    run(config, data, on_event)
+    expected = {0: 2.0, 1: 1.0, 2: 0.5, 3: 0.3}
+    assert len(seen) == 4 * BATCHES_PER_EPOCH
+    for epoch, published, used in seen:
+        assert published == pytest.approx(expected[epoch]) and used == pytest.approx(expected[epoch])
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def test_stop_command_and_stop_flag_end_the_run_between_batches(arc_data, make_config):
+    def command(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == 2:
+            trainer.commands.put({"type": "stop"})
+
+    trainer, events = run(make_config(max_steps=10), arc_data, command)
+    assert trainer.global_step == 2 and of_type(events, "training_stopped")[0]["global_step"] == 2
+    assert not of_type(events, "training_finished") and not of_type(events, "validation")
+
+    def flag(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == 3:
+            trainer.stop_requested.set()
+
+    trainer, events = run(make_config(max_steps=10), arc_data, flag)
+    assert trainer.global_step == 3 and events[-1]["type"] == "training_stopped"
+
+
+def test_save_command_writes_a_manual_checkpoint_with_its_request_id(arc_data, make_config):
+    def on_event(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == 2:
+            trainer.commands.put({"type": "save", "name": "my save", "request_id": "abc"})
+            trainer.commands.put({"type": "save", "name": "my save", "request_id": "again"})
+            trainer.commands.put({"type": "save", "name": "best_model", "request_id": "reserved"})
+        if event["type"] == "batch" and event["global_step"] == 3:
+            trainer.commands.put({"type": "save", "name": "my save", "request_id": "over", "overwrite": True})
+
+    config = make_config(max_steps=4)
+    trainer, events = run(config, arc_data, on_event)
+    results = {e["request_id"]: e for e in events if e["type"].startswith("checkpoint_") and e.get("request_id")}
+    assert results["abc"]["type"] == "checkpoint_saved" and results["abc"]["global_step"] == 2
+    assert results["again"]["type"] == "checkpoint_error" and "already exists" in results["again"]["error"]
+    assert results["reserved"]["type"] == "checkpoint_error" and "reserved" in results["reserved"]["error"]
+    assert results["over"]["type"] == "checkpoint_saved" and results["over"]["global_step"] == 3
+    record = ckpt.load_checkpoint(os.path.join(config.checkpoint_dir, "my save.pth"))
+    assert record["kind"] == "manual" and record["global_step"] == 3 and record["name"] == "my save"
+    assert record["task_type"] == "reconstruction" and record["config"] == trainer.config.to_dict()
+
+
+def test_pause_holds_training_saves_while_paused_and_resume_goes_on(arc_data, make_config):
+    commands = queue.Queue()
+    events = []
+
+    def on_event(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == 2:
+            commands.put({"type": "pause"})
+
+    config = make_config(max_steps=5)
+    trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir,
+                      lambda e: (events.append(e), on_event(trainer, e)), commands)
+    thread = threading.Thread(target=trainer.train)
+    thread.start()
+    try:
+        wait_for(lambda: of_type(events, "training_paused"), what="training_paused")
+        count = len(of_type(events, "batch"))
+        commands.put({"type": "save", "name": "while paused", "request_id": "p"})
+        wait_for(lambda: of_type(events, "checkpoint_saved"), what="the save while paused")
+        threading.Event().wait(0.5)
+        assert len(of_type(events, "batch")) == count == 2, "a batch ran while paused"
+        commands.put({"type": "resume"})
+        thread.join(60)
+    finally:
+        trainer.stop_requested.set()
+        thread.join(60)
+    kinds = [e["type"] for e in events if e["type"] in ("training_paused", "training_resumed", "checkpoint_saved",
+                                                       "training_finished")]
+    assert kinds[:3] == ["training_paused", "checkpoint_saved", "training_resumed"]
+    assert of_type(events, "checkpoint_saved")[0]["global_step"] == 2
+    assert of_type(events, "training_paused")[0]["global_step"] == 2
+    assert [e["global_step"] for e in of_type(events, "batch")] == [1, 2, 3, 4, 5]
+    assert events[-1]["type"] == "training_finished"
+
+
+def test_stop_while_paused(arc_data, make_config):
+    def on_event(trainer, event):
+        if event["type"] == "batch" and event["global_step"] == 1:
+            trainer.commands.put({"type": "pause"})
+        if event["type"] == "training_paused":
+            threading.Timer(0.3, trainer.commands.put, [{"type": "stop"}]).start()
+
+    trainer, events = run(make_config(max_steps=5), arc_data, on_event)
+    assert trainer.global_step == 1 and events[-1]["type"] == "training_stopped"
+
+
+def test_saves_during_pretraining_are_refused_with_a_reason(small_data, tmp_path):
+    data_dir, data = small_data
+    config = tiny_config(tmp_path, data_dir=data_dir, max_steps=3)
+    events = []
+    trainer = None
+
+    def publish(event):
+        events.append(event)
+        if event["type"] == "batch" and event["global_step"] == 1:
+            trainer.commands.put({"type": "save", "name": "nope", "request_id": "x"})
+
+    trainer = Trainer(config, data, "cpu", config.checkpoint_dir, publish)
+    trainer.pretrain("binary")
+    [error] = [e for e in of_type(events, "checkpoint_error") if e["request_id"] == "x"]
+    assert "main training only" in error["error"]
+    assert not os.path.exists(os.path.join(config.checkpoint_dir, "nope.pth"))
+
+
+def test_keep_last_retains_the_newest_periodic_checkpoints(small_data, tmp_path):
+    data_dir, data = small_data
+    config = tiny_config(tmp_path, data_dir=data_dir, epochs=4, max_steps=0, keep_last=2, task_type="selection")
+    trainer, events = run(config, data)
+    names = {m["name"] for m in ckpt.list_checkpoints(config.checkpoint_dir)}
+    assert {"checkpoint_epoch_3", "checkpoint_epoch_4", "best_model"} <= names
+    assert not {"checkpoint_epoch_1", "checkpoint_epoch_2"} & names
+    assert {e["name"] for e in of_type(events, "checkpoint_deleted")} == {"checkpoint_epoch_1", "checkpoint_epoch_2"}
+
+
+# ---------------------------------------------------------------------------------------------- exact resume
+
+RESUME_CASES = [("reconstruction", "communication", False), ("selection", "communication", False),
+                ("puzzle_classification", "communication", False), ("selection", "autoencoder", True)]
+RESUME_IDS = ["-".join(map(str, case)) for case in RESUME_CASES]
+MID, END = 7, 13  # the manual save's step and the last step
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    """6 training + 2 evaluation puzzles: epochs of 4-5 batches, so a short run crosses several epochs."""
+    root = write_task_folder(tmp_path_factory.mktemp("resume_tasks"), n_training=6, n_evaluation=2, seed=5)
+    return str(root), load_data(data_dir=str(root))
+
+
+def resume_config(folder, data_dir, task, bottleneck, pairs, **changes):
+    values = dict(task_type=task, bottleneck_type=bottleneck, use_input_output_pairs=pairs, data_dir=data_dir,
+                  epochs=5, max_steps=END, temperature=2.0, temperature_decay=0.7, min_temperature=0.5,
+                  checkpoint_every_epochs=1, keep_last=0)
+    values.update(changes)
+    return tiny_config(folder, **values)
+
+
+def resume_and_compare(path, config, data, straight, straight_events, after, test_split=True):
+    """Resume from path with config, train to its end; everything must equal the uninterrupted run's."""
+    events = []
+    resumed = Trainer(config, data, "cpu", config.checkpoint_dir, events.append)
+    record = resumed.resume(path)
+    assert resumed.global_step == record["global_step"] == after
+    resumed.train()
+    assert_same_training_state(straight, resumed)
+    assert comparable(events, after) == comparable(straight_events, after)
+    assert of_type(events, "training_finished")[0] == of_type(straight_events, "training_finished")[0]
+    assert resumed.best_val_loss == straight.best_val_loss
+    if test_split:
+        assert resumed.test() == straight.test()
+
+
+@pytest.mark.parametrize("task,bottleneck,pairs", RESUME_CASES, ids=RESUME_IDS)
+def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(resume_data, tmp_path, task, bottleneck, pairs):
+    data_dir, data = resume_data
+    config = resume_config(tmp_path / "straight", data_dir, task, bottleneck, pairs)
+    straight, straight_events = run(config, data)
+    per_epoch = len(straight.train_batches)
+    assert straight.global_step == END and straight.epoch >= 2 and MID % per_epoch, "MID must be mid-epoch"
+    # Interrupted: a manual save at step MID (in epoch 1), then a stop; its events so far are the same.
+    first = resume_config(tmp_path / "first", data_dir, task, bottleneck, pairs)
+    stopped, events = run(first, data, save_and_stop_at(MID))
+    assert stopped.global_step == MID and events[-1]["type"] == "training_stopped"
+    assert comparable(events) == comparable(straight_events)[:len(comparable(events))]
+    mid = os.path.join(first.checkpoint_dir, "mid.pth")
+    assert (ckpt.read_sidecar(mid)["epoch"], ckpt.read_sidecar(mid)["batch"]) == divmod(MID, per_epoch)
+    resume_and_compare(mid, resume_config(tmp_path / "second", data_dir, task, bottleneck, pairs),
+                       data, straight, straight_events, after=MID)
+    # From the periodic checkpoint the uninterrupted run wrote at the end of epoch 1.
+    end_of_epoch = os.path.join(config.checkpoint_dir, "checkpoint_epoch_1.pth")
+    assert ckpt.read_sidecar(end_of_epoch)["global_step"] == per_epoch
+    assert ckpt.read_sidecar(end_of_epoch)["batch"] == 0
+    resume_and_compare(end_of_epoch, resume_config(tmp_path / "third", data_dir, task, bottleneck, pairs),
+                       data, straight, straight_events, after=per_epoch)
+
+
+def test_resume_on_the_full_dataset_mid_epoch(arc_data, tmp_path):
+    def config(folder, **changes):
+        return tiny_config(folder, task_type="selection", max_steps=7, temperature=1.5, **changes)
+
+    straight, straight_events = run(config(tmp_path / "straight"), arc_data)
+    run(config(tmp_path / "first"), arc_data, save_and_stop_at(4, "four"))
+    resume_and_compare(str(tmp_path / "first" / "four.pth"), config(tmp_path / "second"), arc_data,
+                       straight, straight_events, after=4, test_split=False)
+
+
+def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(resume_data, tmp_path, arc_data):
+    data_dir, data = resume_data
+    first = resume_config(tmp_path / "first", data_dir, "selection", "communication", False, max_steps=5)
+    run(first, data, save_and_stop_at(3))
+    path = os.path.join(first.checkpoint_dir, "mid.pth")
+    # A config that differs in what the checkpoint fixes takes the checkpoint's values.
+    other = tiny_config(tmp_path / "second", data_dir=data_dir, task_type="reconstruction", hidden_dim=32,
+                        max_steps=5)
+    trainer = Trainer(other, data, "cpu", other.checkpoint_dir, lambda event: None)
+    trainer.resume(path)
+    assert trainer.config.task_type == "selection" and trainer.config.hidden_dim == 16
+    assert trainer.config.max_steps == 5 and trainer.config.checkpoint_dir == other.checkpoint_dir
+    # Other data than the checkpoint was trained on: refused, naming both.
+    elsewhere = Trainer(other, arc_data, "cpu", other.checkpoint_dir, lambda event: None)
+    with pytest.raises(ValueError, match="arcagi") as info:
+        elsewhere.resume(path)
+    assert data.name in str(info.value)
+    # A file that fails verification is refused before anything is built.
+    data_bytes = bytearray(open(path, "rb").read())
+    data_bytes[-2000] ^= 0x10
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "mid.pth").write_bytes(bytes(data_bytes))
+    os.link(os.path.join(first.checkpoint_dir, "mid.json"), damaged / "mid.json")
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        Trainer(other, data, "cpu", str(tmp_path / "x"), lambda e: None).resume(str(damaged / "mid.pth"))
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+
+@pytest.mark.parametrize("mode", ["binary", "selection"])
+def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_path, capsys, mode):
+    data_dir, data = small_data
+    folder = str(tmp_path / "checkpoints")
+    base = ["--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", "1", "--no-progress"]
+    common = base + TINY_ARGS
+    assert train.main(["--phase", "pretrain", "--pretrain-mode", mode, *common]) == 0
+    path = os.path.join(folder, f"pretrained_encoder_{mode}.pth")
+    record = ckpt.load_checkpoint(path)
+    assert record["kind"] == "pretrained" and record["pretrain_mode"] == mode
+    encoder = ARCEncoder(10, 4, 16, 16, 2)
+    assert set(record["encoder_state_dict"]) == set(encoder.state_dict())
+    assert "validation:" in capsys.readouterr().out
+    # Main training starts from it...
+    config = tiny_config(tmp_path / "main", data_dir=data_dir, pretrained_encoder=path, freeze_encoder=True)
+    trainer = Trainer(config, data, "cpu", config.checkpoint_dir, lambda event: None)
+    trainer.setup()
+    assert_same(record["encoder_state_dict"], trainer.model.encoder.state_dict(), "encoder")
+    trainer.train()
+    assert_same(record["encoder_state_dict"], trainer.model.encoder.state_dict(), "frozen encoder")
+    assert train.main(["--pretrained-encoder", path, "--max-steps", "2", *common]) == 0
+    # ...but only with the same encoder shape, and only from a pretrained checkpoint.
+    wider = TINY_ARGS[:2] + ["--hidden-dim", "32"] + TINY_ARGS[4:]
+    assert train.main(["--pretrained-encoder", path, *base, *wider]) == 1
+    assert "encoder shape does not match" in capsys.readouterr().err
+    best = os.path.join(folder, "best_model.pth")
+    assert train.main(["--pretrained-encoder", best, *common]) == 1
+    assert "not a pretrained encoder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pretrained encoder"):
+        Trainer(config, data, "cpu", config.checkpoint_dir, lambda event: None).resume(path)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_end_to_end(small_data, tmp_path):
+    data_dir, _ = small_data
+    folder = tmp_path / "checkpoints"
+    result = cli("--data-dir", data_dir, "--checkpoint-dir", str(folder), "--epochs", "1",
+                 "--checkpoint-every-epochs", "1", "--no-progress", *TINY_ARGS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"epoch 1: step {BATCHES_PER_EPOCH} val_loss=") for line in lines), result.stdout
+    assert any(line.startswith("test: loss=") for line in lines), result.stdout
+    assert any(line.startswith("validation: loss=") and "acc=" in line for line in lines), result.stdout
+    for name in ("best_model", "checkpoint_epoch_1"):
+        assert (folder / f"{name}.pth").is_file() and (folder / f"{name}.json").is_file()
+        assert ckpt.verify(str(folder / f"{name}.pth"))[0]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"], "the CLI wrote outside its checkpoint folder"
+
+
+def test_cli_on_the_bundled_dataset_with_a_progress_bar(tmp_path):
+    result = cli("--checkpoint-dir", str(tmp_path / "c"), "--max-steps", "2", *TINY_ARGS[:-4], "--batch-size", "64",
+                 "--device", "cpu", "--task", "puzzle_classification", "--bottleneck", "autoencoder", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epoch 0: step 2 val_loss=" in result.stdout and "val_acc=" in result.stdout
+    assert "it/s" in result.stderr or "s/it" in result.stderr, "no progress bar"
+    assert "test: " in result.stdout
+    assert ckpt.verify(str(tmp_path / "c" / "best_model.pth"))[0]
+
+
+def test_cli_help_lists_every_option_with_its_default(tmp_path):
+    result = cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split("options:", 1)[1].split())  # the option list, not the usage line
+    for f in train.dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        start = text.index(flag + " ")
+        block = text[start:text.find(" --", start + len(flag) + 1 + len(f.name))]
+        help_text = " ".join(f.metadata["help"].split())
+        assert help_text in block, f"{flag}: help missing"
+        assert f"(default: {f.default})" in block, f"{flag}: default {f.default!r} missing from {block!r}"
+    for extra in ("--phase", "--resume", "--skip-verify", "--no-progress", "--task ", "--bottleneck "):
+        assert extra in text
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "0"], "batch_size must be between 1 and 4096"),
+    (["--learning-rate", "nan"], "learning_rate must be a finite number"),
+    (["--min-temperature", "5"], "min_temperature"),
+    (["--task", "nope"], "invalid choice: 'nope'"),
+    (["--batch-size", "eight"], "invalid int value: 'eight'"),
+    (["--use-input-output-pairs", "maybe"], "expected true or false"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--phase", "both"], "invalid choice: 'both'"),
+    (["--data-dir", "/no/such/folder"], "/no/such/folder: not a folder"),
+    (["--device", "cuda"], "cuda") if not torch.cuda.is_available() else (["--seed", "-3"], "seed"),
+])
+def test_cli_invalid_options_exit_2_with_a_clear_message(args, needle, capsys):
+    try:
+        code = train.main(args)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "error" in err
+
+
+def test_cli_invalid_value_exits_2_as_a_process(tmp_path):
+    result = cli("--epochs", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "epochs must be between 1 and 100000, got 0" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_resume_continues_exactly(small_data, tmp_path, capsys):
+    data_dir, _ = small_data
+    straight = str(tmp_path / "straight")
+    common = ["--data-dir", data_dir, "--epochs", "2", "--no-progress", "--checkpoint-every-epochs", "1",
+              "--task", "selection", "--temperature-decay", "0.8", *TINY_ARGS]
+    assert train.main(["--checkpoint-dir", straight, *common]) == 0
+    straight_out = capsys.readouterr().out
+    straight_lines = [line for line in straight_out.splitlines() if line.startswith(("epoch 2:", "test:",
+                                                                                      "validation:"))]
+    assert len(straight_lines) == 3
+    # Only what says where: the rest of the settings come from the checkpoint.
+    resumed = tmp_path / "resumed"
+    result = cli("--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), "--data-dir", data_dir,
+                 "--checkpoint-dir", str(resumed), "--epochs", "2", "--checkpoint-every-epochs", "1", "--device", "cpu",
+                 "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not any(line.startswith("epoch 1:") for line in result.stdout.splitlines())
+    resumed_lines = [line for line in result.stdout.splitlines() if line.startswith(("epoch", "test:", "validation:"))]
+    assert resumed_lines == straight_lines
+    a = ckpt.load_checkpoint(os.path.join(straight, "checkpoint_epoch_2.pth"))
+    b = ckpt.load_checkpoint(str(resumed / "checkpoint_epoch_2.pth"))
+    assert_same(a["model_state_dict"], b["model_state_dict"], "model")
+    assert_same(a["optimizer_state_dict"], b["optimizer_state_dict"], "optimizer")
+    assert a["global_step"] == b["global_step"] == 2 * BATCHES_PER_EPOCH
+    # A file that fails verification is refused (exit 1); --skip-verify salvages one that still loads.
+    with open(os.path.join(straight, "checkpoint_epoch_2.pth"), "r+b") as f:
+        f.seek(-3000, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3000, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    salvage = ["--data-dir", data_dir, "--checkpoint-dir", str(tmp_path / "salvage"), "--device", "cpu",
+               "--no-progress", "--epochs", "2"]
+    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_2.pth"), *salvage]) == 1
+    assert "Refusing to load" in capsys.readouterr().err
+    os.remove(os.path.join(straight, "checkpoint_epoch_1.json"))
+    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), *salvage]) == 1
+    assert "no sidecar" in capsys.readouterr().err
+    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), "--skip-verify", *salvage]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == straight_lines[-1]
