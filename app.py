@@ -159,7 +159,11 @@ def config_fields():
     fields = [{"name": f.name, "type": f.type.__name__, "default": f.default, "choices": f.metadata["choices"],
                "low": f.metadata["low"], "high": f.metadata["high"], "help": f.metadata["help"]}
               for f in dataclasses.fields(TrainConfig)]
-    return jsonify(fields=fields, defaults=TrainConfig.from_dict(_worker().train_defaults).to_dict())
+    worker = _worker()
+    defaults = TrainConfig.from_dict(worker.train_defaults).to_dict()
+    # What this server fixes or chose at start-up, so a form that sends every field sends these values.
+    defaults.update(checkpoint_dir=worker.checkpoint_dir, device=worker.device)
+    return jsonify(fields=fields, defaults=defaults)
 
 
 @bp.get("/status")

@@ -72,7 +72,7 @@ class TrainConfig:
     keep_best_k: int = setting(0, "also keep the K best checkpoints by `monitor` as best_k_step_N (0: off)",
                                low=0, high=1000)
     monitor: str = setting("val_loss", "metric that ranks the keep_best_k checkpoints", choices=MONITORS)
-    mode: str = setting("min", "whether lower or higher `monitor` is better", choices=("min", "max"))
+    monitor_mode: str = setting("min", "whether lower or higher `monitor` is better", choices=("min", "max"))
     verify_after_save: bool = setting(False, "re-read and re-hash every checkpoint after writing it")
     pretrained_encoder: str = setting("", "start from this pretrained encoder checkpoint")
     freeze_encoder: bool = setting(False, "keep the pretrained encoder's weights fixed")
@@ -324,7 +324,7 @@ class Trainer:
         saved = {k: v for k, v in record["config"].items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
-                      "keep_last", "keep_best_k", "monitor", "mode", "verify_after_save", "pretrained_encoder",
+                      "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",
                       "freeze_encoder", "pretrain_mode"}
         ours = self.config.to_dict()
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
@@ -549,14 +549,14 @@ class Trainer:
         for meta in ckpt.list_checkpoints(self.checkpoint_dir):
             value = (meta.get("metrics") or {}).get("val", {}).get(key)
             if meta.get("name", "").startswith("best_k_step_") and not meta.get("damaged") and value is not None:
-                ranked.append((value if c.mode == "min" else -value, meta["name"]))
+                ranked.append((value if c.monitor_mode == "min" else -value, meta["name"]))
         return sorted(ranked)
 
     def _keep_top_k(self):
         value = self.last_val.get(self.config.monitor[len("val_"):])
         if value is None:
             return
-        score, ranked = (value if self.config.mode == "min" else -value), self._top_k()
+        score, ranked = (value if self.config.monitor_mode == "min" else -value), self._top_k()
         if len(ranked) < self.config.keep_best_k or score < ranked[-1][0]:
             self._save("best", f"best_k_step_{self.global_step}", overwrite=True, on_saved=self._retain_top_k)
 
@@ -564,7 +564,7 @@ class Trainer:
         """After a new top-k checkpoint is durable, delete those that fell out of the top k."""
         for _, name in self._top_k()[self.config.keep_best_k:]:
             self._delete_for_retention(name, f"retention: not among the {self.config.keep_best_k} best by "
-                                             f"{self.config.monitor} ({self.config.mode})")
+                                             f"{self.config.monitor} ({self.config.monitor_mode})")
 
     def _delete_for_retention(self, name, reason):
         try:

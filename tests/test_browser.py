@@ -171,6 +171,17 @@ def test_training_shows_status_chart_and_samples(ui):
     page.wait_for_function("e => !e.isConnected", arg=ui.first_error_toast)  # toasts dismiss themselves
 
 
+def test_pause_and_resume(ui):
+    page = ui.page
+    page.click("#pause-resume")
+    expect(phase(page)).to_have_text("training · paused")
+    expect(page.locator("#pause-resume")).to_have_text("Resume")
+    expect(page.locator("#save-checkpoint")).to_be_enabled()  # a paused run can still be saved
+    page.click("#pause-resume")
+    expect(phase(page)).to_have_text("training")
+    expect(page.locator("#pause-resume")).to_have_text("Pause")
+
+
 def test_save_checkpoint_from_the_prompt(ui):
     page = ui.page
     seen = save_via_prompt(ui, "my save")

@@ -34,7 +34,7 @@ def test_keep_last_keeps_the_newest_periodic_saves_and_never_touches_others(tmp_
 
 
 def test_keep_best_k_keeps_the_k_best_by_the_monitored_metric(tmp_path):
-    folder, events, kept = run(tmp_path, keep_last=0, keep_best_k=2, monitor="val_loss", mode="min")
+    folder, events, kept = run(tmp_path, keep_last=0, keep_best_k=2, monitor="val_loss", monitor_mode="min")
     val_losses = {e["global_step"]: e["val_loss"] for e in events if e["type"] == "validation"}
     best_two = sorted(val_losses, key=val_losses.get)[:2]
     top = sorted(name for name in kept if name.startswith("best_k_step_"))
