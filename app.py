@@ -13,7 +13,6 @@ import re
 import shutil
 import sys
 
-import torch
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_file
 from werkzeug.exceptions import BadRequest, HTTPException
 
@@ -308,28 +307,7 @@ def compare():
         raise ValueError("give two checkpoint names: /compare?a=NAME&b=NAME")
     # Reads two files, never the live model: the training thread still alone owns that.
     a, b = (ckpt.load_checkpoint(_checkpoint_file(n)) for n in names)
-    return jsonify(compare_records(a, b))
-
-
-def compare_records(a, b):
-    """Config fields that differ, metrics side by side, parameter counts, per-tensor L2 change."""
-    keys = sorted(set(a["config"]) | set(b["config"]))
-    differ = [{"field": k, "a": a["config"].get(k), "b": b["config"].get(k)}
-              for k in keys if a["config"].get(k) != b["config"].get(k)]
-    changes = []
-    for name, tensor in a["model_state_dict"].items():
-        other = b["model_state_dict"].get(name)
-        if other is not None and other.shape == tensor.shape and tensor.is_floating_point():
-            changes.append({"name": name, "shape": list(tensor.shape),
-                            "l2_diff": float(torch.linalg.vector_norm(other.float() - tensor.float())),
-                            "l2_a": float(torch.linalg.vector_norm(tensor.float()))})
-    return {"a": a["name"], "b": b["name"], "config_diff": differ,
-            "metrics": {"a": a.get("metrics", {}), "b": b.get("metrics", {})},
-            "parameters": {"a": _param_count(a), "b": _param_count(b)}, "tensor_changes": changes}
-
-
-def _param_count(record):
-    return sum(t.numel() for t in record["model_state_dict"].values() if t.is_floating_point())
+    return jsonify(ckpt.compare_records(a, b))
 
 
 # ---------------------------------------------------------------------------------------------- runs and events

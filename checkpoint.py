@@ -10,11 +10,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import queue
 import re
 import shutil
 import threading
 import uuid
+import warnings
 
 import torch
 
@@ -268,8 +270,15 @@ def load_checkpoint(path, verify_file=True, map_location="cpu"):
         if not ok:
             raise CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
     try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types here (pickle, zip, runtime); all mean "not loadable"
+        with warnings.catch_warnings():  # torch warns before raising; the error below says it all
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "Unsupported" in str(e):  # weights_only met a class or function to call
+            raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
+                                  "data, and loading them would run code from the file; refused") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint (not a torch file: {str(e)[:100]})") from None
+    except Exception as e:  # torch raises many types here (zip, runtime, EOF); all mean "not loadable"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
     if not isinstance(record, dict) or "model_state_dict" not in record:
@@ -362,6 +371,33 @@ def update_sidecar(checkpoint_dir, name, changes):
     sidecar.update(changes)
     _write_json_atomic(sidecar_path(path), sidecar)
     return sidecar
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+
+def parameter_count(state_dict):
+    """Floating-point parameters (and buffers) in a state dict."""
+    return sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+
+
+def compare_records(a, b, state_a=None, state_b=None):
+    """Config fields that differ, metrics side by side, parameter counts, per-tensor L2 norm of the change."""
+    state_a = a["model_state_dict"] if state_a is None else state_a
+    state_b = b["model_state_dict"] if state_b is None else state_b
+    config_a, config_b = a.get("config") or {}, b.get("config") or {}
+    differ = [{"field": k, "a": config_a.get(k), "b": config_b.get(k)}
+              for k in sorted(set(config_a) | set(config_b)) if config_a.get(k) != config_b.get(k)]
+    changes = []
+    for name, tensor in state_a.items():
+        other = state_b.get(name)
+        if other is not None and other.shape == tensor.shape and tensor.is_floating_point():
+            changes.append({"name": name, "shape": list(tensor.shape),
+                            "l2_diff": float(torch.linalg.vector_norm(other.float() - tensor.float())),
+                            "l2_a": float(torch.linalg.vector_norm(tensor.float()))})
+    return {"a": a.get("name"), "b": b.get("name"), "config_diff": differ,
+            "metrics": {"a": a.get("metrics") or {}, "b": b.get("metrics") or {}},
+            "parameters": {"a": parameter_count(state_a), "b": parameter_count(state_b)},
+            "tensor_changes": changes}
 
 
 # ---------------------------------------------------------------------------------------------- async writer

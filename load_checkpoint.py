@@ -347,31 +347,9 @@ def list_folder(folder, as_json):
     return 0
 
 
-def parameter_count(state_dict):
-    return sum(t.numel() for t in state_dict.values() if t.is_floating_point())
-
-
-def compare_records(a, b, state_a, state_b):
-    """Config fields that differ, metrics side by side, parameter counts, per-tensor L2 norm of the change."""
-    config_a, config_b = a.get("config") or {}, b.get("config") or {}
-    differ = [{"field": k, "a": config_a.get(k), "b": config_b.get(k)}
-              for k in sorted(set(config_a) | set(config_b)) if config_a.get(k) != config_b.get(k)]
-    changes = []
-    for name, tensor in state_a.items():
-        other = state_b.get(name)
-        if other is not None and other.shape == tensor.shape and tensor.is_floating_point():
-            changes.append({"name": name, "shape": list(tensor.shape),
-                            "l2_diff": float(torch.linalg.vector_norm(other.float() - tensor.float())),
-                            "l2_a": float(torch.linalg.vector_norm(tensor.float()))})
-    return {"a": a.get("name"), "b": b.get("name"), "config_diff": differ,
-            "metrics": {"a": a.get("metrics") or {}, "b": b.get("metrics") or {}},
-            "parameters": {"a": parameter_count(state_a), "b": parameter_count(state_b)},
-            "tensor_changes": changes}
-
-
 def compare(paths, skip_verify, as_json):
     a, b = (load(p, skip_verify) for p in paths)
-    result = compare_records(a, b, *(state_dict(p, r, "model_state_dict") for p, r in zip(paths, (a, b))))
+    result = ckpt.compare_records(a, b, *(state_dict(p, r, "model_state_dict") for p, r in zip(paths, (a, b))))
     if as_json:
         print(json.dumps(plain(result), indent=1, default=str))
     else:

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import logging
 import math
+import os
 import queue
 import random
 import sys
@@ -275,6 +276,8 @@ class Trainer:
             self.model = build_model(c.to_dict(), self.num_classes).to(self.device)
         if c.pretrained_encoder:
             self.load_pretrained_encoder(c.pretrained_encoder)
+        for p in self.model.encoder.parameters():
+            p.requires_grad_(not c.freeze_encoder)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
         self.generator.manual_seed(c.seed)
@@ -294,8 +297,6 @@ class Trainer:
         except RuntimeError as e:
             raise ValueError(f"{path}: encoder shape does not match this config (embedding_dim, hidden_dim, "
                              f"latent_dim, num_conv_layers must be the same): {str(e).splitlines()[0]}") from None
-        for p in self.model.encoder.parameters():
-            p.requires_grad_(not self.config.freeze_encoder)
 
     def load_weights(self, path, verify_file=True):
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
@@ -325,7 +326,7 @@ class Trainer:
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
                       "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",
-                      "freeze_encoder", "pretrain_mode"}
+                      "pretrain_mode"}
         ours = self.config.to_dict()
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
         if differ:
@@ -737,6 +738,9 @@ class ConsoleProgress:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.resume:  # train on the data the checkpoint was trained on, whatever the flags say
+        saved = (ckpt.read_metadata(args.resume).get("config") or {}) if os.path.isfile(args.resume) else {}
+        values.update({k: saved[k] for k in ("dataset", "data_dir") if k in saved})
     try:
         config = TrainConfig.from_dict(values)
         device = resolve_device(config.device)

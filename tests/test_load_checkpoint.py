@@ -50,7 +50,10 @@ def headless_run(checkpoint_dir, tasks, saves=(), pretrain=None, **changes):
         commands.put({"type": "save", "name": name, "request_id": name})
     config = tiny_config(checkpoint_dir, data_dir=tasks["folder"], **changes)
     trainer = Trainer(config, tasks["data"], "cpu", str(checkpoint_dir), events.append, commands)
-    trainer.pretrain(pretrain) if pretrain else trainer.train()
+    if pretrain:
+        trainer.pretrain(pretrain)
+    else:
+        trainer.train()
     assert not [e for e in events if e["type"] == "checkpoint_error"], events
     return {e["name"]: e["path"] for e in events if e["type"] == "checkpoint_saved"}
 
@@ -136,7 +139,6 @@ def error_cases(saved, bad):
         "torch file holding a tensor": ([bad["tensor"], "--skip-verify"], "not a checkpoint of this project"),
         "no sidecar": ([bad["no_sidecar"]], "no sidecar no_sidecar.json"),
         "truncated": ([bad["truncated"]], "truncated or replaced"),
-        "truncated, skip-verify": ([bad["truncated"], "--skip-verify"], "not a loadable checkpoint"),
         "corrupt": ([bad["corrupt"]], "SHA-256 does not match the sidecar"),
         "corrupt, verify": ([bad["corrupt"], "--verify"], "SHA-256 does not match the sidecar"),
         "exploit with a matching sidecar": ([bad["exploit"]], "not a loadable checkpoint"),
@@ -185,7 +187,7 @@ def cli(saved, bad, tmp_path_factory):
              **{k: a for k, (a, _) in usage_cases(saved).items()},
              **success_cases(saved, bad)}
     cwd = str(tmp_path_factory.mktemp("cwd"))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = {name: pool.submit(run_cli, [str(a) for a in args], cwd) for name, args in cases.items()}
         results = {name: future.result() for name, future in futures.items()}
     assert os.listdir(cwd) == [], "the CLI wrote into its working folder"
@@ -195,7 +197,7 @@ def cli(saved, bad, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- errors: one line
 
 ERROR_NAMES = ["missing file", "text file, skip-verify", "torch file holding a tensor", "no sidecar",
-               "truncated", "truncated, skip-verify", "corrupt", "corrupt, verify", "exploit with a matching sidecar",
+               "truncated", "corrupt", "corrupt, verify", "exploit with a matching sidecar",
                "exploit as a plain pickle", "weights that do not fit the config", "list a missing folder",
                "compare with a corrupt file", "export over an existing file", "export into a missing folder"]
 
@@ -262,6 +264,12 @@ def test_a_state_dict_that_is_not_tensors_is_refused(tmp_path, capsys):
     torch.save({"model_state_dict": {}}, path)
     assert load_checkpoint.main([str(path), "--skip-verify"]) == 1
     assert "no config to rebuild its model from" in capsys.readouterr().err
+
+
+def test_a_truncated_file_cannot_be_salvaged(bad, capsys):
+    assert load_checkpoint.main([bad["truncated"], "--skip-verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a loadable checkpoint" in err
 
 
 def test_export_onto_the_checkpoint_itself_is_refused(saved, capsys):
@@ -398,7 +406,8 @@ def test_compare_json_has_config_diff_metrics_parameters_and_l2(saved, capsys):
             if k in b["model_state_dict"] and b["model_state_dict"][k].shape == v.shape]
     assert [c["name"] for c in result["tensor_changes"]] == same
     for change in result["tensor_changes"]:
-        expected = torch.linalg.vector_norm(b["model_state_dict"][change["name"]] - a["model_state_dict"][change["name"]])
+        name = change["name"]
+        expected = torch.linalg.vector_norm(b["model_state_dict"][name] - a["model_state_dict"][name])
         assert change["l2_diff"] == pytest.approx(float(expected))
     assert any(c["l2_diff"] > 0 for c in result["tensor_changes"])
 
