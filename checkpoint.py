@@ -185,7 +185,8 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         needed = estimate_size(record) * SPACE_MARGIN
         free = shutil.disk_usage(folder).free
         if free < needed:
-            raise OSError(errno.ENOSPC, f"needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+            raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "
+                                        f"{free / 1e6:.1f} MB free")
         with open(temp, "wb") as raw:
             hashing = _HashingFile(raw)
             torch.save(record, hashing)

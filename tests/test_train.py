@@ -3,6 +3,7 @@ pretraining, and exact resume (bit-identical weights and metrics)."""
 import math
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -20,13 +21,14 @@ from train import LOSSES, TrainConfig, Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--embedding-dim", "4", "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2",
              "--batch-size", "8", "--device", "cpu"]
-BATCHES_PER_EPOCH = 11  # small_data: 11 training puzzles x 8 grids, batches of 8
+BATCHES_PER_EPOCH = 5  # small_data: 5 training puzzles x 8 grids, batches of 8
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """12 training + 3 evaluation puzzles: 1 validation puzzle, an epoch of 11 batches of 8 grids."""
-    root = write_task_folder(tmp_path_factory.mktemp("tasks"), n_training=12, n_evaluation=3, seed=11)
+    """6 training + 2 evaluation puzzles: 1 validation puzzle, epochs of 5 batches of 8 grids (4 for
+    puzzle_classification), so a short run crosses several epochs."""
+    root = write_task_folder(tmp_path_factory.mktemp("tasks"), n_training=6, n_evaluation=2, seed=5)
     return str(root), load_data(data_dir=str(root))
 
 
@@ -169,20 +171,20 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task
 
 def test_two_runs_with_the_same_seed_are_identical(small_data, tmp_path):
     data_dir, data = small_data
-    base = dict(task_type="selection", epochs=2, max_steps=15, data_dir=data_dir)
+    base = dict(task_type="selection", epochs=2, max_steps=7, data_dir=data_dir)
     a, events_a = run(tiny_config(tmp_path / "a", **base), data)
     b, events_b = run(tiny_config(tmp_path / "b", **base), data)
     c, events_c = run(tiny_config(tmp_path / "c", seed=1, **base), data)
     assert_same_training_state(a, b)
     assert comparable(events_a) == comparable(events_b)
-    assert len(comparable(events_a)) == 15 + 2
+    assert len(comparable(events_a)) == 7 + 2  # batches, and validation after epoch 1 and at max_steps
     assert not torch.equal(a.model.encoder.color_embedding.weight, c.model.encoder.color_embedding.weight)
     assert comparable(events_a) != comparable(events_c)
     assert a.test() == b.test()
 
 
-def test_max_steps_ends_the_run_after_one_last_validation(arc_data, make_config):
-    trainer, events = run(make_config(max_steps=3), arc_data)
+def test_max_steps_ends_the_run_after_one_last_validation(small_data, make_config):
+    trainer, events = run(make_config(max_steps=3, data_dir=small_data[0]), small_data[1])
     kinds = [e["type"] for e in events if e["type"] in ("batch", "validation", "training_finished")]
     assert kinds == ["batch"] * 3 + ["validation", "training_finished"]
     assert (trainer.global_step, trainer.epoch, trainer.batch) == (3, 0, 3)
@@ -192,11 +194,13 @@ def test_max_steps_ends_the_run_after_one_last_validation(arc_data, make_config)
 
 # ---------------------------------------------------------------------------------------------- published metrics
 
-@pytest.mark.parametrize("task,bottleneck,k", [("reconstruction", "communication", 3), ("selection", "communication", 3),
-                                               ("selection", "autoencoder", 5),
+@pytest.mark.parametrize("task,bottleneck,k", [("reconstruction", "communication", 3),
+                                               ("selection", "communication", 3), ("selection", "autoencoder", 5),
                                                ("puzzle_classification", "communication", 3)])
-def test_batch_and_validation_events_carry_the_metrics(arc_data, make_config, task, bottleneck, k):
-    trainer, events = run(make_config(task_type=task, bottleneck_type=bottleneck, num_distractors=k), arc_data)
+def test_batch_and_validation_events_carry_the_metrics(small_data, make_config, task, bottleneck, k):
+    data_dir, data = small_data
+    trainer, events = run(make_config(task_type=task, bottleneck_type=bottleneck, num_distractors=k,
+                                      data_dir=data_dir), data)
     batches = of_type(events, "batch")
     assert [e["global_step"] for e in batches] == [1, 2, 3, 4]
     for e in batches:
@@ -241,19 +245,21 @@ def test_temperature_anneals_per_epoch_down_to_the_minimum(small_data, tmp_path)
 
     run(config, data, on_event)
     expected = {0: 2.0, 1: 1.0, 2: 0.5, 3: 0.3}
-    assert len(seen) == 4 * BATCHES_PER_EPOCH
+    assert len(seen) == 4 * BATCHES_PER_EPOCH and [epoch for epoch, _, _ in seen[4::5]] == [0, 1, 2, 3]
     for epoch, published, used in seen:
         assert published == pytest.approx(expected[epoch]) and used == pytest.approx(expected[epoch])
 
 
 # ---------------------------------------------------------------------------------------------- commands
 
-def test_stop_command_and_stop_flag_end_the_run_between_batches(arc_data, make_config):
+def test_stop_command_and_stop_flag_end_the_run_between_batches(small_data, make_config):
+    data_dir, data = small_data
+
     def command(trainer, event):
         if event["type"] == "batch" and event["global_step"] == 2:
             trainer.commands.put({"type": "stop"})
 
-    trainer, events = run(make_config(max_steps=10), arc_data, command)
+    trainer, events = run(make_config(max_steps=10, task_type="selection", data_dir=data_dir), data, command)
     assert trainer.global_step == 2 and of_type(events, "training_stopped")[0]["global_step"] == 2
     assert not of_type(events, "training_finished") and not of_type(events, "validation")
 
@@ -261,11 +267,11 @@ def test_stop_command_and_stop_flag_end_the_run_between_batches(arc_data, make_c
         if event["type"] == "batch" and event["global_step"] == 3:
             trainer.stop_requested.set()
 
-    trainer, events = run(make_config(max_steps=10), arc_data, flag)
+    trainer, events = run(make_config(max_steps=10, task_type="selection", data_dir=data_dir), data, flag)
     assert trainer.global_step == 3 and events[-1]["type"] == "training_stopped"
 
 
-def test_save_command_writes_a_manual_checkpoint_with_its_request_id(arc_data, make_config):
+def test_save_command_writes_a_manual_checkpoint_with_its_request_id(small_data, make_config):
     def on_event(trainer, event):
         if event["type"] == "batch" and event["global_step"] == 2:
             trainer.commands.put({"type": "save", "name": "my save", "request_id": "abc"})
@@ -274,8 +280,8 @@ def test_save_command_writes_a_manual_checkpoint_with_its_request_id(arc_data, m
         if event["type"] == "batch" and event["global_step"] == 3:
             trainer.commands.put({"type": "save", "name": "my save", "request_id": "over", "overwrite": True})
 
-    config = make_config(max_steps=4)
-    trainer, events = run(config, arc_data, on_event)
+    config = make_config(max_steps=4, data_dir=small_data[0])
+    trainer, events = run(config, small_data[1], on_event)
     results = {e["request_id"]: e for e in events if e["type"].startswith("checkpoint_") and e.get("request_id")}
     assert results["abc"]["type"] == "checkpoint_saved" and results["abc"]["global_step"] == 2
     assert results["again"]["type"] == "checkpoint_error" and "already exists" in results["again"]["error"]
@@ -286,7 +292,7 @@ def test_save_command_writes_a_manual_checkpoint_with_its_request_id(arc_data, m
     assert record["task_type"] == "reconstruction" and record["config"] == trainer.config.to_dict()
 
 
-def test_pause_holds_training_saves_while_paused_and_resume_goes_on(arc_data, make_config):
+def test_pause_holds_training_saves_while_paused_and_resume_goes_on(small_data, make_config):
     commands = queue.Queue()
     events = []
 
@@ -294,8 +300,8 @@ def test_pause_holds_training_saves_while_paused_and_resume_goes_on(arc_data, ma
         if event["type"] == "batch" and event["global_step"] == 2:
             commands.put({"type": "pause"})
 
-    config = make_config(max_steps=5)
-    trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir,
+    config = make_config(max_steps=5, data_dir=small_data[0])
+    trainer = Trainer(config, small_data[1], "cpu", config.checkpoint_dir,
                       lambda e: (events.append(e), on_event(trainer, e)), commands)
     thread = threading.Thread(target=trainer.train)
     thread.start()
@@ -320,14 +326,14 @@ def test_pause_holds_training_saves_while_paused_and_resume_goes_on(arc_data, ma
     assert events[-1]["type"] == "training_finished"
 
 
-def test_stop_while_paused(arc_data, make_config):
+def test_stop_while_paused(small_data, make_config):
     def on_event(trainer, event):
         if event["type"] == "batch" and event["global_step"] == 1:
             trainer.commands.put({"type": "pause"})
         if event["type"] == "training_paused":
             threading.Timer(0.3, trainer.commands.put, [{"type": "stop"}]).start()
 
-    trainer, events = run(make_config(max_steps=5), arc_data, on_event)
+    trainer, events = run(make_config(max_steps=5, data_dir=small_data[0]), small_data[1], on_event)
     assert trainer.global_step == 1 and events[-1]["type"] == "training_stopped"
 
 
@@ -367,13 +373,6 @@ RESUME_IDS = ["-".join(map(str, case)) for case in RESUME_CASES]
 MID, END = 7, 13  # the manual save's step and the last step
 
 
-@pytest.fixture(scope="module")
-def resume_data(tmp_path_factory):
-    """6 training + 2 evaluation puzzles: epochs of 4-5 batches, so a short run crosses several epochs."""
-    root = write_task_folder(tmp_path_factory.mktemp("resume_tasks"), n_training=6, n_evaluation=2, seed=5)
-    return str(root), load_data(data_dir=str(root))
-
-
 def resume_config(folder, data_dir, task, bottleneck, pairs, **changes):
     values = dict(task_type=task, bottleneck_type=bottleneck, use_input_output_pairs=pairs, data_dir=data_dir,
                   epochs=5, max_steps=END, temperature=2.0, temperature_decay=0.7, min_temperature=0.5,
@@ -398,8 +397,8 @@ def resume_and_compare(path, config, data, straight, straight_events, after, tes
 
 
 @pytest.mark.parametrize("task,bottleneck,pairs", RESUME_CASES, ids=RESUME_IDS)
-def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(resume_data, tmp_path, task, bottleneck, pairs):
-    data_dir, data = resume_data
+def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(small_data, tmp_path, task, bottleneck, pairs):
+    data_dir, data = small_data
     config = resume_config(tmp_path / "straight", data_dir, task, bottleneck, pairs)
     straight, straight_events = run(config, data)
     per_epoch = len(straight.train_batches)
@@ -431,8 +430,8 @@ def test_resume_on_the_full_dataset_mid_epoch(arc_data, tmp_path):
                        straight, straight_events, after=4, test_split=False)
 
 
-def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(resume_data, tmp_path, arc_data):
-    data_dir, data = resume_data
+def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(small_data, tmp_path, arc_data):
+    data_dir, data = small_data
     first = resume_config(tmp_path / "first", data_dir, "selection", "communication", False, max_steps=5)
     run(first, data, save_and_stop_at(3))
     path = os.path.join(first.checkpoint_dir, "mid.pth")
@@ -507,7 +506,8 @@ def test_cli_end_to_end(small_data, tmp_path):
                  "--checkpoint-every-epochs", "1", "--no-progress", *TINY_ARGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith(f"epoch 1: step {BATCHES_PER_EPOCH} val_loss=") for line in lines), result.stdout
+    summary = re.compile(rf"epoch 1: step {BATCHES_PER_EPOCH} val_loss=\d+\.\d{{4}} val_acc=")
+    assert any(summary.match(line) for line in lines), result.stdout
     assert any(line.startswith("test: loss=") for line in lines), result.stdout
     assert any(line.startswith("validation: loss=") and "acc=" in line for line in lines), result.stdout
     for name in ("best_model", "checkpoint_epoch_1"):
@@ -609,3 +609,23 @@ def test_cli_resume_continues_exactly(small_data, tmp_path, capsys):
     assert "no sidecar" in capsys.readouterr().err
     assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), "--skip-verify", *salvage]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == straight_lines[-1]
+
+
+def test_a_run_with_a_frozen_pretrained_encoder_resumes_exactly_and_stays_frozen(small_data, tmp_path):
+    data_dir, data = small_data
+    pre = tiny_config(tmp_path / "pre", data_dir=data_dir, epochs=1, max_steps=3)
+    Trainer(pre, data, "cpu", pre.checkpoint_dir, lambda e: None).pretrain("binary")
+    encoder_file = os.path.join(pre.checkpoint_dir, "pretrained_encoder_binary.pth")
+
+    def config(folder):
+        return resume_config(folder, data_dir, "reconstruction", "communication", False,
+                             pretrained_encoder=encoder_file, freeze_encoder=True)
+
+    straight, straight_events = run(config(tmp_path / "straight"), data)
+    frozen = ckpt.load_checkpoint(encoder_file)["encoder_state_dict"]
+    for name, value in straight.model.encoder.state_dict().items():
+        assert torch.equal(value, frozen[name]), f"frozen encoder weight {name} changed"
+    run(config(tmp_path / "first"), data, save_and_stop_at(MID))
+    # Resume with neither flag given: the checkpoint's freeze_encoder holds, the optimizer state fits.
+    plain = resume_config(tmp_path / "second", data_dir, "reconstruction", "communication", False)
+    resume_and_compare(str(tmp_path / "first" / "mid.pth"), plain, data, straight, straight_events, after=MID)
