@@ -163,13 +163,14 @@ class TrainingWorker:
                 raise Conflict(f"checkpoints can be saved during main training only; the worker is {status['phase']}"
                                + (" (pretraining keeps pretrained_encoder_*.pth by itself)"
                                   if status["phase"] == "pretraining" else ""))
+            if name is not None:
+                ckpt.check_name(name)  # a bad name is the caller's to fix, whatever the queue holds
             if len(self._pending_names) >= MAX_OUTSTANDING_SAVES:
                 raise Busy(f"{len(self._pending_names)} saves are still waiting; try again shortly")
             if name is None:
                 name = self._unique_name(f"checkpoint_epoch_{status['epoch'] + 1}_batch_{status['batch']}")
             else:
-                ckpt.check_name(name)
-                if not overwrite and (self._name_taken(name)):
+                if not overwrite and self._name_taken(name):
                     raise Conflict(f"a checkpoint named {name!r} already exists or is being saved; "
                                    "choose another name or send overwrite: true")
             request_id = uuid.uuid4().hex[:12]

@@ -70,7 +70,9 @@ def test_any_json_body_on_any_endpoint_is_never_a_500(running, body):
     data = json.dumps(body)
     for url in ("/save_checkpoint", "/start_training", "/start_pretraining"):
         response = client.post(url, data=data, headers=JSON)
-        assert response.status_code < 500, (url, body, response.data[:200])
+        # 503 is the one 5xx by design: the save queue is full (it comes with Retry-After).
+        assert response.status_code < 500 or (response.status_code == 503 and response.headers["Retry-After"]), \
+            (url, body, response.data[:200])
         if response.status_code >= 400:
             assert_clear_4xx(response)
     patch = client.patch("/checkpoints/anything", data=data, headers=JSON)

@@ -75,6 +75,8 @@ def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_
                      what="training to start")
             for i in range(3):
                 requests.post(app.url + "/save_checkpoint", json={"name": f"kill {kills} save {i}"}, timeout=10)
+            if kills % 4 == 0:  # now and then let a save land first, so there is something that must survive
+                reader.wait("checkpoint_saved", timeout=120)
             time.sleep(rng.uniform(0.05, 1.5))  # land somewhere in the writes
         finally:
             app.kill()
