@@ -4,6 +4,7 @@ A checkpoint is NAME.pth (loads with plain torch.load, weights_only) plus NAME.j
 but the tensors, with the .pth's size and SHA-256. Writes go to a temporary file in the same folder, are fsynced
 and renamed into place, so a crash leaves either the old state or the complete new one.
 """
+import concurrent.futures
 import datetime
 import errno
 import hashlib
@@ -130,23 +131,62 @@ def metadata_of(record):
 
 
 class _HashingFile:
-    """File wrapper that hashes and counts what torch.save writes, so the file is never read back to hash it."""
+    """File wrapper that hashes and counts what torch.save writes, so the file is never read back to hash it.
 
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+    Large chunks (the tensors) are hashed in a helper thread while this thread writes them: hashlib and file
+    writes both release the GIL, so the hash costs no extra wall time. Each hash finishes before write() returns,
+    so the chunks are hashed in order.
+    """
+
+    PARALLEL_FROM = 1 << 20
+
+    def __init__(self, f, hasher):
+        self.f, self.hasher, self.sha256, self.size = f, hasher, hashlib.sha256(), 0
         self.error = None  # torch's zip writer hides the OSError behind a vague RuntimeError; keep it
 
     def write(self, data):
-        self.sha256.update(data)
         self.size += len(data)
+        hashed = self.hasher.submit(self.sha256.update, data) if len(data) >= self.PARALLEL_FROM else None
+        if hashed is None:
+            self.sha256.update(data)
         try:
             return self.f.write(data)
         except OSError as e:
             self.error = e
             raise
+        finally:
+            if hashed is not None:
+                hashed.result()
 
     def flush(self):
         self.f.flush()
+
+
+class _Crc32Off:
+    """torch.save without its per-record CRC32 (the SHA-256 covers the whole file; torch.load never checks the CRC).
+
+    torch keeps the switch in one process-wide setting, so concurrent writers count themselves in and the last
+    one out restores what the user had.
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved = True
+
+    def __enter__(self):
+        from torch.utils.serialization import config
+        with _Crc32Off._lock:
+            if _Crc32Off._depth == 0:
+                _Crc32Off._saved = config.save.compute_crc32
+                config.save.compute_crc32 = False
+            _Crc32Off._depth += 1
+
+    def __exit__(self, *exc):
+        from torch.utils.serialization import config
+        with _Crc32Off._lock:
+            _Crc32Off._depth -= 1
+            if _Crc32Off._depth == 0:
+                config.save.compute_crc32 = _Crc32Off._saved
 
 
 def _fsync_folder(folder):
@@ -187,8 +227,9 @@ def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=
         if free < needed:
             raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "
                                         f"{free / 1e6:.1f} MB free")
-        with open(temp, "wb") as raw:
-            hashing = _HashingFile(raw)
+        with open(temp, "wb") as raw, _Crc32Off(), \
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
+            hashing = _HashingFile(raw, hasher)
             torch.save(record, hashing)
             raw.flush()
             os.fsync(raw.fileno())

@@ -32,6 +32,13 @@ def verdict(ok):
     return "MET" if ok else "NOT MET"
 
 
+def caveat(others, threshold=0.25):
+    """Suffix for a verdict measured while other processes used `others` cores."""
+    if others < threshold:
+        return ""
+    return f"  [UNRELIABLE: other processes used {others:.2f} cores meanwhile; re-run on an idle machine]"
+
+
 def percentile(values, q):
     """q-th percentile (0-100) by linear interpolation; None for no values."""
     if not values:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 
-from common import LoadWatch, capture_fields, header, idle_check, percentile, verdict
+from common import LoadWatch, capture_fields, caveat, header, idle_check, percentile, verdict
 
 import checkpoint as ckpt  # noqa: E402
 from data import load_data  # noqa: E402
@@ -64,6 +64,7 @@ def main():
     args = parser.parse_args()
     repeats, fallback_repeats = (5, 3) if args.quick else (20, 5)
     header("checkpoint.list_checkpoints on 200 checkpoints")
+    print(f"target: list {COUNT} checkpoints with sidecars in under {TARGET * 1000:.0f} ms (median of the timed runs)")
     print(f"before start: other processes kept {idle_check():.2f} cores busy")
     started = time.perf_counter()
     data = load_data("arcagi")
@@ -85,11 +86,14 @@ def main():
     show("with sidecars (reads NAME.json)", with_sidecars, metas)
     show("sidecars removed (torch.load mmap)", without, bare)
     print(watch.line())
+    others = watch.read()[1]
     median = percentile(with_sidecars, 50)
     print()
     print("targets:")
     print(f"  with sidecars: median {median * 1000:.1f} ms for {COUNT}, target < {TARGET * 1000:.0f} ms: "
-          f"{verdict(median < TARGET)}   (max {max(with_sidecars) * 1000:.1f} ms: {verdict(max(with_sidecars) < TARGET)})")
+          f"{verdict(median < TARGET)}   (max {max(with_sidecars) * 1000:.1f} ms: "
+          f"{verdict(max(with_sidecars) < TARGET)})"
+          f"{caveat(others)}")
     fallback = percentile(without, 50)
     print(f"  without sidecars (fallback, no target of its own): median {fallback * 1000:.1f} ms = "
           f"{fallback / median:.1f}x the sidecar path; under {TARGET * 1000:.0f} ms too: {verdict(fallback < TARGET)}")
