@@ -5,7 +5,9 @@ and the delay from the worker publishing an event to a client receiving it.
     python bench/app_overhead.py --quick    # 1 round of 40 steps each way
 """
 import argparse
+import logging
 import os
+import socket
 import statistics
 import sys
 import threading
@@ -48,20 +50,32 @@ def headless(config, data, folder):
 
 
 class Client(threading.Thread):
-    """Reads /events and notes when each event id arrived."""
+    """Reads /events over a plain socket (HTTP/1.0, so no chunk framing) and notes when each event id arrived.
+
+    A plain socket because the bench must hang up at once: closing a requests stream from another thread waits
+    for the reader, which waits for the next heartbeat.
+    """
 
     def __init__(self, url):
         super().__init__(daemon=True)
-        self.response = requests.get(url + "/events", stream=True, timeout=(5, 120))
+        host, port = url.rsplit("/", 1)[-1].split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=120)
+        self.sock.sendall(b"GET /events HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
         self.arrivals = {}
 
     def run(self):
-        try:
-            for line in self.response.iter_lines(decode_unicode=True):
-                if line.startswith("id: "):
-                    self.arrivals[int(line[4:])] = time.perf_counter()
-        except (requests.RequestException, AttributeError):
-            pass  # the bench closed the response under the reader (urllib3 then has no fp left)
+        with self.sock.makefile("rb") as stream:
+            try:
+                for line in stream:
+                    if line.startswith(b"id: "):
+                        self.arrivals[int(line[4:])] = time.perf_counter()
+            except OSError:
+                pass  # hang_up() shut the socket under the reader
+
+    def hang_up(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.join(5)
+        self.sock.close()
 
 
 def with_app(config, data, folder):
@@ -90,7 +104,7 @@ def with_app(config, data, folder):
     time.sleep(0.5)
     delays = [(c.arrivals[i] - t) * 1000 for c in clients for i, t in published.items() if i in c.arrivals]
     for c in clients:
-        c.response.close()
+        c.hang_up()
     server.shutdown()
     worker.shutdown()
     return clock.rate(), delays
@@ -102,6 +116,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     rounds, steps = (1, 40) if args.quick else (3, 150)
     torch.set_num_threads(2)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request drowns the figures
     data = load_data("arcagi")
     import tempfile
     folder = tempfile.mkdtemp(prefix="app-overhead-")
