@@ -238,7 +238,7 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
                 while thread.is_alive():
                     yield
                 log.raw_bg.append((done[0], size))
-            del buffer
+            buffer = None  # let the next round read its own copy; this one is large
         trainer.commands.put({"type": "stop"})
         while True:
             yield

@@ -1,11 +1,14 @@
 """Shared fixtures: real ARC data once per session, tiny configs, task folders written under tmp_path."""
 import json
+import math
 import os
 import random
+import subprocess
 import threading
 import time
 
 import pytest
+import torch
 
 from data import load_data
 from train import TrainConfig
@@ -151,3 +154,33 @@ class EventReader:
 
     def close(self):
         self.response.close()
+
+
+def assert_same(a, b, where="value"):
+    """Nested equality; torch.equal (bit-identical) for tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: different keys"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def mount_tmpfs(mount_point, size):
+    """Generator for a fixture: a tmpfs of `size` (e.g. "2m") at mount_point; skips where mounting is not allowed
+    (it needs root)."""
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+from conftest import assert_same, mount_tmpfs
 from train import TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,22 +45,6 @@ def record_fields(name="run", kind="manual", global_step=7, width=64, folder="un
 def save(folder, name="run", **kwargs):
     options = {k: kwargs.pop(k) for k in ("overwrite", "verify_after_save") if k in kwargs}
     return ckpt.save_full_checkpoint(str(folder), **record_fields(name, folder=folder, **kwargs), **options)
-
-
-def assert_same(a, b, where="record"):
-    """Nested equality with torch.equal for tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def dot_files(folder):
@@ -267,15 +252,7 @@ def test_a_failed_write_leaves_the_old_or_the_new_checkpoint_whole(tmp_path, mon
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root); skipped where mounting is not allowed."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    yield from mount_tmpfs(tmp_path / "small", "2m")
 
 
 def test_disk_full_is_a_checkpoint_error_with_no_partial_file(small_disk, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 import checkpoint as ckpt
-from conftest import EventReader, LiveServer, build_app, wait_for
+from conftest import EventReader, LiveServer, build_app, mount_tmpfs, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG_MODEL = {"latent_dim": 384, "hidden_dim": 128, "embedding_dim": 16, "num_conv_layers": 3, "batch_size": 4,
@@ -109,15 +109,7 @@ def global_step(server):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A 5 MB tmpfs (needs root); skipped where mounting is not allowed."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    yield from mount_tmpfs(tmp_path / "small", "5m")
 
 
 def run_live(folder, arc_data, **train):

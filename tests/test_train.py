@@ -13,7 +13,7 @@ import torch
 
 import checkpoint as ckpt
 import train
-from conftest import tiny_config, wait_for, write_task_folder
+from conftest import assert_same, tiny_config, wait_for, write_task_folder
 from data import load_data
 from model import ARCEncoder
 from train import LOSSES, TrainConfig, Trainer
@@ -55,24 +55,6 @@ def comparable(events, after=0):
     """Batch and validation events after global_step `after`, without wall-clock fields."""
     return [{k: v for k, v in e.items() if k != "samples_per_sec"} for e in events
             if e["type"] in ("batch", "validation") and e["global_step"] > after]
-
-
-def assert_same(a, b, where="state"):
-    """Nested equality; torch.equal (bit-identical) for tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: different keys"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def assert_same_training_state(a, b):
