@@ -11,6 +11,7 @@ goes on and once with training held. Rounds interleave the modes, so load from o
 Validation is switched off in this bench's Trainer subclass (steps and saves only).
 """
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -36,7 +37,8 @@ BIG = {"latent_dim": 640}  # parameters + two Adam moments: about 134 MB of floa
 STALL_RATIO_TARGET, THROUGHPUT_TARGET, WRITE_SPEED_TARGET, DEFAULT_STALL_TARGET = 0.05, 0.95, 0.7, 0.020
 CHUNK = 4 << 20
 
-_original = {"clone_tensors": ckpt.clone_tensors, "save_full_checkpoint": ckpt.save_full_checkpoint,
+_original = {"_Crc32Off": ckpt._Crc32Off, "_HashingFile": ckpt._HashingFile,
+             "clone_tensors": ckpt.clone_tensors, "save_full_checkpoint": ckpt.save_full_checkpoint,
              "write_checkpoint": ckpt.write_checkpoint, "CheckpointWriter": ckpt.CheckpointWriter}
 
 
@@ -77,6 +79,7 @@ def timed_writer_class(log, writer_nice):
 # name: (what it is, write function, nice level of the write thread)
 VARIANTS = {
     "current": ("current (CRC32 off, SHA-256 beside the write)", "write_checkpoint", 0),
+    "before": ("before: CRC32 on, SHA-256 in the write thread", "before", 0),
     "path": ("torch.save to a path, then hash the file", "path", 0),
     "nice10": ("write thread at nice 10", "write_checkpoint", 10),
 }
@@ -102,6 +105,9 @@ def install(log, variant):
     ckpt.clone_tensors, ckpt.save_full_checkpoint = clone_tensors, save_full_checkpoint
     ckpt.CheckpointWriter = timed_writer_class(log, nice)
     ckpt.write_checkpoint = {"path": write_checkpoint_via_path}.get(write, _original["write_checkpoint"])
+    if write == "before":  # the module's write as it was: torch's CRC32 on, every chunk hashed in line
+        ckpt._Crc32Off = contextlib.nullcontext
+        ckpt._HashingFile = type("SerialHashingFile", (_original["_HashingFile"],), {"PARALLEL_FROM": float("inf")})
 
 
 def uninstall():

@@ -3,6 +3,7 @@ saving, the checkpoints table (compare, delete, resume). One server and one brow
 run in file order and share the run they start."""
 import contextlib
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -205,6 +206,32 @@ def test_cancelled_prompt_sends_nothing(ui):
     save_via_prompt(ui, None)
     ui.page.wait_for_timeout(300)
     assert sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
+
+
+def test_a_save_that_would_not_fit_is_refused_up_front(ui, monkeypatch):
+    import shutil
+    import types
+
+    import worker
+    almost_full = types.SimpleNamespace(disk_usage=lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(worker, "shutil", almost_full)  # the status the page reads now says 1 kB free
+    page = ui.page
+    expect(page.locator("#save-checkpoint")).to_have_attribute("title", re.compile(r", 1000 B free$"))
+    before = sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts)
+    dialogs = []
+
+    def on_dialog(dialog):
+        dialogs.append(dialog.type)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.click("#save-checkpoint")
+    expect(page.locator(".toast.toast-error", has_text="Not enough disk space")).to_be_visible()
+    page.wait_for_timeout(300)
+    page.remove_listener("dialog", on_dialog)
+    assert dialogs == [] and sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
+    monkeypatch.undo()  # the next tests save again: wait until the page has heard of the real free space
+    expect(page.locator("#save-checkpoint")).not_to_have_attribute("title", re.compile(r", 1000 B free$"))
 
 
 def test_compare_two_checkpoints(ui):
