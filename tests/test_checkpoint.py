@@ -97,6 +97,23 @@ def test_sidecar_has_the_size_and_sha256_of_the_file(tmp_path):
     assert ckpt.verify(str(tmp_path / "hashed.pth")) == (True, "size and SHA-256 match")
 
 
+@pytest.mark.parametrize("parallel_from", [None, 1], ids=["large-chunks-in-helper", "every-chunk-in-helper"])
+def test_hashing_beside_the_write_matches_the_file_and_torch_crc_setting_is_restored(tmp_path, monkeypatch,
+                                                                                      parallel_from):
+    import zipfile
+
+    from torch.utils.serialization import config
+    if parallel_from is not None:
+        monkeypatch.setattr(ckpt._HashingFile, "PARALLEL_FROM", parallel_from)
+    sidecar = save(tmp_path, "big", width=40_000)  # a 1.3 MB weight: one chunk over PARALLEL_FROM's default
+    data = (tmp_path / "big.pth").read_bytes()
+    assert sidecar["size"] == len(data) > 1 << 20
+    assert sidecar["sha256"] == hashlib.sha256(data).hexdigest()
+    assert config.save.compute_crc32 is True  # the user's torch.save keeps its CRC
+    assert zipfile.ZipFile(tmp_path / "big.pth").testzip() is not None  # ours skipped it: the SHA-256 covers all
+    assert torch.load(str(tmp_path / "big.pth"))["model_state_dict"]["0.weight"].shape == (8, 40_000)
+
+
 def test_verify_after_save_marks_the_sidecar(tmp_path):
     sidecar = save(tmp_path, "checked", verify_after_save=True)
     assert sidecar["verified_at"]
