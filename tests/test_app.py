@@ -309,3 +309,23 @@ def test_checkpoint_files_load_with_plain_torch_load(folder_with_checkpoints):
     record = torch.load(folder_with_checkpoints / "step 5.pth")
     assert record["global_step"] == 5 and record["kind"] == "manual"
     assert ckpt.verify(str(folder_with_checkpoints / "step 5.pth"))[0]
+
+
+def test_fine_tune_starts_a_new_run_from_a_checkpoints_weights_with_new_settings(client, app, folder_with_checkpoints,
+                                                                                monkeypatch):
+    seen, original_train = {}, Trainer.train
+
+    def spy(self):
+        seen.update(state={k: v.clone() for k, v in self.model.state_dict().items()}, step=self.global_step,
+                    lr=self.optimizer.param_groups[0]["lr"])
+        return original_train(self)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    body = {"fine_tune_from": "step 5", "learning_rate": 0.005, "max_steps": 2, "epochs": 1}
+    assert post(client, "/start_training", body).status_code == 202
+    wait_for(lambda: client.get("/status").get_json()["phase"] == "finished", what="fine-tuning run")
+    saved = torch.load(folder_with_checkpoints / "step 5.pth")
+    assert seen["step"] == 0 and seen["lr"] == 0.005  # a new run, with its own settings and a fresh optimizer
+    assert seen["state"].keys() == saved["model_state_dict"].keys()
+    assert all(torch.equal(seen["state"][k], saved["model_state_dict"][k]) for k in seen["state"])
+    assert client.get("/status").get_json()["error"] is None
