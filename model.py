@@ -145,7 +145,7 @@ class ARCAutoencoder(nn.Module):
 
     def __init__(self, encoder, vocab_size=10, max_length=5, bottleneck_type="communication",
                  task_type="reconstruction", num_distractors=3, use_input_output_pairs=False,
-                 temperature=1.0, hidden_dim=None, num_classes=0):
+                 temperature=1.0, hidden_dim=None, num_classes=0, batch_negatives=False):
         super().__init__()
         assert bottleneck_type in BOTTLENECK_TYPES, f"bottleneck_type must be one of {BOTTLENECK_TYPES}"
         assert task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}"
@@ -154,6 +154,9 @@ class ARCAutoencoder(nn.Module):
         self.bottleneck_type, self.task_type = bottleneck_type, task_type
         self.num_distractors, self.use_input_output_pairs = num_distractors, use_input_output_pairs
         self.temperature = temperature
+        # Selection in training: also score every other example's candidates in the batch (in-batch negatives,
+        # as contrastive learning does), which asks the message for far more than telling K+1 grids apart.
+        self.batch_negatives = batch_negatives
         grids_per_example = 2 if use_input_output_pairs else 1
         self.example_encoder = ExampleEncoder(encoder, grids_per_example)
         latent = encoder.latent_dim
@@ -193,8 +196,11 @@ class ARCAutoencoder(nn.Module):
             target_latent = cand_latents[torch.arange(b, device=candidates.device), target_index]
             state, symbols = self.transmit(target_latent, generator)
             keys = self.candidate_projection(cand_latents)  # (B, K+1, hidden)
-            scores = torch.einsum("bkh,bh->bk", keys, state) / math.sqrt(state.shape[-1])
-            return {"scores": scores, "symbols": symbols}
+            scale = math.sqrt(state.shape[-1])
+            out = {"scores": torch.einsum("bkh,bh->bk", keys, state) / scale, "symbols": symbols}
+            if self.training and self.batch_negatives:
+                out["batch_scores"] = state @ keys.flatten(0, 1).T / scale  # (B, B * (K+1))
+            return out
         state, symbols = self.transmit(self.example_encoder(examples), generator)
         if self.task_type == "reconstruction":
             colors, sizes = self.decoder(state)

@@ -43,6 +43,9 @@ class TrainConfig:
     bottleneck_type: str = setting("communication", "discrete message or continuous latent", choices=BOTTLENECK_TYPES)
     num_distractors: int = setting(3, "distractors per selection example", low=1, high=63)
     use_input_output_pairs: bool = setting(False, "an example is an (input, output) pair instead of one grid")
+    selection_negatives: str = setting("distractors", "selection training scores the target against its own "
+                                       "distractors, or against every candidate in the batch",
+                                       choices=("distractors", "batch"))
     # architecture
     num_colors: int = setting(NUM_COLORS, "colours in a grid (ARC: 10)", low=NUM_COLORS, high=NUM_COLORS)
     embedding_dim: int = setting(16, "colour embedding size", low=1, high=1024)
@@ -149,7 +152,11 @@ def reconstruction_loss(out, batch):
 
 def selection_loss(out, batch):
     scores, target = out["scores"], batch["target_index"]
-    loss = F.cross_entropy(scores, target)
+    if "batch_scores" in out:  # in-batch negatives: example b's target is column b * (K+1) + target[b]
+        columns = torch.arange(len(target), device=target.device) * scores.shape[1] + target
+        loss = F.cross_entropy(out["batch_scores"], columns)
+    else:
+        loss = F.cross_entropy(scores, target)
     n = len(target)
     return loss, {"loss": (loss.item() * n, n), "acc": ((scores.argmax(1) == target).sum().item(), n),
                   "chance": (n / scores.shape[1], n)}
@@ -233,7 +240,7 @@ def build_model(config, num_classes):
         bottleneck_type=config["bottleneck_type"], task_type=config["task_type"],
         num_distractors=config["num_distractors"], use_input_output_pairs=config["use_input_output_pairs"],
         temperature=config["temperature"], hidden_dim=max(config["hidden_dim"], config["latent_dim"]),
-        num_classes=num_classes,
+        num_classes=num_classes, batch_negatives=config.get("selection_negatives") == "batch",
     )
 
 

@@ -45,12 +45,12 @@ ROWS = {
     "selection_3": Row(
         "selection, communication, 3 distractors",
         dict(task_type="selection", bottleneck_type="communication", num_distractors=3,
-             vocab_size=10, max_message_length=5),
+             vocab_size=10, max_message_length=5, selection_negatives="batch"),
         {"acc": 0.95}, extras=("shuffle",)),
     "selection_15": Row(
         "selection, communication, 15 distractors",
         dict(task_type="selection", bottleneck_type="communication", num_distractors=15,
-             vocab_size=10, max_message_length=5),
+             vocab_size=10, max_message_length=5, selection_negatives="batch"),
         {"acc": 0.85}),
     "reconstruction_autoencoder": Row(
         "reconstruction, autoencoder",

@@ -233,3 +233,16 @@ def test_encoder_pretrainer_runs_forward_and_backward(mode):
 def test_encoder_depths_give_the_latent_size(layers):
     encoder = ARCEncoder(10, 4, 32, 24, layers)
     assert encoder(random_grids(3)).shape == (3, 24)
+
+
+def test_batch_negatives_score_every_candidate_in_the_batch_in_training_only():
+    model = tiny_model("selection")
+    model.batch_negatives = True
+    inputs = inputs_for("selection", False, b=4)
+    torch.manual_seed(0)
+    out = model(**inputs, generator=torch.Generator().manual_seed(1))
+    assert out["batch_scores"].shape == (4, 4 * (K + 1))
+    for b in range(4):  # each example's own block of columns is its ordinary score row
+        assert torch.allclose(out["batch_scores"][b, b * (K + 1):(b + 1) * (K + 1)], out["scores"][b], atol=1e-6)
+    model.eval()
+    assert "batch_scores" not in model(**inputs)  # evaluation picks among the example's own candidates only

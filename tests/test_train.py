@@ -124,11 +124,13 @@ def test_unknown_keys_are_refused_by_name():
 
 # ---------------------------------------------------------------------------------------------- learning
 
-@pytest.mark.parametrize("task,bottleneck", [("reconstruction", "communication"), ("selection", "communication"),
-                                             ("puzzle_classification", "communication"),
-                                             ("reconstruction", "autoencoder")])
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task, bottleneck):
-    config = make_config(task_type=task, bottleneck_type=bottleneck, learning_rate=0.01)
+@pytest.mark.parametrize("task,bottleneck,negatives", [
+    ("reconstruction", "communication", "distractors"), ("selection", "communication", "distractors"),
+    ("selection", "communication", "batch"), ("puzzle_classification", "communication", "distractors"),
+    ("reconstruction", "autoencoder", "distractors")])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task, bottleneck, negatives):
+    config = make_config(task_type=task, bottleneck_type=bottleneck, learning_rate=0.01,
+                         selection_negatives=negatives)
     trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir, lambda event: None)
     trainer.setup()
     trainer.phase = "training"
