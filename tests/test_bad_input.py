@@ -40,6 +40,10 @@ def running(tmp_path_factory, arc_data):
 
 def assert_clear_4xx(response):
     assert 400 <= response.status_code < 500, (response.status_code, response.data[:200])
+    assert_error_body(response)
+
+
+def assert_error_body(response):
     body = response.get_json()
     assert isinstance(body, dict) and isinstance(body["error"], str) and body["error"]
 
@@ -74,7 +78,7 @@ def test_any_json_body_on_any_endpoint_is_never_a_500(running, body):
         assert response.status_code < 500 or (response.status_code == 503 and response.headers["Retry-After"]), \
             (url, body, response.data[:200])
         if response.status_code >= 400:
-            assert_clear_4xx(response)
+            assert_error_body(response)
     patch = client.patch("/checkpoints/anything", data=data, headers=JSON)
     assert 400 <= patch.status_code < 500
 
