@@ -20,6 +20,7 @@ import uuid
 import warnings
 
 import torch
+from torch.utils.serialization import config as torch_serialization
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,10 @@ class _HashingFile:
 
     def write(self, data):
         self.size += len(data)
-        hashed = self.hasher.submit(self.sha256.update, data) if len(data) >= self.PARALLEL_FROM else None
-        if hashed is None:
+        hashed = None
+        if len(data) >= self.PARALLEL_FROM:
+            hashed = self.hasher.submit(self.sha256.update, data)
+        else:
             self.sha256.update(data)
         try:
             return self.f.write(data)
@@ -174,19 +177,17 @@ class _Crc32Off:
     _saved = True
 
     def __enter__(self):
-        from torch.utils.serialization import config
         with _Crc32Off._lock:
             if _Crc32Off._depth == 0:
-                _Crc32Off._saved = config.save.compute_crc32
-                config.save.compute_crc32 = False
+                _Crc32Off._saved = torch_serialization.save.compute_crc32
+                torch_serialization.save.compute_crc32 = False
             _Crc32Off._depth += 1
 
     def __exit__(self, *exc):
-        from torch.utils.serialization import config
         with _Crc32Off._lock:
             _Crc32Off._depth -= 1
             if _Crc32Off._depth == 0:
-                config.save.compute_crc32 = _Crc32Off._saved
+                torch_serialization.save.compute_crc32 = _Crc32Off._saved
 
 
 def _fsync_folder(folder):

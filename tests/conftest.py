@@ -161,7 +161,8 @@ def assert_same(a, b, where="value"):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: different keys"
+        assert isinstance(b, dict) and set(a) == set(b), \
+            f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b) if isinstance(b, dict) else [])}"
         for k in a:
             assert_same(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
