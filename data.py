@@ -214,9 +214,10 @@ class Batches:
     """
 
     def __init__(self, data, units, kind, batch_size, seed, use_pairs=False, num_distractors=3,
-                 shuffle=True, salt=0):
+                 shuffle=True, salt=0, augment=False):
         self.data, self.kind, self.batch_size, self.seed = data, kind, batch_size, seed
         self.shuffle, self.salt, self.num_distractors = shuffle, salt, num_distractors
+        self.augment = augment
         all_examples, all_puzzle, all_key, _ = data.units(use_pairs)
         self.units = units
         self.examples = all_examples[units]  # (U, G) grid indices
@@ -248,16 +249,20 @@ class Batches:
     def batch(self, epoch, index):
         rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         gen = _generator(self.seed, self.salt, epoch, index, 7)
+        # Augmentation draws from its own generator, so turning it on leaves the candidates and partners unchanged.
+        views = _Views(len(rows), _generator(self.seed, self.salt, epoch, index, 11)) if self.augment else UNCHANGED
         if self.kind == "reconstruction":
-            return {"examples": self.grids(rows), "sizes": self.data.sizes[self.examples[rows]]}
+            sizes = self.data.sizes[self.examples[rows]]
+            return {"examples": views.grids(self.grids(rows)), "sizes": views.sizes(sizes)}
         if self.kind == "puzzle_classification":
-            return {"examples": self.grids(rows), "labels": self.labels[rows]}
+            return {"examples": views.grids(self.grids(rows)), "labels": self.labels[rows]}
         if self.kind == "selection":
             candidates, target_index = self._candidates(rows, gen)
-            return {"candidates": self.grids(candidates), "target_index": target_index}
-        if self.kind == "binary":
+            return {"candidates": views.grids(self.grids(candidates)), "target_index": target_index}
+        if self.kind == "binary":  # both grids of a pair get the same view: "same puzzle?" must not turn on it
             second, labels = self._partners(rows, gen)
-            return {"first": self.grids(rows)[:, 0], "second": self.grids(second)[:, 0], "labels": labels}
+            return {"first": views.grids(self.grids(rows)[:, 0]), "second": views.grids(self.grids(second)[:, 0]),
+                    "labels": labels}
         raise ValueError(f"unknown batch kind {self.kind!r}")
 
     def _candidates(self, rows, gen):
@@ -298,3 +303,59 @@ class Batches:
             other[clash] = torch.randint(len(self.units), (int(clash.sum()),), generator=gen)
         partners = torch.where(want_same, same, other)
         return partners, (self.puzzle[partners] == self.puzzle[rows]).float()
+
+
+class _Views:
+    """One random view per example of a batch: a symmetry of the square (8) and a permutation of colours 1-9.
+
+    Every grid of an example (its candidates, its input and output) gets the same view, so what tells candidates
+    apart and what ties an input to its output survive. Black (0) stays black: it is ARC's background far more
+    often than any other colour. Grids stay top-left aligned: a flip mirrors within the grid's own height/width.
+    """
+
+    def __init__(self, batch_size, gen):
+        self.transpose = torch.rand(batch_size, generator=gen) < 0.5
+        self.flip_rows = torch.rand(batch_size, generator=gen) < 0.5
+        self.flip_cols = torch.rand(batch_size, generator=gen) < 0.5
+        colours = 1 + torch.argsort(torch.rand(batch_size, NUM_COLORS - 1, generator=gen), dim=1)
+        keep = torch.tensor([[0]]).expand(batch_size, 1)
+        pad = torch.tensor([[PAD]]).expand(batch_size, 1)
+        self.palette = torch.cat([keep, colours, pad], dim=1)  # (B, 11): old colour id -> new
+
+    def _per_example(self, flags, like):
+        return flags.view(-1, *([1] * (like.dim() - 1)))
+
+    def sizes(self, sizes):
+        """(B, ..., 2) heights and widths -> swapped where transposed."""
+        return torch.where(self._per_example(self.transpose, sizes), sizes.flip(-1), sizes)
+
+    def grids(self, grids):
+        """(B, ..., 30, 30) colour ids, PAD outside each grid -> the same grids seen through each example's view."""
+        b, side = grids.shape[0], grids.shape[-1]
+        flat = grids.reshape(b, -1, side, side)
+        flat = torch.where(self.transpose[:, None, None, None], flat.transpose(-1, -2), flat)
+        real = flat != PAD
+        heights = real[..., 0].sum(-1, keepdim=True)  # (B, N, 1): rows that hold the grid
+        widths = real[..., 0, :].sum(-1, keepdim=True)
+        index = torch.arange(side).expand(*flat.shape[:2], side)
+        row_index = torch.where(self.flip_rows[:, None, None] & (index < heights), heights - 1 - index, index)
+        col_index = torch.where(self.flip_cols[:, None, None] & (index < widths), widths - 1 - index, index)
+        flat = flat.gather(2, row_index[..., None].expand_as(flat))
+        flat = flat.gather(3, col_index[:, :, None, :].expand_as(flat))
+        flat = self.palette.gather(1, flat.reshape(b, -1)).view_as(flat)
+        return flat.reshape(grids.shape)
+
+
+class _Identity:
+    """The view of a batch that is not augmented."""
+
+    @staticmethod
+    def grids(grids):
+        return grids
+
+    @staticmethod
+    def sizes(sizes):
+        return sizes
+
+
+UNCHANGED = _Identity()

@@ -384,3 +384,93 @@ def test_tensorize_of_parsed_tasks_keeps_task_order(tmp_path):
     data = tensorize(tasks[::-1], "reversed")
     assert data.puzzle_ids == [t.id for t in tasks[::-1]]
     assert data.name == "reversed"
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def symmetries(grid):
+    """The 8 symmetries of the square applied to a cropped grid (2-D tensor)."""
+    out = []
+    for g in (grid, grid.T):
+        out += [g, g.flip(0), g.flip(1), g.flip(0).flip(1)]
+    return out
+
+
+def crop(grid):
+    real = grid != PAD
+    return grid[:real.any(1).sum(), :real.any(0).sum()]
+
+
+def colour_map(before, after):
+    """The colour renaming that turns `before` into `after`, or None if there is none (a bijection fixing 0)."""
+    if before.shape != after.shape:
+        return None
+    mapping = {}
+    for a, b in zip(before.flatten().tolist(), after.flatten().tolist()):
+        if mapping.setdefault(a, b) != b:
+            return None
+    if mapping.get(0, 0) != 0 or len(set(mapping.values())) != len(mapping):
+        return None
+    return mapping
+
+
+def views_between(before, after):
+    """Which (symmetry, colour map) pairs turn grid `before` into grid `after` (both padded 30x30)."""
+    found = []
+    for i, sym in enumerate(symmetries(crop(before))):
+        mapping = colour_map(sym, crop(after))
+        if mapping is not None:
+            found.append((i, tuple(sorted(mapping.items()))))
+    return found
+
+
+def test_augmented_grids_are_symmetries_with_colours_renamed_and_black_kept(arc_data):
+    units = make_splits(arc_data, "reconstruction", False, 0)["train"]
+    plain = Batches(arc_data, units, "reconstruction", 64, seed=0, salt=1)
+    views = Batches(arc_data, units, "reconstruction", 64, seed=0, salt=1, augment=True)
+    a, b = plain.batch(2, 3), views.batch(2, 3)
+    symmetry_seen, changed = set(), 0
+    for before, after, size_before, size_after in zip(a["examples"][:, 0], b["examples"][:, 0],
+                                                       a["sizes"][:, 0], b["sizes"][:, 0]):
+        found = views_between(before, after)
+        assert found, "an augmented grid is not a symmetry of its grid with colours renamed"
+        symmetry_seen.update(i for i, _ in found)
+        changed += not torch.equal(before, after)
+        # Still top-left aligned with PAD outside, and the size follows a transposition.
+        assert list(crop(after).shape) == size_after.tolist()
+        assert sorted(size_after.tolist()) == sorted(size_before.tolist())
+        assert (after != PAD).sum() == (before != PAD).sum()
+    assert changed > 48, f"only {changed} of 64 grids were changed by augmentation"
+    assert len(symmetry_seen) == 8, f"only symmetries {sorted(symmetry_seen)} appeared in 64 grids"
+    assert torch.equal(views.batch(2, 3)["examples"], b["examples"]), "augmentation must be a pure function"
+    assert not torch.equal(views.batch(3, 3)["examples"], b["examples"])
+
+
+def test_every_grid_of_an_example_gets_the_same_view_and_candidates_stay_distinct(arc_data):
+    units = make_splits(arc_data, "selection", True, 0)["train"]
+    common = dict(use_pairs=True, num_distractors=3, salt=1)
+    plain = Batches(arc_data, units, "selection", 32, 0, **common).batch(1, 2)
+    views = Batches(arc_data, units, "selection", 32, 0, augment=True, **common).batch(1, 2)
+    # Augmentation has its own random stream: the same candidates, in the same places.
+    assert torch.equal(plain["target_index"], views["target_index"])
+    for example_before, example_after in zip(plain["candidates"], views["candidates"]):
+        grids_before, grids_after = example_before.flatten(0, 1), example_after.flatten(0, 1)  # (K+1)*2 grids
+        shared = None
+        for before, after in zip(grids_before, grids_after):
+            options = {i for i, _ in views_between(before, after)}
+            shared = options if shared is None else shared & options
+        assert shared, "the grids of one example were seen through different symmetries"
+        flat = example_after.flatten(1)
+        assert len({tuple(c.tolist()) for c in flat}) == len(flat), "augmentation made two candidates equal"
+
+
+def test_binary_partners_share_their_view(arc_data):
+    units = make_splits(arc_data, "reconstruction", False, 0)["train"]
+    plain = Batches(arc_data, units, "binary", 32, seed=0, salt=4).batch(0, 1)
+    views = Batches(arc_data, units, "binary", 32, seed=0, salt=4, augment=True).batch(0, 1)
+    assert torch.equal(plain["labels"], views["labels"])
+    for i in range(32):
+        first = {v for v in views_between(plain["first"][i], views["first"][i])}
+        second = {v for v in views_between(plain["second"][i], views["second"][i])}
+        # The same symmetry turned both grids (each shows only some colours, so compare the symmetries).
+        assert {s for s, _ in first} & {s for s, _ in second}
