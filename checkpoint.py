@@ -25,7 +25,8 @@ from torch.utils.serialization import config as torch_serialization
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PROJECT_VERSION = "0.1.0"
+# 0.2.0 rebuilt the reconstruction decoder: reconstruction weights written by 0.1.0 no longer fit the model.
+PROJECT_VERSION = "0.2.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")
@@ -76,6 +77,16 @@ def sidecar_path(pth_path):
 
 
 # ---------------------------------------------------------------------------------------------- record
+
+def version_note(record):
+    """For errors about weights that do not fit: which project version wrote the record, when not this one."""
+    versions = record.get("versions")
+    written_by = versions.get("project") if isinstance(versions, dict) else None
+    if written_by and written_by != PROJECT_VERSION:
+        return (f" (written by version {written_by} of this project, this is {PROJECT_VERSION}: models may have"
+                " changed since; its metadata still reads with load_checkpoint.py --info-only)")
+    return ""
+
 
 def utc_now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

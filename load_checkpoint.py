@@ -178,7 +178,8 @@ def rebuild(path, record):
             model = build_model(config, record.get("num_classes", 0))
             model.load_state_dict(state_dict(path, record, "model_state_dict"))
     except (KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:  # a config or weights that lie
-        raise ckpt.CheckpointError(f"{path}: cannot rebuild the model it describes: {first_line(e)}") from None
+        raise ckpt.CheckpointError(f"{path}: cannot rebuild the model it describes: {first_line(e)}"
+                                   f"{ckpt.version_note(record)}") from None
     return model.eval()
 
 

@@ -118,24 +118,34 @@ class Receiver(nn.Module):
 
 
 class GridDecoder(nn.Module):
-    """Receiver state -> colour logits (B, G, 10, 30, 30) and height/width logits (B, G, 2, 30)."""
+    """Receiver state -> colour logits (B, G, 10, 30, 30) and height/width logits (B, G, 2, 30).
+
+    An 8x8 map grows to 15x15 by a transposed conv, and each 15x15 cell predicts its own 2x2 block of pixels
+    (pixel shuffle): no layer runs at full resolution, where nearest upsampling cost most of a step. A colour bias
+    per grid, read straight from the state, paints the background from the first steps on, so the convolutions
+    spend their capacity on the objects.
+    """
 
     def __init__(self, hidden_dim, num_colors, grids_per_example, channels=64):
         super().__init__()
         self.g, self.num_colors, self.channels = grids_per_example, num_colors, channels
+        self.norm = nn.LayerNorm(hidden_dim)
         self.to_map = nn.Linear(hidden_dim, channels * 8 * 8)
-        # Full resolution gets fewer channels: it holds most of the decoder's compute.
-        widths = (channels, channels, channels // 2)
-        self.refine = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in zip((channels,) + widths[:-1], widths))
-        self.to_colors = nn.Conv2d(widths[-1], grids_per_example * num_colors, 1)
+        self.refine_8 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up_to_15 = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1)  # (8 - 1) * 2 + 1 = 15
+        self.refine_15 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.to_colors = nn.Conv2d(channels, grids_per_example * num_colors * 4, 3, padding=1)
+        self.to_background = nn.Linear(hidden_dim, grids_per_example * num_colors)
         self.to_sizes = nn.Linear(hidden_dim, grids_per_example * 2 * GRID_SIZE)
 
     def forward(self, state):
         b = state.shape[0]
+        state = self.norm(state)
         x = self.to_map(state).view(b, self.channels, 8, 8)
-        for side, conv in zip((8, 15, GRID_SIZE), self.refine):
-            x = F.gelu(conv(F.interpolate(x, size=(side, side), mode="nearest")))
-        colors = self.to_colors(x).view(b, self.g, self.num_colors, GRID_SIZE, GRID_SIZE)
+        for layer in (self.refine_8, self.up_to_15, self.refine_15):
+            x = F.gelu(layer(x))
+        colors = F.pixel_shuffle(self.to_colors(x), 2).view(b, self.g, self.num_colors, GRID_SIZE, GRID_SIZE)
+        colors = colors + self.to_background(state).view(b, self.g, self.num_colors, 1, 1)
         sizes = self.to_sizes(state).view(b, self.g, 2, GRID_SIZE)
         return colors, sizes
 

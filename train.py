@@ -46,6 +46,8 @@ class TrainConfig:
     selection_negatives: str = setting("distractors", "selection training scores the target against its own "
                                        "distractors, or against every candidate in the batch",
                                        choices=("distractors", "batch"))
+    augment: bool = setting(False, "train on random views of each example: rotations/reflections and a shuffle "
+                            "of colours 1-9 (black stays black); validation and test see the grids as they are")
     # architecture
     num_colors: int = setting(NUM_COLORS, "colours in a grid (ARC: 10)", low=NUM_COLORS, high=NUM_COLORS)
     embedding_dim: int = setting(16, "colour embedding size", low=1, high=1024)
@@ -291,7 +293,7 @@ class Trainer:
         splits = make_splits(self.data, c.task_type, c.use_input_output_pairs, c.seed)
         common = dict(kind=c.task_type, batch_size=c.batch_size, seed=c.seed,
                       use_pairs=c.use_input_output_pairs, num_distractors=c.num_distractors)
-        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=1, **common)
+        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=1, augment=c.augment, **common)
         self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=2, **common)
         self.test_batches = Batches(self.data, splits["test"], shuffle=False, salt=3, **common)
 
@@ -312,7 +314,8 @@ class Trainer:
             self.model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
             raise ValueError(f"{path}: its model does not match this config (task, bottleneck and architecture "
-                             f"must be the same to fine-tune): {str(e).splitlines()[0]}") from None
+                             f"must be the same to fine-tune): {str(e).splitlines()[0]}{ckpt.version_note(record)}"
+                             ) from None
 
     def checkpoint_estimate(self):
         """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""
@@ -346,7 +349,7 @@ class Trainer:
             self.optimizer.load_state_dict(record["optimizer_state_dict"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"{path}: its weights do not fit the model it describes (damaged?): "
-                                       f"{str(e).strip().splitlines()[0][:200]}") from None
+                                       f"{str(e).strip().splitlines()[0][:200]}{ckpt.version_note(record)}") from None
         self.epoch, self.batch, self.global_step = record["epoch"], record["batch"], record["global_step"]
         trainer_state = record.get("trainer", {})
         self.best_val_loss = trainer_state.get("best_val_loss", math.inf)
@@ -640,7 +643,7 @@ class Trainer:
         splits = make_splits(self.data, "reconstruction", False, c.seed)
         kind = "binary" if mode == "binary" else "selection"
         common = dict(kind=kind, batch_size=c.batch_size, seed=c.seed, num_distractors=c.num_distractors)
-        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=4, **common)
+        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=4, augment=c.augment, **common)
         self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=5, **common)
         loss_fn = LOSSES["binary" if mode == "binary" else "selection"]
         self.epoch = self.batch = self.global_step = 0

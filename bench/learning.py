@@ -54,11 +54,11 @@ ROWS = {
         {"acc": 0.85}),
     "reconstruction_autoencoder": Row(
         "reconstruction, autoencoder",
-        dict(task_type="reconstruction", bottleneck_type="autoencoder"),
+        dict(task_type="reconstruction", bottleneck_type="autoencoder", augment=True),
         {"acc": 0.90, "size_acc": 0.95}),
     "reconstruction_communication": Row(
         "reconstruction, communication",
-        dict(task_type="reconstruction", bottleneck_type="communication"),
+        dict(task_type="reconstruction", bottleneck_type="communication", augment=True),
         {"acc": 0.75}, extras=("capacity",)),
     "puzzle_classification": Row(
         "puzzle_classification, autoencoder",
