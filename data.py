@@ -15,6 +15,7 @@ PAD = NUM_COLORS  # pad value, distinct from the colours 0-9
 MAX_SIDE = 30
 DATASETS = ("arcagi", "arcagi2")
 SPLITS = ("train", "val", "test")
+AUGMENTATIONS = ("off", "symmetries", "symmetries+colours")
 
 
 class DataError(ValueError):
@@ -214,9 +215,11 @@ class Batches:
     """
 
     def __init__(self, data, units, kind, batch_size, seed, use_pairs=False, num_distractors=3,
-                 shuffle=True, salt=0, augment=False):
+                 shuffle=True, salt=0, augment="off"):
         self.data, self.kind, self.batch_size, self.seed = data, kind, batch_size, seed
         self.shuffle, self.salt, self.num_distractors = shuffle, salt, num_distractors
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         self.augment = augment
         all_examples, all_puzzle, all_key, _ = data.units(use_pairs)
         self.units = units
@@ -250,7 +253,8 @@ class Batches:
         rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         gen = _generator(self.seed, self.salt, epoch, index, 7)
         # Augmentation draws from its own generator, so turning it on leaves the candidates and partners unchanged.
-        views = _Views(len(rows), _generator(self.seed, self.salt, epoch, index, 11)) if self.augment else UNCHANGED
+        views = UNCHANGED if self.augment == "off" else \
+            _Views(len(rows), _generator(self.seed, self.salt, epoch, index, 11), self.augment == "symmetries+colours")
         if self.kind == "reconstruction":
             sizes = self.data.sizes[self.examples[rows]]
             return {"examples": views.grids(self.grids(rows)), "sizes": views.sizes(sizes)}
@@ -306,20 +310,22 @@ class Batches:
 
 
 class _Views:
-    """One random view per example of a batch: a symmetry of the square (8) and a permutation of colours 1-9.
+    """One random view per example of a batch: a symmetry of the square (8) and, optionally, a renaming of colours 1-9.
 
     Every grid of an example (its candidates, its input and output) gets the same view, so what tells candidates
     apart and what ties an input to its output survive. Black (0) stays black: it is ARC's background far more
     often than any other colour. Grids stay top-left aligned: a flip mirrors within the grid's own height/width.
     """
 
-    def __init__(self, batch_size, gen):
+    def __init__(self, batch_size, gen, rename_colours):
         self.transpose = torch.rand(batch_size, generator=gen) < 0.5
         self.flip_rows = torch.rand(batch_size, generator=gen) < 0.5
         self.flip_cols = torch.rand(batch_size, generator=gen) < 0.5
         colours = 1 + torch.argsort(torch.rand(batch_size, NUM_COLORS - 1, generator=gen), dim=1)
         keep = torch.tensor([[0]]).expand(batch_size, 1)
         pad = torch.tensor([[PAD]]).expand(batch_size, 1)
+        if not rename_colours:  # drawn all the same, so a seed gives the same symmetries either way
+            colours = torch.arange(1, NUM_COLORS).expand(batch_size, NUM_COLORS - 1)
         self.palette = torch.cat([keep, colours, pad], dim=1)  # (B, 11): old colour id -> new
 
     def _per_example(self, flags, like):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint as ckpt
-from data import NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
+from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
 from model import BOTTLENECK_TYPES, PRETRAIN_MODES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class TrainConfig:
     selection_negatives: str = setting("distractors", "selection training scores the target against its own "
                                        "distractors, or against every candidate in the batch",
                                        choices=("distractors", "batch"))
-    augment: bool = setting(False, "train on random views of each example: rotations/reflections and a shuffle "
-                            "of colours 1-9 (black stays black); validation and test see the grids as they are")
+    augment: str = setting("off", "train on random views of each example: one of the 8 rotations/reflections, "
+                           "and with +colours a renaming of colours 1-9 (black stays black); validation and test "
+                           "see the grids as they are", choices=AUGMENTATIONS)
     # architecture
     num_colors: int = setting(NUM_COLORS, "colours in a grid (ARC: 10)", low=NUM_COLORS, high=NUM_COLORS)
     embedding_dim: int = setting(16, "colour embedding size", low=1, high=1024)

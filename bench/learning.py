@@ -54,15 +54,15 @@ ROWS = {
         {"acc": 0.85}),
     "reconstruction_autoencoder": Row(
         "reconstruction, autoencoder",
-        dict(task_type="reconstruction", bottleneck_type="autoencoder", augment=True),
+        dict(task_type="reconstruction", bottleneck_type="autoencoder", augment="symmetries+colours"),
         {"acc": 0.90, "size_acc": 0.95}),
     "reconstruction_communication": Row(
         "reconstruction, communication",
-        dict(task_type="reconstruction", bottleneck_type="communication", augment=True),
+        dict(task_type="reconstruction", bottleneck_type="communication", augment="symmetries+colours"),
         {"acc": 0.75}, extras=("capacity",)),
     "puzzle_classification": Row(
         "puzzle_classification, autoencoder",
-        dict(task_type="puzzle_classification", bottleneck_type="autoencoder"),
+        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries"),
         {"acc": 0.50}, seeds=1),
 }
 

@@ -427,7 +427,7 @@ def views_between(before, after):
 def test_augmented_grids_are_symmetries_with_colours_renamed_and_black_kept(arc_data):
     units = make_splits(arc_data, "reconstruction", False, 0)["train"]
     plain = Batches(arc_data, units, "reconstruction", 64, seed=0, salt=1)
-    views = Batches(arc_data, units, "reconstruction", 64, seed=0, salt=1, augment=True)
+    views = Batches(arc_data, units, "reconstruction", 64, seed=0, salt=1, augment="symmetries+colours")
     a, b = plain.batch(2, 3), views.batch(2, 3)
     symmetry_seen, changed = set(), 0
     for before, after, size_before, size_after in zip(a["examples"][:, 0], b["examples"][:, 0],
@@ -446,11 +446,29 @@ def test_augmented_grids_are_symmetries_with_colours_renamed_and_black_kept(arc_
     assert not torch.equal(views.batch(3, 3)["examples"], b["examples"])
 
 
+def test_symmetries_alone_keep_the_colours_and_draw_the_same_symmetries(arc_data):
+    units = make_splits(arc_data, "puzzle_classification", False, 0)["train"]
+    made = {mode: Batches(arc_data, units, "puzzle_classification", 64, seed=0, salt=1, augment=mode).batch(1, 0)
+            for mode in ("off", "symmetries", "symmetries+colours")}
+    for before, only_symmetry, renamed in zip(made["off"]["examples"][:, 0], made["symmetries"]["examples"][:, 0],
+                                              made["symmetries+colours"]["examples"][:, 0]):
+        assert sorted(before.flatten().tolist()) == sorted(only_symmetry.flatten().tolist()), "colours changed"
+        assert any(torch.equal(crop(only_symmetry), sym) for sym in symmetries(crop(before)))
+        # The same symmetry as with renamed colours: they differ by a renaming alone (symmetry 0 is the identity).
+        assert any(i == 0 for i, _ in views_between(only_symmetry, renamed))
+    assert torch.equal(made["off"]["labels"], made["symmetries"]["labels"])
+
+
+def test_unknown_augmentation_is_refused(arc_data):
+    with pytest.raises(ValueError, match="augment must be one of off, symmetries, symmetries\\+colours"):
+        Batches(arc_data, torch.arange(10), "reconstruction", 4, seed=0, augment="flips")
+
+
 def test_every_grid_of_an_example_gets_the_same_view_and_candidates_stay_distinct(arc_data):
     units = make_splits(arc_data, "selection", True, 0)["train"]
     common = dict(use_pairs=True, num_distractors=3, salt=1)
     plain = Batches(arc_data, units, "selection", 32, 0, **common).batch(1, 2)
-    views = Batches(arc_data, units, "selection", 32, 0, augment=True, **common).batch(1, 2)
+    views = Batches(arc_data, units, "selection", 32, 0, augment="symmetries+colours", **common).batch(1, 2)
     # Augmentation has its own random stream: the same candidates, in the same places.
     assert torch.equal(plain["target_index"], views["target_index"])
     for example_before, example_after in zip(plain["candidates"], views["candidates"]):
@@ -467,7 +485,7 @@ def test_every_grid_of_an_example_gets_the_same_view_and_candidates_stay_distinc
 def test_binary_partners_share_their_view(arc_data):
     units = make_splits(arc_data, "reconstruction", False, 0)["train"]
     plain = Batches(arc_data, units, "binary", 32, seed=0, salt=4).batch(0, 1)
-    views = Batches(arc_data, units, "binary", 32, seed=0, salt=4, augment=True).batch(0, 1)
+    views = Batches(arc_data, units, "binary", 32, seed=0, salt=4, augment="symmetries+colours").batch(0, 1)
     assert torch.equal(plain["labels"], views["labels"])
     for i in range(32):
         first = {v for v in views_between(plain["first"][i], views["first"][i])}

@@ -172,11 +172,11 @@ def test_two_runs_with_the_same_seed_are_identical(small_data, tmp_path):
 
 def test_augment_changes_what_training_sees_but_never_validation_or_test(arc_data, make_config):
     trainers = {}
-    for augment in (False, True):
+    for augment in ("off", "symmetries+colours"):
         trainer = Trainer(make_config(augment=augment), arc_data, "cpu", "unused", lambda event: None)
         trainer.setup()
         trainers[augment] = trainer
-    plain, views = trainers[False], trainers[True]
+    plain, views = trainers["off"], trainers["symmetries+colours"]
     assert not torch.equal(plain.train_batches.batch(0, 0)["examples"], views.train_batches.batch(0, 0)["examples"])
     for split in ("val_batches", "test_batches"):
         assert torch.equal(getattr(plain, split).batch(0, 0)["examples"], getattr(views, split).batch(0, 0)["examples"])
@@ -370,9 +370,10 @@ def test_keep_last_retains_the_newest_periodic_checkpoints(small_data, tmp_path)
 # ---------------------------------------------------------------------------------------------- exact resume
 
 # (task, bottleneck, use_input_output_pairs, augment): augmented views must be as exactly reproducible as the rest.
-RESUME_CASES = [("reconstruction", "communication", False, False), ("selection", "communication", False, False),
-                ("puzzle_classification", "communication", False, False), ("selection", "autoencoder", True, True)]
-RESUME_IDS = ["-".join(map(str, case[:3])) + ("-augment" if case[3] else "") for case in RESUME_CASES]
+RESUME_CASES = [("reconstruction", "communication", False, "off"), ("selection", "communication", False, "off"),
+                ("puzzle_classification", "communication", False, "off"),
+                ("selection", "autoencoder", True, "symmetries+colours")]
+RESUME_IDS = ["-".join(map(str, case)) for case in RESUME_CASES]
 MID, END = 7, 13  # the manual save's step and the last step
 
 
