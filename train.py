@@ -64,6 +64,8 @@ class TrainConfig:
     # optimisation
     batch_size: int = setting(64, "examples per batch", low=1, high=4096)
     learning_rate: float = setting(1e-3, "Adam learning rate", low=1e-7, high=1.0)
+    weight_decay: float = setting(0.0, "decoupled weight decay, as AdamW applies it (0: plain Adam)",
+                                  low=0.0, high=10.0)
     epochs: int = setting(20, "epochs to train (or pretrain)", low=1, high=100_000)
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit)", low=0, high=10**9)
     seed: int = setting(0, "seed for initialisation, data split and batch order", low=0, high=2**31 - 1)
@@ -247,6 +249,12 @@ def build_model(config, num_classes):
     )
 
 
+def make_optimizer(params, config):
+    """Adam, with AdamW's decoupled weight decay when asked: one optimizer class, so every checkpoint's state loads."""
+    return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                            decoupled_weight_decay=True)
+
+
 class StopTraining(Exception):
     """Raised between batches when a stop was asked for."""
 
@@ -289,7 +297,7 @@ class Trainer:
         for p in self.model.encoder.parameters():
             p.requires_grad_(not c.freeze_encoder)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=c.learning_rate)
+        self.optimizer = make_optimizer(params, c)
         self.generator.manual_seed(c.seed)
         splits = make_splits(self.data, c.task_type, c.use_input_output_pairs, c.seed)
         common = dict(kind=c.task_type, batch_size=c.batch_size, seed=c.seed,
@@ -640,7 +648,7 @@ class Trainer:
             torch.manual_seed(c.seed)
             encoder = ARCEncoder(c.num_colors, c.embedding_dim, c.hidden_dim, c.latent_dim, c.num_conv_layers)
             self.model = EncoderPretrainer(encoder, mode, hidden_dim=max(c.hidden_dim, 64)).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.learning_rate)
+        self.optimizer = make_optimizer(self.model.parameters(), c)
         splits = make_splits(self.data, "reconstruction", False, c.seed)
         kind = "binary" if mode == "binary" else "selection"
         common = dict(kind=kind, batch_size=c.batch_size, seed=c.seed, num_distractors=c.num_distractors)

@@ -170,6 +170,20 @@ def test_two_runs_with_the_same_seed_are_identical(small_data, tmp_path):
     assert a.test() == b.test()
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_weight_decay_is_decoupled_from_the_gradient(arc_data, make_config, weight_decay):
+    config = make_config(learning_rate=0.1, weight_decay=weight_decay)
+    trainer = Trainer(config, arc_data, "cpu", "unused", lambda event: None)
+    trainer.setup()
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    for p in trainer.model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    # A zero gradient moves nothing through Adam's moments: only the decay, (1 - lr * weight_decay), is left.
+    for name, p in trainer.model.named_parameters():
+        assert torch.allclose(p, before[name] * (1 - 0.1 * weight_decay), rtol=0, atol=1e-7), name
+
+
 def test_augment_changes_what_training_sees_but_never_validation_or_test(arc_data, make_config):
     trainers = {}
     for augment in ("off", "symmetries+colours"):
