@@ -321,19 +321,16 @@ class _Views:
         self.transpose = torch.rand(batch_size, generator=gen) < 0.5
         self.flip_rows = torch.rand(batch_size, generator=gen) < 0.5
         self.flip_cols = torch.rand(batch_size, generator=gen) < 0.5
+        # Drawn even when unused, so a seed gives the same symmetries with or without renamed colours.
         colours = 1 + torch.argsort(torch.rand(batch_size, NUM_COLORS - 1, generator=gen), dim=1)
-        keep = torch.tensor([[0]]).expand(batch_size, 1)
-        pad = torch.tensor([[PAD]]).expand(batch_size, 1)
-        if not rename_colours:  # drawn all the same, so a seed gives the same symmetries either way
+        if not rename_colours:
             colours = torch.arange(1, NUM_COLORS).expand(batch_size, NUM_COLORS - 1)
-        self.palette = torch.cat([keep, colours, pad], dim=1)  # (B, 11): old colour id -> new
-
-    def _per_example(self, flags, like):
-        return flags.view(-1, *([1] * (like.dim() - 1)))
+        black, pad = torch.tensor([[0]]).expand(batch_size, 1), torch.tensor([[PAD]]).expand(batch_size, 1)
+        self.palette = torch.cat([black, colours, pad], dim=1)  # (B, 11): old colour id -> new
 
     def sizes(self, sizes):
-        """(B, ..., 2) heights and widths -> swapped where transposed."""
-        return torch.where(self._per_example(self.transpose, sizes), sizes.flip(-1), sizes)
+        """(B, G, 2) heights and widths -> swapped where transposed."""
+        return torch.where(self.transpose[:, None, None], sizes.flip(-1), sizes)
 
     def grids(self, grids):
         """(B, ..., 30, 30) colour ids, PAD outside each grid -> the same grids seen through each example's view."""

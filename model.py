@@ -121,9 +121,9 @@ class GridDecoder(nn.Module):
     """Receiver state -> colour logits (B, G, 10, 30, 30) and height/width logits (B, G, 2, 30).
 
     An 8x8 map grows to 15x15 by a transposed conv, and each 15x15 cell predicts its own 2x2 block of pixels
-    (pixel shuffle): no layer runs at full resolution, where nearest upsampling cost most of a step. A colour bias
-    per grid, read straight from the state, paints the background from the first steps on, so the convolutions
-    spend their capacity on the objects.
+    (pixel shuffle): no layer runs at full resolution, where the copies around nearest upsampling took 40% of a
+    step. A colour bias per grid, read straight from the state, paints the background from the first steps on, so
+    the convolutions spend their capacity on the objects.
     """
 
     def __init__(self, hidden_dim, num_colors, grids_per_example, channels=64):

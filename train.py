@@ -322,9 +322,9 @@ class Trainer:
         try:
             self.model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
+            reason = f"{str(e).splitlines()[0]}{ckpt.version_note(record)}"
             raise ValueError(f"{path}: its model does not match this config (task, bottleneck and architecture "
-                             f"must be the same to fine-tune): {str(e).splitlines()[0]}{ckpt.version_note(record)}"
-                             ) from None
+                             f"must be the same to fine-tune): {reason}") from None
 
     def checkpoint_estimate(self):
         """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""
