@@ -72,9 +72,12 @@ def workdir(tmp_path_factory):
     tasks = write_task_folder(str(root / "tasks"))
     folder = root / "work" / "checkpoints"
     data, events = load_data(data_dir=tasks), []
-    Trainer(tiny_config(folder, data_dir=tasks, epochs=2, max_steps=0), data, "cpu", str(folder),
+    # The records say checkpoint_dir "checkpoints", as a run started in its working folder would: an example that
+    # resumes with the saved config then writes into its own copy, never into the folder the others copy from.
+    Trainer(tiny_config("checkpoints", data_dir=tasks, epochs=2, max_steps=0), data, "cpu", str(folder),
             events.append).train()
-    pretraining = Trainer(tiny_config(folder, data_dir=tasks, max_steps=2), data, "cpu", str(folder), events.append)
+    pretraining = Trainer(tiny_config("checkpoints", data_dir=tasks, max_steps=2), data, "cpu", str(folder),
+                          events.append)
     pretraining.pretrain("binary")
     saved = {e["name"] for e in events if e["type"] == "checkpoint_saved"}
     assert saved == {"best_model", "checkpoint_epoch_1", "checkpoint_epoch_2", "pretrained_encoder_binary"}, saved
