@@ -13,6 +13,8 @@ GRID_SIZE = 30
 TASK_TYPES = ("reconstruction", "selection", "puzzle_classification")
 BOTTLENECK_TYPES = ("communication", "autoencoder")
 PRETRAIN_MODES = ("binary", "selection")
+# Crop sides for encoding: 4k+1 keeps every stride-2 layer's output aligned with the full grid's (see ARCEncoder).
+CROP_SIDES = (5, 9, 13, 17, 21, 25, GRID_SIZE)
 
 
 def _conv_plan(num_conv_layers, hidden_dim):
@@ -48,12 +50,31 @@ class ARCEncoder(nn.Module):
         self.to_latent = nn.Linear(2 * self.out_channels + flat, latent_dim)
 
     def forward(self, grids):
-        """(B, 30, 30) colour ids -> (B, latent_dim)."""
-        mask = (grids != self.num_colors).unsqueeze(1).float()  # (B, 1, H, W)
-        rows = torch.arange(grids.shape[1], device=grids.device)
-        cols = torch.arange(grids.shape[2], device=grids.device)
-        x = self.color_embedding(grids) + self.row_embedding(rows)[None, :, None] + self.col_embedding(cols)[None, None]
-        x = x.permute(0, 3, 1, 2) * mask  # (B, E, H, W)
+        """(B, 30, 30) colour ids -> (B, latent_dim).
+
+        Most ARC grids are small (ARC-AGI-1 training: half fit in 9x9), so grids are encoded in buckets cropped to
+        CROP_SIDES: the padding is zero after every layer, so a crop changes no value and saves most of the convs.
+        """
+        mask = grids != self.num_colors
+        positions = torch.arange(1, grids.shape[1] + 1, device=grids.device)
+        extent = torch.maximum((mask.any(2) * positions).amax(1), (mask.any(1) * positions).amax(1))  # (B,)
+        buckets = torch.bucketize(extent, torch.tensor(CROP_SIDES, device=grids.device))
+        features = None
+        for bucket in buckets.unique().tolist():
+            index = (buckets == bucket).nonzero().squeeze(1)
+            part = self.features(grids[index], CROP_SIDES[bucket])
+            if features is None:
+                features = part.new_empty(len(grids), part.shape[1])
+            features = features.index_copy(0, index, part)
+        return self.to_latent(features)
+
+    def features(self, grids, side=GRID_SIZE):
+        """(B, 30, 30) colour ids whose grids fit in side x side -> pooled and flattened features (B, F)."""
+        grids = grids[:, :side, :side]
+        mask = (grids != self.num_colors).unsqueeze(1).float()  # (B, 1, side, side)
+        rows = torch.arange(side, device=grids.device)
+        x = self.color_embedding(grids) + self.row_embedding(rows)[None, :, None] + self.col_embedding(rows)[None, None]
+        x = x.permute(0, 3, 1, 2) * mask  # (B, E, side, side)
         for conv, stride in zip(self.convs, self.strides):
             if stride > 1:
                 mask = F.max_pool2d(mask, kernel_size=3, stride=stride, padding=1)
@@ -61,7 +82,9 @@ class ARCEncoder(nn.Module):
         area = mask.sum(dim=(2, 3)).clamp_min(1.0)  # (B, 1)
         mean = x.sum(dim=(2, 3)) / area
         peak = x.masked_fill(mask == 0, -1e4).amax(dim=(2, 3))
-        return self.to_latent(torch.cat([mean, peak, x.flatten(1)], dim=1))
+        missing = self.out_side - x.shape[-1]
+        x = F.pad(x, (0, missing, 0, missing))  # a crop's map, zero outside, placed in the full map
+        return torch.cat([mean, peak, x.flatten(1)], dim=1)
 
 
 class ExampleEncoder(nn.Module):

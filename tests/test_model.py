@@ -169,6 +169,31 @@ def test_a_grid_encodes_the_same_whatever_else_is_in_the_batch():
     assert not torch.allclose(with_others[1], with_changed[1])
 
 
+EDGE_SIDES = [(1, 1), (5, 5), (5, 6), (6, 9), (9, 10), (13, 14), (17, 18), (21, 22), (25, 26), (29, 3), (30, 30)]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_encoding_grids_in_cropped_buckets_matches_encoding_them_at_full_size(layers):
+    """Forward crops each grid to the smallest of CROP_SIDES that holds it; every crop side must give exactly the
+    values and gradients of running the convs on the full 30x30 (an even side would not: its stride-2 output
+    drops a row). Grids at every bucket's edges, in double precision so any difference shows."""
+    torch.manual_seed(layers)
+    encoder = ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=8, num_conv_layers=layers).double()
+    grids = torch.cat([random_grids(9, seed=layers, max_side=30), torch.full((len(EDGE_SIDES), 30, 30), PAD)])
+    for i, (h, w) in enumerate(EDGE_SIDES, start=9):
+        grids[i, :h, :w] = torch.randint(0, 10, (h, w))
+    weights = torch.randn(len(grids), 8, dtype=torch.double)
+    cropped = encoder(grids)
+    (cropped * weights).sum().backward()
+    cropped_grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    full = encoder.to_latent(encoder.features(grids, side=30))
+    (full * weights).sum().backward()
+    assert torch.allclose(cropped, full, rtol=0, atol=1e-12)
+    for p, cropped_grad in zip(encoder.parameters(), cropped_grads):
+        assert torch.allclose(p.grad, cropped_grad, rtol=0, atol=1e-12)
+
+
 def test_the_pad_area_never_counts():
     """A 3x3 grid's latent ignores everything the encoder holds for the pad-only area: the pad colour's
     embedding and the row/column embeddings of rows and columns 3-29 (wherever the pad-only area is)."""
