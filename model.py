@@ -52,20 +52,18 @@ class ARCEncoder(nn.Module):
     def forward(self, grids):
         """(B, 30, 30) colour ids -> (B, latent_dim).
 
-        Most ARC grids are small (ARC-AGI-1 training: half fit in 9x9), so grids are encoded in buckets cropped to
+        Most ARC grids are small (ARC-AGI-1 training: 73% fit in 13x13), so grids are encoded in buckets cropped to
         CROP_SIDES: the padding is zero after every layer, so a crop changes no value and saves most of the convs.
         """
         mask = grids != self.num_colors
         positions = torch.arange(1, grids.shape[1] + 1, device=grids.device)
         extent = torch.maximum((mask.any(2) * positions).amax(1), (mask.any(1) * positions).amax(1))  # (B,)
         buckets = torch.bucketize(extent, torch.tensor(CROP_SIDES, device=grids.device))
-        features = None
+        weight = self.to_latent.weight
+        features = torch.empty(len(grids), weight.shape[1], dtype=weight.dtype, device=grids.device)
         for bucket in buckets.unique().tolist():
             index = (buckets == bucket).nonzero().squeeze(1)
-            part = self.features(grids[index], CROP_SIDES[bucket])
-            if features is None:
-                features = part.new_empty(len(grids), part.shape[1])
-            features = features.index_copy(0, index, part)
+            features = features.index_copy(0, index, self.features(grids[index], CROP_SIDES[bucket]))
         return self.to_latent(features)
 
     def features(self, grids, side=GRID_SIZE):
