@@ -142,15 +142,17 @@ def reconstruction_loss(out, batch):
     target, true_sizes = batch["examples"], batch["sizes"]  # (B, G, 30, 30), (B, G, 2)
     colors, sizes = out["colors"], out["sizes"]  # (B, G, 10, 30, 30), (B, G, 2, 30)
     mask = target != PAD
-    pixel_loss = F.cross_entropy(colors.movedim(2, -1)[mask], target[mask])
+    logits = colors.movedim(2, -1)[mask]  # (P, 10): the loss and accuracy read the real pixels only
+    pixel_loss = F.cross_entropy(logits, target[mask])
     size_loss = F.cross_entropy(sizes.reshape(-1, sizes.shape[-1]), (true_sizes - 1).reshape(-1))
-    predicted = colors.argmax(2)
+    correct = torch.zeros_like(mask)
+    correct[mask] = logits.argmax(1) == target[mask]
     size_ok = (sizes.argmax(-1) == true_sizes - 1).all(-1)  # (B, G)
-    exact = size_ok & ((predicted == target) | ~mask).flatten(2).all(-1)
+    exact = size_ok & (correct | ~mask).flatten(2).all(-1)
     n, pixels = exact.numel(), mask.sum().item()
     loss = pixel_loss + size_loss
     return loss, {
-        "loss": (loss.item() * n, n), "acc": (((predicted == target) & mask).sum().item(), pixels),
+        "loss": (loss.item() * n, n), "acc": (correct.sum().item(), pixels),
         "size_acc": (size_ok.sum().item(), n), "exact_acc": (exact.sum().item(), n),
     }
 

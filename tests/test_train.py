@@ -14,9 +14,9 @@ import torch
 import checkpoint as ckpt
 import train
 from conftest import assert_same, tiny_config, wait_for, write_task_folder
-from data import load_data
+from data import PAD, load_data
 from model import ARCEncoder
-from train import LOSSES, TrainConfig, Trainer
+from train import LOSSES, TrainConfig, Trainer, reconstruction_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--embedding-dim", "4", "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2",
@@ -74,6 +74,22 @@ def save_and_stop_at(step, name="mid"):
 
 
 # ---------------------------------------------------------------------------------------------- TrainConfig
+
+def test_reconstruction_metrics_count_real_pixels_sizes_and_whole_grids():
+    """Two 2x3 grids decoded right except one pixel of the second, and whatever lies in the padding: pixel
+    accuracy 11/12, size accuracy 1, exact grids 1/2."""
+    target = torch.full((2, 1, 30, 30), PAD)
+    target[:, 0, :2, :3] = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    colors = torch.zeros(2, 1, 10, 30, 30)
+    colors.scatter_(2, target.clamp(max=9).unsqueeze(2), 5.0)  # the right colour on real pixels
+    colors[:, :, 7, 10:, 10:] = 9.0  # padding: never counted
+    colors[1, 0, 0, 1, 2] = 6.0  # one wrong pixel in the second grid
+    sizes = torch.zeros(2, 1, 2, 30)
+    sizes[:, :, 0, 1] = sizes[:, :, 1, 2] = 5.0  # height 2, width 3
+    batch = {"examples": target, "sizes": torch.tensor([[[2, 3]], [[2, 3]]])}
+    _, sums = reconstruction_loss({"colors": colors, "sizes": sizes}, batch)
+    assert sums["acc"] == (11, 12) and sums["size_acc"] == (2, 2) and sums["exact_acc"] == (1, 2)
+
 
 def test_defaults_round_trip_and_every_field_is_documented():
     config = TrainConfig()
