@@ -37,11 +37,6 @@ def crop_buckets(extents):
     return [(CROP_SIDES[k], (buckets == k).nonzero().squeeze(1)) for k in buckets.unique().tolist()]
 
 
-def in_batch_order(parts, indices):
-    """Rows computed bucket by bucket -> one tensor in the batch's order."""
-    return torch.cat(parts)[torch.argsort(torch.cat(indices))]
-
-
 class ARCEncoder(nn.Module):
     """Colour embedding + conv stack; padding is zeroed after every layer and never enters the pooling."""
 
@@ -74,9 +69,10 @@ class ARCEncoder(nn.Module):
         CROP_SIDES: the padding is zero after every layer, so a crop changes no value and saves most of the convs.
         """
         buckets = crop_buckets(grid_extents(grids, self.num_colors))
-        features = [self.features(grids[index], side) for side, index in buckets]
-        # One matmul over the buckets' rows, then only the small latents go back to the batch's order.
-        return in_batch_order([self.to_latent(torch.cat(features))], [index for _, index in buckets])
+        features = torch.cat([self.features(grids[index], side) for side, index in buckets])
+        batch_order = torch.argsort(torch.cat([index for _, index in buckets]))
+        # One matmul over the buckets' rows; only the small latents go back to the batch's order.
+        return self.to_latent(features)[batch_order]
 
     def features(self, grids, side=GRID_SIZE):
         """(B, 30, 30) colour ids whose grids fit in side x side -> pooled and flattened features (B, F)."""
@@ -157,10 +153,6 @@ class GridDecoder(nn.Module):
     (pixel shuffle): no layer runs at full resolution, where the copies around nearest upsampling took 40% of a
     step. A colour bias per grid, read straight from the state, paints the background from the first steps on, so
     the convolutions spend their capacity on the objects.
-
-    Given `extents` (training: each example's largest grid side), the 15x15 layers run only on the crop of CROP_SIDES
-    that holds the grids, plus the one-cell halo each 3x3 conv reads, so every pixel of the grids gets exactly its
-    full-size value. Pixels outside the crop, which the loss never reads, keep only the background bias.
     """
 
     def __init__(self, hidden_dim, num_colors, grids_per_example, channels=64):
@@ -175,30 +167,16 @@ class GridDecoder(nn.Module):
         self.to_background = nn.Linear(hidden_dim, grids_per_example * num_colors)
         self.to_sizes = nn.Linear(hidden_dim, grids_per_example * 2 * GRID_SIZE)
 
-    def forward(self, state, extents=None):
+    def forward(self, state):
         b = state.shape[0]
         state = self.norm(state)
         x = self.to_map(state).view(b, self.channels, 8, 8)
-        x = F.gelu(self.up_to_15(F.gelu(self.refine_8(x))))  # (B, C, 15, 15)
-        if extents is None:
-            colors = self.paint(x, GRID_SIZE)
-        else:
-            buckets = crop_buckets(extents)
-            colors = in_batch_order([self.paint(x[index], side) for side, index in buckets],
-                                    [index for _, index in buckets])
-        colors = colors.view(b, self.g, self.num_colors, GRID_SIZE, GRID_SIZE)
+        for layer in (self.refine_8, self.up_to_15, self.refine_15):
+            x = F.gelu(layer(x))
+        colors = F.pixel_shuffle(self.to_colors(x), 2).view(b, self.g, self.num_colors, GRID_SIZE, GRID_SIZE)
         colors = colors + self.to_background(state).view(b, self.g, self.num_colors, 1, 1)
         sizes = self.to_sizes(state).view(b, self.g, 2, GRID_SIZE)
         return colors, sizes
-
-    def paint(self, x, side):
-        """(B, C, 15, 15) -> colour logits (B, G * 10, 30, 30), exact on the top-left side x side pixels."""
-        cells, full = (side + 1) // 2, x.shape[-1]
-        x = x[..., :min(cells + 2, full), :min(cells + 2, full)]
-        x = F.gelu(self.refine_15(x))[..., :min(cells + 1, full), :min(cells + 1, full)]
-        x = F.pixel_shuffle(self.to_colors(x)[..., :cells, :cells], 2)
-        missing = GRID_SIZE - x.shape[-1]
-        return F.pad(x, (0, missing, 0, missing))
 
 
 class ARCAutoencoder(nn.Module):
@@ -264,9 +242,7 @@ class ARCAutoencoder(nn.Module):
             return out
         state, symbols = self.transmit(self.example_encoder(examples), generator)
         if self.task_type == "reconstruction":
-            # Training reads the loss on the grids' own area only, so the decoder may skip the rest.
-            extents = grid_extents(examples.flatten(0, 1), self.encoder.num_colors).view(examples.shape[:2]).amax(1)
-            colors, sizes = self.decoder(state, extents if self.training else None)
+            colors, sizes = self.decoder(state)
             return {"colors": colors, "sizes": sizes, "symbols": symbols}
         return {"logits": self.classifier(state), "symbols": symbols}
 

@@ -194,35 +194,6 @@ def test_encoding_grids_in_cropped_buckets_matches_encoding_them_at_full_size(la
         assert torch.allclose(p.grad, cropped_grad, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["grids", "pairs"])
-def test_training_decodes_only_the_crop_holding_the_grids_with_the_full_size_values_there(pairs):
-    """In training the decoder's 15x15 layers skip what lies beyond each example's crop; on every real pixel the
-    logits and all gradients of a loss read there are those of the full-size decode used in evaluation."""
-    torch.manual_seed(0)
-    encoder = ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2)
-    model = ARCAutoencoder(encoder, bottleneck_type="autoencoder", task_type="reconstruction",
-                           use_input_output_pairs=pairs, hidden_dim=16).double()
-    g = 2 if pairs else 1
-    grids = torch.cat([random_grids(9 * g, seed=1, max_side=30), torch.full((len(EDGE_SIDES) * g, 30, 30), PAD)])
-    for i, (h, w) in enumerate(EDGE_SIDES, start=9 * g):
-        grids[i, :h, :w] = torch.randint(0, 10, (h, w))
-    examples = grids.view(-1, g, 30, 30)
-    real = (examples != PAD).unsqueeze(2).expand(-1, -1, 10, -1, -1)  # (B, G, 10, 30, 30)
-    weights = torch.randn(real.shape, dtype=torch.double)
-    results = []
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        model.zero_grad()
-        colors = model(examples)["colors"]
-        (colors * weights)[real].sum().backward()
-        results.append((colors.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
-    (train_colors, train_grads), (eval_colors, eval_grads) = results
-    assert torch.allclose(train_colors[real], eval_colors[real], rtol=0, atol=1e-12)
-    assert not torch.allclose(train_colors[~real], eval_colors[~real], atol=1e-3), "training decoded everything"
-    for train_grad, eval_grad in zip(train_grads, eval_grads):
-        assert torch.allclose(train_grad, eval_grad, rtol=0, atol=1e-12)
-
-
 def test_the_pad_area_never_counts():
     """A 3x3 grid's latent ignores everything the encoder holds for the pad-only area: the pad colour's
     embedding and the row/column embeddings of rows and columns 3-29 (wherever the pad-only area is)."""
