@@ -68,6 +68,8 @@ class ARCEncoder(nn.Module):
         Most ARC grids are small (ARC-AGI-1 training: 73% fit in 13x13), so grids are encoded in buckets cropped to
         CROP_SIDES: the padding is zero after every layer, so a crop changes no value and saves most of the convs.
         """
+        if len(grids) == 0:
+            return self.to_latent(self.features(grids))
         buckets = crop_buckets(grid_extents(grids, self.num_colors))
         features = torch.cat([self.features(grids[index], side) for side, index in buckets])
         batch_order = torch.argsort(torch.cat([index for _, index in buckets]))

@@ -192,6 +192,7 @@ def test_encoding_grids_in_cropped_buckets_matches_encoding_them_at_full_size(la
     assert torch.allclose(cropped, full, rtol=0, atol=1e-12)
     for p, cropped_grad in zip(encoder.parameters(), cropped_grads):
         assert torch.allclose(p.grad, cropped_grad, rtol=0, atol=1e-12)
+    assert encoder(grids[:0]).shape == (0, 8)  # an empty batch still has a shape
 
 
 def test_the_pad_area_never_counts():
