@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # 0.2.0 rebuilt the reconstruction decoder: reconstruction weights written by 0.1.0 no longer fit the model.
-PROJECT_VERSION = "0.2.0"
+# 0.3.0 added the sender's logit normalisation (config message_norm); records without the setting rebuild without it.
+PROJECT_VERSION = "0.3.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")
@@ -429,9 +430,13 @@ def update_sidecar(checkpoint_dir, name, changes):
 
 # ---------------------------------------------------------------------------------------------- comparing
 
+# Batch norm's running figures: state, not parameters (torch names them so in every state dict).
+RUNNING_FIGURES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
 def parameter_count(state_dict):
-    """Floating-point parameters (and buffers) in a state dict."""
-    return sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+    """Floating-point parameters in a state dict: what count_parameters gives for the model it came from."""
+    return sum(t.numel() for k, t in state_dict.items() if t.is_floating_point() and not k.endswith(RUNNING_FIGURES))
 
 
 def compare_records(a, b, state_a=None, state_b=None):

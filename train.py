@@ -23,10 +23,14 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
-from model import BOTTLENECK_TYPES, PRETRAIN_MODES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer
+from model import (BOTTLENECK_TYPES, MESSAGE_NORMS, PRETRAIN_MODES, TASK_TYPES, ARCAutoencoder, ARCEncoder,
+                   EncoderPretrainer)
 
 logger = logging.getLogger(__name__)
 
+
+# Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
+SETTINGS_BEFORE = {"message_norm": "none"}  # project 0.2.0 and earlier
 
 MONITORS = ("val_loss", "val_acc", "val_size_acc", "val_exact_acc", "val_distinct_share")
 
@@ -61,6 +65,8 @@ class TrainConfig:
     temperature: float = setting(1.0, "Gumbel-softmax temperature at the start", low=1e-3, high=100.0)
     temperature_decay: float = setting(1.0, "temperature multiplier per epoch", low=0.01, high=1.0)
     min_temperature: float = setting(0.5, "temperature never anneals below this", low=1e-3, high=100.0)
+    message_norm: str = setting("batch", "normalise each symbol's sender logit over the batch, so every symbol is "
+                                "used at every position", choices=MESSAGE_NORMS)
     # optimisation
     batch_size: int = setting(64, "examples per batch", low=1, high=4096)
     learning_rate: float = setting(1e-3, "Adam learning rate", low=1e-7, high=1.0)
@@ -240,6 +246,7 @@ def sample_of(task, batch, out):
 
 def build_model(config, num_classes):
     """The main-training model for a config; also how load_checkpoint.py rebuilds one from a file."""
+    config = {**SETTINGS_BEFORE, **config}
     encoder = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
                          config["latent_dim"], config["num_conv_layers"])
     return ARCAutoencoder(
@@ -248,6 +255,7 @@ def build_model(config, num_classes):
         num_distractors=config["num_distractors"], use_input_output_pairs=config["use_input_output_pairs"],
         temperature=config["temperature"], hidden_dim=max(config["hidden_dim"], config["latent_dim"]),
         num_classes=num_classes, batch_negatives=config.get("selection_negatives") == "batch",
+        message_norm=config["message_norm"],
     )
 
 
@@ -343,7 +351,7 @@ class Trainer:
         if trained_on and trained_on != self.data.name:  # the data is loaded before the checkpoint is read
             raise ValueError(f"{path} was trained on {trained_on}, but this run's data is {self.data.name}; "
                              "resume with the same dataset / data_dir")
-        saved = {k: v for k, v in record["config"].items() if k in TrainConfig.__dataclass_fields__}
+        saved = {k: v for k, v in {**SETTINGS_BEFORE, **record["config"]}.items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
                       "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",
@@ -391,6 +399,9 @@ class Trainer:
     def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
         """Submit a snapshot of this step to the writer; its tensors are copied while the next step computes."""
         model_state = self.model.state_dict()
+        # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy those few now.
+        buffers = {name for name, _ in self.model.named_buffers()}
+        model_state = {k: v.clone() if k in buffers else v for k, v in model_state.items()}
         pretraining = self.phase == "pretraining"
         prefix = "encoder." if pretraining else "example_encoder.encoder."
         extra = {"pretrain_mode": self.pretrain_mode} if pretraining else {

@@ -120,6 +120,40 @@ def test_train_messages_are_noisy_but_follow_the_logits_at_low_temperature():
     assert 0.5 < agree < 1.0, "training messages should be sampled (Gumbel), mostly the argmax"
 
 
+def symbols_in_use(symbols):
+    """(B, L, V) one-hot -> how many distinct symbols each position uses over the batch."""
+    return [len(symbols[:, i].argmax(-1).unique()) for i in range(symbols.shape[1])]
+
+
+def test_batch_normalised_logits_put_every_symbol_in_use_where_raw_logits_use_one():
+    latent = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    for norm in ("batch", "none"):
+        torch.manual_seed(0)
+        sender = Sender(16, VOCAB, LENGTH, 32, logit_norm=norm)
+        with torch.no_grad():
+            sender.net[-1].bias.view(LENGTH, VOCAB)[:, 0] += 50.0  # a sender stuck on symbol 0 everywhere
+            sender.train()
+            for step in range(60):  # training batches also move the running figures evaluation reads
+                trained, _ = sender(latent, 1.0, torch.Generator().manual_seed(step))
+            evaluated, _ = sender.eval()(latent, 1.0)
+        expected = VOCAB if norm == "batch" else 1
+        assert symbols_in_use(trained) == symbols_in_use(evaluated) == [expected] * LENGTH, norm
+
+
+def test_a_normalised_message_at_evaluation_does_not_depend_on_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    sender = Sender(16, VOCAB, LENGTH, 32, logit_norm="batch")
+    latent = torch.randn(64, 16)
+    with torch.no_grad():
+        sender.train()(latent, 1.0, torch.Generator().manual_seed(0))
+        one, _ = sender.train()(latent[:1], 1.0, torch.Generator().manual_seed(0))  # a batch of one trains too
+        assert is_one_hot(one)
+        sender.eval()
+        together, _ = sender(latent, 1.0)
+        alone = torch.cat([sender(latent[i:i + 1], 1.0)[0] for i in range(len(latent))])
+    assert torch.equal(together, alone)
+
+
 def test_straight_through_passes_gradient_from_receiver_state_to_latent():
     model = tiny_model("reconstruction", "communication").train()
     latent = torch.randn(8, 16, requires_grad=True)

@@ -521,6 +521,47 @@ def test_weights_from_an_older_project_version_are_refused_saying_so(small_data,
     assert "damaged" in str(info.value) and "version" not in str(info.value)
 
 
+def test_a_checkpoint_from_before_message_norm_resumes_exactly_without_it(small_data, tmp_path):
+    data_dir, data = small_data
+
+    def config(folder, **changes):
+        return resume_config(tmp_path / folder, data_dir, "selection", "communication", False, **changes)
+
+    straight, straight_events = run(config("straight", message_norm="none"), data)
+    first = config("first", message_norm="none")
+    run(first, data, save_and_stop_at(MID))
+    # What a 0.2.0 file holds: no message_norm setting and no normalisation buffers in the sender.
+    record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
+    assert not any(".norm." in k for k in record["model_state_dict"])
+    del record["config"]["message_norm"]
+    record["versions"]["project"] = "0.2.0"
+    ckpt.write_checkpoint(str(tmp_path / "old"), {**record, "name": "old", "kind": "manual"})
+    old = str(tmp_path / "old" / "old.pth")
+    second = config("second")
+    assert second.message_norm == "batch"  # today's default, which the old file's weights do not have
+    resume_and_compare(old, second, data, straight, straight_events, after=MID)
+    inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), old],
+                             capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "weights loaded" in inspect.stdout, inspect
+
+
+def test_a_snapshot_holds_the_running_figures_of_its_own_step(small_data, make_config):
+    """Batch norm's buffers change in the forward pass that the snapshot's copy overlaps."""
+    data_dir, data = small_data
+    trainer = Trainer(make_config(task_type="selection", bottleneck_type="communication"), data, "cpu",
+                      "unused", lambda e: None)
+    trainer.setup()
+    submitted = []
+    trainer.writer = type("Writer", (), {"submit": lambda self, job: submitted.append(job)})()
+    trainer._save("manual", "snap")
+    running_mean = submitted[0].fields["model_state_dict"]["sender.norm.running_mean"]
+    before = running_mean.clone()
+    trainer.model.train()
+    trainer._forward(trainer.model, trainer.train_batches.batch(0, 0))
+    assert not torch.equal(trainer.model.sender.norm.running_mean, before), "the forward pass moved nothing"
+    assert torch.equal(running_mean, before)
+
+
 def fine_tune(config, data, path):
     trainer = Trainer(config, data, "cpu", config.checkpoint_dir, lambda e: None)
     trainer.setup()
