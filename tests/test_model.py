@@ -154,6 +154,22 @@ def test_a_normalised_message_at_evaluation_does_not_depend_on_the_rest_of_the_b
     assert torch.equal(together, alone)
 
 
+def test_the_cosine_puzzle_head_scores_angles_and_the_linear_head_does_not():
+    torch.manual_seed(0)
+    examples = inputs_for("puzzle_classification", False)["examples"]
+    for head in ("cosine", "linear"):
+        model = ARCAutoencoder(tiny_encoder(), bottleneck_type="autoencoder", task_type="puzzle_classification",
+                               num_classes=6, puzzle_head=head).eval()
+        with torch.no_grad():
+            before = model(examples)["logits"]
+            model.classifier.weight.mul_(torch.arange(1.0, 7.0)[:, None])  # longer vectors, same directions
+            after = model(examples)["logits"]
+        if head == "cosine":
+            assert torch.allclose(before, after, atol=1e-5) and before.abs().max() <= 10.0 + 1e-5
+        else:
+            assert not torch.allclose(before, after, atol=1e-3)
+
+
 def test_straight_through_passes_gradient_from_receiver_state_to_latent():
     model = tiny_model("reconstruction", "communication").train()
     latent = torch.randn(8, 16, requires_grad=True)

@@ -521,24 +521,28 @@ def test_weights_from_an_older_project_version_are_refused_saying_so(small_data,
     assert "damaged" in str(info.value) and "version" not in str(info.value)
 
 
-def test_a_checkpoint_from_before_message_norm_resumes_exactly_without_it(small_data, tmp_path):
+@pytest.mark.parametrize("task", ["selection", "puzzle_classification"])
+def test_a_checkpoint_from_before_message_norm_and_puzzle_head_resumes_exactly_as_it_was(small_data, tmp_path, task):
     data_dir, data = small_data
 
     def config(folder, **changes):
-        return resume_config(tmp_path / folder, data_dir, "selection", "communication", False, **changes)
+        return resume_config(tmp_path / folder, data_dir, task, "communication", False, **changes)
 
-    straight, straight_events = run(config("straight", message_norm="none"), data)
-    first = config("first", message_norm="none")
+    before = dict(message_norm="none", puzzle_head="linear")
+    straight, straight_events = run(config("straight", **before), data)
+    first = config("first", **before)
     run(first, data, save_and_stop_at(MID))
-    # What a 0.2.0 file holds: no message_norm setting and no normalisation buffers in the sender.
+    # What a 0.2.0 file holds: neither setting, no normalisation buffers in the sender, a classifier with a bias.
     record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
     assert not any(".norm." in k for k in record["model_state_dict"])
-    del record["config"]["message_norm"]
+    assert ("classifier.bias" in record["model_state_dict"]) == (task == "puzzle_classification")
+    for name in before:
+        del record["config"][name]
     record["versions"]["project"] = "0.2.0"
     ckpt.write_checkpoint(str(tmp_path / "old"), {**record, "name": "old", "kind": "manual"})
     old = str(tmp_path / "old" / "old.pth")
     second = config("second")
-    assert second.message_norm == "batch"  # today's default, which the old file's weights do not have
+    assert (second.message_norm, second.puzzle_head) == ("batch", "cosine")  # today's defaults, not the file's
     resume_and_compare(old, second, data, straight, straight_events, after=MID)
     inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), old],
                              capture_output=True, text=True, timeout=120)
