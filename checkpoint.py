@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # 0.2.0 rebuilt the reconstruction decoder: reconstruction weights written by 0.1.0 no longer fit the model.
-# 0.3.0 added the sender's logit normalisation and the cosine puzzle head (config message_norm, puzzle_head); records
+# 0.3.0 added the sender's logit normalisation and cosine scoring (config message_norm, scoring); records
 # without those settings rebuild as they were (train.SETTINGS_BEFORE).
 PROJECT_VERSION = "0.3.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
-from model import (BOTTLENECK_TYPES, MESSAGE_NORMS, PRETRAIN_MODES, PUZZLE_HEADS, TASK_TYPES, ARCAutoencoder,
+from model import (BOTTLENECK_TYPES, MESSAGE_NORMS, PRETRAIN_MODES, SCORINGS, TASK_TYPES, ARCAutoencoder,
                    ARCEncoder, EncoderPretrainer)
 
 logger = logging.getLogger(__name__)
 
 
 # Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
-SETTINGS_BEFORE = {"message_norm": "none", "puzzle_head": "linear"}  # project 0.2.0 and earlier
+SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot"}  # project 0.2.0 and earlier
 
 MONITORS = ("val_loss", "val_acc", "val_size_acc", "val_exact_acc", "val_distinct_share")
 
@@ -59,8 +59,8 @@ class TrainConfig:
     hidden_dim: int = setting(128, "conv channels of the last layer and receiver width", low=8, high=4096)
     latent_dim: int = setting(128, "encoder output size", low=1, high=8192)
     num_conv_layers: int = setting(3, "conv layers in the encoder", low=1, high=12)
-    puzzle_head: str = setting("cosine", "puzzle classification scores: the angle to each puzzle's vector, or a "
-                               "linear layer", choices=PUZZLE_HEADS)
+    scoring: str = setting("cosine", "selection and puzzle classification score by cosine similarity (x10) or by "
+                           "dot product (a linear layer for puzzles)", choices=SCORINGS)
     # message
     vocab_size: int = setting(10, "symbols a message can use", low=2, high=1024)
     max_message_length: int = setting(5, "symbols per message", low=1, high=64)
@@ -257,7 +257,7 @@ def build_model(config, num_classes):
         num_distractors=config["num_distractors"], use_input_output_pairs=config["use_input_output_pairs"],
         temperature=config["temperature"], hidden_dim=max(config["hidden_dim"], config["latent_dim"]),
         num_classes=num_classes, batch_negatives=config.get("selection_negatives") == "batch",
-        message_norm=config["message_norm"], puzzle_head=config["puzzle_head"],
+        message_norm=config["message_norm"], scoring=config["scoring"],
     )
 
 

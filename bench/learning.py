@@ -137,8 +137,7 @@ def shuffled_message_accuracy(trainer, seed):
         donor = torch.empty(b, dtype=torch.long)
         donor[order] = order.roll(-1)
         for count, messages in ((0, symbols), (1, symbols[donor])):
-            state = model.receiver(messages)
-            scores = torch.einsum("bkh,bh->bk", keys, state) / math.sqrt(state.shape[-1])
+            scores = model.scores(model.receiver(messages), keys)
             right = (scores.argmax(1) == target).sum().item()
             if count == 0:
                 own += right

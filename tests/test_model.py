@@ -154,20 +154,30 @@ def test_a_normalised_message_at_evaluation_does_not_depend_on_the_rest_of_the_b
     assert torch.equal(together, alone)
 
 
-def test_the_cosine_puzzle_head_scores_angles_and_the_linear_head_does_not():
+@pytest.mark.parametrize("scoring", ["cosine", "dot"])
+def test_cosine_scoring_reads_only_the_angle_between_state_and_key(scoring):
+    """Longer keys (puzzle vectors, candidate projections) change dot-product scores but not cosine ones."""
     torch.manual_seed(0)
-    examples = inputs_for("puzzle_classification", False)["examples"]
-    for head in ("cosine", "linear"):
-        model = ARCAutoencoder(tiny_encoder(), bottleneck_type="autoencoder", task_type="puzzle_classification",
-                               num_classes=6, puzzle_head=head).eval()
-        with torch.no_grad():
-            before = model(examples)["logits"]
-            model.classifier.weight.mul_(torch.arange(1.0, 7.0)[:, None])  # longer vectors, same directions
-            after = model(examples)["logits"]
-        if head == "cosine":
-            assert torch.allclose(before, after, atol=1e-5) and before.abs().max() <= 10.0 + 1e-5
-        else:
-            assert not torch.allclose(before, after, atol=1e-3)
+    puzzles = ARCAutoencoder(tiny_encoder(), bottleneck_type="autoencoder", task_type="puzzle_classification",
+                             num_classes=6, scoring=scoring).eval()
+    selection = ARCAutoencoder(tiny_encoder(), bottleneck_type="communication", task_type="selection",
+                               num_distractors=K, scoring=scoring, batch_negatives=True).train()
+    puzzle_inputs, selection_inputs = inputs_for("puzzle_classification", False), inputs_for("selection", False)
+    with torch.no_grad():
+        before = [puzzles(**puzzle_inputs)["logits"],
+                  *selection(**selection_inputs, generator=torch.Generator().manual_seed(0)).values()]
+        puzzles.classifier.weight.mul_(torch.arange(1.0, 7.0)[:, None])
+        selection.candidate_projection.weight.mul_(3.0)
+        selection.candidate_projection.bias.mul_(3.0)
+        after = [puzzles(**puzzle_inputs)["logits"],
+                 *selection(**selection_inputs, generator=torch.Generator().manual_seed(0)).values()]
+    for old, new in zip(before, after):
+        if scoring == "cosine":
+            assert torch.allclose(old, new, atol=1e-5) and new.abs().max() <= 10.0 + 1e-5
+        elif not torch.equal(old, new):  # the message (symbols) does not depend on the keys
+            assert not torch.allclose(old, new, atol=1e-3)
+    if scoring == "dot":  # puzzle logits and selection scores both move with the keys' length
+        assert not torch.allclose(before[0], after[0], atol=1e-3) and not torch.allclose(before[1], after[1], atol=1e-3)
 
 
 def test_straight_through_passes_gradient_from_receiver_state_to_latent():

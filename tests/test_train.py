@@ -522,13 +522,13 @@ def test_weights_from_an_older_project_version_are_refused_saying_so(small_data,
 
 
 @pytest.mark.parametrize("task", ["selection", "puzzle_classification"])
-def test_a_checkpoint_from_before_message_norm_and_puzzle_head_resumes_exactly_as_it_was(small_data, tmp_path, task):
+def test_a_checkpoint_from_before_message_norm_and_cosine_scoring_resumes_exactly_as_it_was(small_data, tmp_path, task):
     data_dir, data = small_data
 
     def config(folder, **changes):
         return resume_config(tmp_path / folder, data_dir, task, "communication", False, **changes)
 
-    before = dict(message_norm="none", puzzle_head="linear")
+    before = dict(message_norm="none", scoring="dot")
     straight, straight_events = run(config("straight", **before), data)
     first = config("first", **before)
     run(first, data, save_and_stop_at(MID))
@@ -542,7 +542,7 @@ def test_a_checkpoint_from_before_message_norm_and_puzzle_head_resumes_exactly_a
     ckpt.write_checkpoint(str(tmp_path / "old"), {**record, "name": "old", "kind": "manual"})
     old = str(tmp_path / "old" / "old.pth")
     second = config("second")
-    assert (second.message_norm, second.puzzle_head) == ("batch", "cosine")  # today's defaults, not the file's
+    assert (second.message_norm, second.scoring) == ("batch", "cosine")  # today's defaults, not the file's
     resume_and_compare(old, second, data, straight, straight_events, after=MID)
     inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), old],
                              capture_output=True, text=True, timeout=120)
