@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 # Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
 SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot"}  # project 0.2.0 and earlier
 
+
+def settings_of(config):
+    """A config dict, from this run or from any record, with every setting it predates at its old value."""
+    return {**SETTINGS_BEFORE, **config}
+
 MONITORS = ("val_loss", "val_acc", "val_size_acc", "val_exact_acc", "val_distinct_share")
 
 
@@ -248,7 +253,7 @@ def sample_of(task, batch, out):
 
 def build_model(config, num_classes):
     """The main-training model for a config; also how load_checkpoint.py rebuilds one from a file."""
-    config = {**SETTINGS_BEFORE, **config}
+    config = settings_of(config)
     encoder = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
                          config["latent_dim"], config["num_conv_layers"])
     return ARCAutoencoder(
@@ -353,7 +358,7 @@ class Trainer:
         if trained_on and trained_on != self.data.name:  # the data is loaded before the checkpoint is read
             raise ValueError(f"{path} was trained on {trained_on}, but this run's data is {self.data.name}; "
                              "resume with the same dataset / data_dir")
-        saved = {k: v for k, v in {**SETTINGS_BEFORE, **record["config"]}.items() if k in TrainConfig.__dataclass_fields__}
+        saved = {k: v for k, v in settings_of(record["config"]).items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
                       "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",

@@ -163,21 +163,23 @@ def test_cosine_scoring_reads_only_the_angle_between_state_and_key(scoring):
     selection = ARCAutoencoder(tiny_encoder(), bottleneck_type="communication", task_type="selection",
                                num_distractors=K, scoring=scoring, batch_negatives=True).train()
     puzzle_inputs, selection_inputs = inputs_for("puzzle_classification", False), inputs_for("selection", False)
+
+    def outputs():
+        out = selection(**selection_inputs, generator=torch.Generator().manual_seed(0))
+        return {"logits": puzzles(**puzzle_inputs)["logits"], **out}
+
     with torch.no_grad():
-        before = [puzzles(**puzzle_inputs)["logits"],
-                  *selection(**selection_inputs, generator=torch.Generator().manual_seed(0)).values()]
+        before = outputs()
         puzzles.classifier.weight.mul_(torch.arange(1.0, 7.0)[:, None])
         selection.candidate_projection.weight.mul_(3.0)
         selection.candidate_projection.bias.mul_(3.0)
-        after = [puzzles(**puzzle_inputs)["logits"],
-                 *selection(**selection_inputs, generator=torch.Generator().manual_seed(0)).values()]
-    for old, new in zip(before, after):
+        after = outputs()
+    assert torch.equal(before["symbols"], after["symbols"])  # the message never reads the keys
+    for name in ("logits", "scores", "batch_scores"):
         if scoring == "cosine":
-            assert torch.allclose(old, new, atol=1e-5) and new.abs().max() <= 10.0 + 1e-5
-        elif not torch.equal(old, new):  # the message (symbols) does not depend on the keys
-            assert not torch.allclose(old, new, atol=1e-3)
-    if scoring == "dot":  # puzzle logits and selection scores both move with the keys' length
-        assert not torch.allclose(before[0], after[0], atol=1e-3) and not torch.allclose(before[1], after[1], atol=1e-3)
+            assert torch.allclose(before[name], after[name], atol=1e-5) and after[name].abs().max() <= 10.0 + 1e-5
+        else:
+            assert not torch.allclose(before[name], after[name], atol=1e-3), name
 
 
 def test_straight_through_passes_gradient_from_receiver_state_to_latent():
