@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 # 0.2.0 rebuilt the reconstruction decoder: reconstruction weights written by 0.1.0 no longer fit the model.
 # 0.3.0 added the sender's logit normalisation and cosine scoring (config message_norm, scoring); records
 # without those settings rebuild as they were (train.SETTINGS_BEFORE).
-PROJECT_VERSION = "0.3.0"
+# 0.4.0 added the reconstruction cell code (config cell_channels); records without it rebuild with none.
+PROJECT_VERSION = "0.4.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
-from model import (BOTTLENECK_TYPES, MESSAGE_NORMS, PRETRAIN_MODES, SCORINGS, TASK_TYPES, ARCAutoencoder,
+from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PRETRAIN_MODES, SCORINGS, TASK_TYPES, ARCAutoencoder,
                    ARCEncoder, EncoderPretrainer)
 
 logger = logging.getLogger(__name__)
 
 
 # Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
-SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot"}  # project 0.2.0 and earlier
+SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot",  # project 0.2.0 and earlier
+                   "cell_channels": 0}  # 0.3.0 and earlier
 
 
 def settings_of(config):
@@ -64,6 +65,9 @@ class TrainConfig:
     hidden_dim: int = setting(128, "conv channels of the last layer and receiver width", low=8, high=4096)
     latent_dim: int = setting(128, "encoder output size", low=1, high=8192)
     num_conv_layers: int = setting(3, "conv layers in the encoder", low=1, high=12)
+    cell_channels: int = setting(8, "reconstruction: channels per cell of the encoder's 15x15 map sent beside the "
+                                 "latent, as floats (autoencoder) or one symbol each (communication); 0: none",
+                                 low=0, high=64)
     scoring: str = setting("cosine", "selection and puzzle classification score by cosine similarity (x10) or by "
                            "dot product (a linear layer for puzzles)", choices=SCORINGS)
     # message
@@ -112,6 +116,9 @@ class TrainConfig:
         config = cls(**{name: _check_value(fields[name], value) for name, value in values.items()})
         if config.min_temperature > config.temperature:
             raise ValueError("min_temperature must not exceed temperature")
+        if config.task_type == "reconstruction" and config.cell_channels and config.num_conv_layers < 2:
+            raise ValueError("cell_channels needs num_conv_layers of at least 2 (its 15x15 map is the second "
+                             "layer's): raise num_conv_layers or set cell_channels to 0")
         return config
 
     def to_dict(self):
@@ -219,6 +226,12 @@ def message_stats(messages):
             "message_collapse": distinct < 0.5}
 
 
+def message_ids(out):
+    """The whole message each example sent, as symbol ids (B, L + cell symbols), or None without a message."""
+    parts = [out[k].argmax(-1) for k in ("symbols", "cell_symbols") if out.get(k) is not None]
+    return torch.cat(parts, 1) if parts else None
+
+
 def _grid_list(grid, size=None):
     """(30, 30) ids -> nested list cropped to size (h, w) or to the non-pad area."""
     if size is None:
@@ -226,6 +239,13 @@ def _grid_list(grid, size=None):
     else:
         rows, cols = int(size[0]), int(size[1])
     return grid[:rows, :cols].tolist()
+
+
+def _cell_messages(cell_symbols, sizes):
+    """One example's cell symbols (G * C * 15 * 15, V) -> per grid, its first channel's symbol ids over the cells
+    its true size covers (a grid of rows of ids, as the page draws grids)."""
+    ids = cell_symbols.argmax(-1).view(len(sizes), -1, CELL_SIDE, CELL_SIDE)[:, 0]  # (G, 15, 15)
+    return [_grid_list(cells, (size + 1) // 2) for cells, size in zip(ids, sizes)]
 
 
 def sample_of(task, batch, out):
@@ -238,6 +258,8 @@ def sample_of(task, batch, out):
         colors = out["colors"][0].argmax(1)  # (G, 30, 30)
         sample["grids"] = [_grid_list(g) for g in batch["examples"][0]]
         sample["reconstructions"] = [_grid_list(c, s) for c, s in zip(colors, sizes)]
+        if out.get("cell_symbols") is not None:
+            sample["cell_messages"] = _cell_messages(out["cell_symbols"][0], batch["sizes"][0])
     elif task == "selection":
         sample["candidates"] = [[_grid_list(g) for g in cand] for cand in batch["candidates"][0]]
         sample["target_index"] = int(batch["target_index"][0])
@@ -262,7 +284,7 @@ def build_model(config, num_classes):
         num_distractors=config["num_distractors"], use_input_output_pairs=config["use_input_output_pairs"],
         temperature=config["temperature"], hidden_dim=max(config["hidden_dim"], config["latent_dim"]),
         num_classes=num_classes, batch_negatives=config.get("selection_negatives") == "batch",
-        message_norm=config["message_norm"], scoring=config["scoring"],
+        message_norm=config["message_norm"], scoring=config["scoring"], cell_channels=config["cell_channels"],
     )
 
 
@@ -500,8 +522,9 @@ class Trainer:
             batch = self._to_device(batches.batch(0, i))
             out = self._forward(model, batch)
             add_into(total, loss_fn(out, batch)[1])
-            if out.get("symbols") is not None:
-                messages.append(out["symbols"].argmax(-1).cpu())
+            message = message_ids(out)
+            if message is not None:
+                messages.append(message.cpu())
             if sample is None and self.phase == "training":
                 sample = sample_of(self.config.task_type, batch, out)
         model.train()

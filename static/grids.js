@@ -6,9 +6,14 @@ export const PALETTE = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
   "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"];
 const GRID_LINE = "#333333";
 const MAX_GRID_PX = 112;
+const CELL_MESSAGE_PX = 72; // smaller than the grids beside it, so a pair more often fits on one line
 
-/** A canvas showing one grid (rows of colour ids), scaled to fit MAX_GRID_PX. */
-export function gridCanvas(grid, maxPx = MAX_GRID_PX) {
+const arcColour = (id) => PALETTE[id] || "#444";
+/** A message symbol's colour: the hue follows the symbol id so equal symbols look alike. */
+const symbolColour = (symbol) => `hsl(${(symbol * 137) % 360} 65% 38%)`;
+
+/** A canvas showing one grid (rows of colour ids, or of symbols with symbolColour), scaled to fit maxPx. */
+export function gridCanvas(grid, maxPx = MAX_GRID_PX, colour = arcColour) {
   const rows = grid.length;
   const cols = rows ? grid[0].length : 0;
   const cell = Math.max(2, Math.floor(maxPx / Math.max(rows, cols, 1)));
@@ -17,7 +22,7 @@ export function gridCanvas(grid, maxPx = MAX_GRID_PX) {
   const ctx = canvas.getContext("2d");
   for (let r = 0; r < rows; r += 1) {
     for (let c = 0; c < cols; c += 1) {
-      ctx.fillStyle = PALETTE[grid[r][c]] || "#444";
+      ctx.fillStyle = colour(grid[r][c]);
       ctx.fillRect(c * cell, r * cell, cell, cell);
     }
   }
@@ -41,8 +46,8 @@ function drawGridLines(ctx, rows, cols, cell) {
 }
 
 /** A grid with a caption under it. */
-function figure(grid, caption, className = "", maxPx = MAX_GRID_PX) {
-  return el("figure", { className: `grid-figure ${className}`.trim() }, gridCanvas(grid, maxPx),
+function figure(grid, caption, className = "", maxPx = MAX_GRID_PX, colour = arcColour) {
+  return el("figure", { className: `grid-figure ${className}`.trim() }, gridCanvas(grid, maxPx, colour),
     el("figcaption", {}, caption));
 }
 
@@ -58,7 +63,7 @@ function cellMatch(a, b) {
 /** Message symbols as small tokens; the hue follows the symbol id so equal symbols look alike. */
 export function messageTokens(message) {
   const tokens = message.map((symbol) => el("span", { className: "token", title: `symbol ${symbol}`,
-    style: `background: hsl(${(symbol * 137) % 360} 65% 38%)` }, String(symbol)));
+    style: `background: ${symbolColour(symbol)}` }, String(symbol)));
   return el("div", { className: "message" }, el("span", { className: "muted" }, "message "), ...tokens);
 }
 
@@ -67,7 +72,11 @@ function reconstruction(sample) {
     const output = (sample.reconstructions || [])[i];
     const match = cellMatch(grid, output);
     const label = match === null ? "size differs" : `${Math.round(match * 100)}% cells`;
-    return el("div", { className: "pair" }, figure(grid, "input"), el("span", { className: "arrow" }, "→"),
+    // Communication with a cell code: the symbols of its first channel, one per 2x2 block of the grid.
+    const cells = (sample.cell_messages || [])[i];
+    const sent = cells ? [figure(cells, "cell message", "cell-message", CELL_MESSAGE_PX, symbolColour),
+      el("span", { className: "arrow" }, "→")] : [];
+    return el("div", { className: "pair" }, figure(grid, "input"), el("span", { className: "arrow" }, "→"), ...sent,
       output ? figure(output, `reconstruction · ${label}`, match === 1 ? "right" : "") : el("span", {}, "–"));
   });
   return el("div", { className: "pairs" }, ...rows);

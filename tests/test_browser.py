@@ -169,6 +169,12 @@ def test_training_shows_status_chart_and_samples(ui):
     expect(page.locator("#status-batch")).to_contain_text("/")
     expect(page.locator("#samples .sample canvas.grid").first).to_be_visible()
     expect(page.locator("#samples .message .token").first).to_be_visible()  # communication by default
+    # The default cell code is drawn between each grid and its reconstruction: one symbol per 2x2 block.
+    expect(page.locator("#samples .cell-message canvas.grid").first).to_be_visible()
+    sides = page.evaluate("""() => [...document.querySelector('#samples .pair').querySelectorAll('canvas.grid')]
+                             .slice(0, 2).map((c) => [Number(c.dataset.rows), Number(c.dataset.cols)])""")
+    grid, cells = sides
+    assert cells == [(grid[0] + 1) // 2, (grid[1] + 1) // 2], sides
     page.wait_for_function("e => !e.isConnected", arg=ui.first_error_toast)  # toasts dismiss themselves
 
 

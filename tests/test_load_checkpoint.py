@@ -350,7 +350,8 @@ def test_export_writes_a_new_file_and_says_so(saved, tmp_path, capsys):
 
 EXPECTED_OUTPUTS = {
     "best_model": ("ARCAutoencoder", {"examples": [1, 1, 30, 30]},
-                   {"colors": [1, 1, 10, 30, 30], "sizes": [1, 1, 2, 30], "symbols": [1, 5, 10]}),
+                   {"colors": [1, 1, 10, 30, 30], "sizes": [1, 1, 2, 30], "symbols": [1, 5, 10],
+                    "cell_symbols": [1, 8 * 15 * 15, 10]}),  # the default cell code: 8 symbols per 2x2 block
     "selection": ("ARCAutoencoder", {"candidates": [1, 4, 2, 30, 30], "target_index": [1]},
                   {"scores": [1, 4], "symbols": None}),
     "classification": ("ARCAutoencoder", {"examples": [1, 1, 30, 30]}, {"logits": [1, 8], "symbols": [1, 5, 10]}),

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import BOTTLENECK_TYPES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer, Sender
+from model import BOTTLENECK_TYPES, CELL_SIDE, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer, Sender
 
 PAD = 10
 VOCAB, LENGTH, K, CLASSES = 7, 4, 3, 11
@@ -25,11 +25,11 @@ def tiny_encoder(seed=0):
     return ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2)
 
 
-def tiny_model(task="reconstruction", bottleneck="communication", pairs=False, seed=0):
+def tiny_model(task="reconstruction", bottleneck="communication", pairs=False, seed=0, cells=0):
     encoder = tiny_encoder(seed)
     return ARCAutoencoder(encoder, vocab_size=VOCAB, max_length=LENGTH, bottleneck_type=bottleneck, task_type=task,
                           num_distractors=K, use_input_output_pairs=pairs, temperature=1.0, hidden_dim=16,
-                          num_classes=CLASSES if task == "puzzle_classification" else 0)
+                          num_classes=CLASSES if task == "puzzle_classification" else 0, cell_channels=cells)
 
 
 def inputs_for(task, pairs, b=4, seed=0):
@@ -55,11 +55,12 @@ def is_one_hot(symbols):
     return torch.equal(symbols, F.one_hot(symbols.argmax(-1), symbols.shape[-1]).to(symbols.dtype))
 
 
+@pytest.mark.parametrize("cells", [0, 2], ids=["latent", "cells"])
 @pytest.mark.parametrize("pairs", [False, True], ids=["grids", "pairs"])
 @pytest.mark.parametrize("bottleneck", BOTTLENECK_TYPES)
 @pytest.mark.parametrize("task", TASK_TYPES)
-def test_every_combination_builds_runs_forward_and_backward(task, bottleneck, pairs):
-    model = tiny_model(task, bottleneck, pairs).train()
+def test_every_combination_builds_runs_forward_and_backward(task, bottleneck, pairs, cells):
+    model = tiny_model(task, bottleneck, pairs, cells=cells).train()
     b, g = 4, 2 if pairs else 1
     inputs = inputs_for(task, pairs, b)
     out = model(**inputs, generator=torch.Generator().manual_seed(0))
@@ -74,6 +75,13 @@ def test_every_combination_builds_runs_forward_and_backward(task, bottleneck, pa
         assert out["symbols"].shape == (b, LENGTH, VOCAB) and is_one_hot(out["symbols"])
     else:
         assert out["symbols"] is None
+    if task == "reconstruction":
+        assert (model.cell_code is None) == (cells == 0)  # the other tasks have no cell code
+        if cells and bottleneck == "communication":
+            assert out["cell_symbols"].shape == (b, g * cells * CELL_SIDE ** 2, VOCAB)
+            assert is_one_hot(out["cell_symbols"])
+        else:
+            assert out["cell_symbols"] is None
     loss = task_loss(task, out, inputs, b)
     assert torch.isfinite(loss)
     loss.backward()
@@ -245,13 +253,19 @@ def test_encoding_grids_in_cropped_buckets_matches_encoding_them_at_full_size(la
     for i, (h, w) in enumerate(EDGE_SIDES, start=9):
         grids[i, :h, :w] = torch.randint(0, 10, (h, w))
     weights = torch.randn(len(grids), 8, dtype=torch.double)
-    cropped = encoder(grids)
-    (cropped * weights).sum().backward()
+    keep_map = layers >= 2
+    cropped, cropped_map = encoder.encode(grids, keep_map)
+    map_weights = torch.randn_like(cropped_map) if keep_map else None
+    ((cropped * weights).sum() + ((cropped_map * map_weights).sum() if keep_map else 0)).backward()
     cropped_grads = [p.grad.clone() for p in encoder.parameters()]
     encoder.zero_grad()
-    full = encoder.to_latent(encoder.features(grids, side=30))
-    (full * weights).sum().backward()
+    features, full_map = encoder.features(grids, side=30, keep_map=keep_map)
+    full = encoder.to_latent(features)
+    ((full * weights).sum() + ((full_map * map_weights).sum() if keep_map else 0)).backward()
     assert torch.allclose(cropped, full, rtol=0, atol=1e-12)
+    if keep_map:
+        assert cropped_map.shape == (len(grids), encoder.map_channels, CELL_SIDE, CELL_SIDE)
+        assert torch.allclose(cropped_map, full_map, rtol=0, atol=1e-12)
     for p, cropped_grad in zip(encoder.parameters(), cropped_grads):
         assert torch.allclose(p.grad, cropped_grad, rtol=0, atol=1e-12)
     assert encoder(grids[:0]).shape == (0, 8)  # an empty batch still has a shape
@@ -334,3 +348,70 @@ def test_batch_negatives_score_every_candidate_in_the_batch_in_training_only():
         assert torch.allclose(out["batch_scores"][b, b * (K + 1):(b + 1) * (K + 1)], out["scores"][b], atol=1e-6)
     model.eval()
     assert "batch_scores" not in model(**inputs)  # evaluation picks among the example's own candidates only
+
+
+# ---------------------------------------------------------------------------------------------- the cell code
+
+def test_the_cell_code_is_zero_outside_a_grid_and_each_cell_reads_its_own_neighbourhood():
+    """Autoencoder cells: a grid's code covers its own cells only, and a pixel changes only the cells near it."""
+    model = tiny_model("reconstruction", "autoencoder", cells=3).eval()
+    grids = random_grids(1, seed=7)
+    grids[0] = PAD
+    grids[0, :11, :15] = torch.randint(0, 10, (11, 15))  # cells: rows 0-5, columns 0-7
+    with torch.no_grad():
+        _, cell_map = model.example_encoder.encode(grids[:, None], keep_map=True)
+        code, symbols = model.cell_code(cell_map, 1.0)
+    assert symbols is None and code.shape == (1, 3, CELL_SIDE, CELL_SIDE)
+    used = code[0].abs().sum(0) > 0  # (15, 15)
+    assert used[:6, :8].all() and not used[6:].any() and not used[:, 8:].any()
+    changed = grids.clone()
+    changed[0, 10, 0] = (changed[0, 10, 0] + 1) % 10  # pixel (10, 0) lies in cell (5, 0)
+    with torch.no_grad():
+        moved = model.cell_code(model.example_encoder.encode(changed[:, None], keep_map=True)[1], 1.0)[0]
+    differs = (moved - code)[0].abs().sum(0) > 1e-6
+    rows, cols = differs.nonzero().T
+    assert differs[5, 0] and rows.min() >= 3 and cols.max() <= 2  # the first two layers see 3 cells around
+
+
+@pytest.mark.parametrize("bottleneck", BOTTLENECK_TYPES)
+def test_the_decoder_reads_the_cell_code(bottleneck):
+    model = tiny_model("reconstruction", bottleneck, cells=2).eval()
+    state = torch.randn(2, 16)
+    code = torch.zeros(2, model.cell_code.out_channels, CELL_SIDE, CELL_SIDE)
+    other = code.clone()
+    other[:, :, 3, 4] = 1.0  # one cell's code: colours change in its 2x2 block and near it, not far away
+    with torch.no_grad():
+        before, after = model.decoder(state, code)[0], model.decoder(state, other)[0]
+    differs = (before - after).abs().amax(dim=(0, 1, 2)) > 1e-6  # (30, 30)
+    assert differs[6:8, 8:10].all() and not differs[20:].any()
+
+
+def test_with_a_cell_code_the_encoder_still_learns_only_through_discrete_symbols():
+    """Communication: no continuous path around the messages; detach both and the encoder gets nothing."""
+    model = tiny_model("reconstruction", "communication", cells=2).train()
+    inputs = inputs_for("reconstruction", False, b=4)
+    gen = torch.Generator().manual_seed(0)
+    out = model(**inputs, generator=gen)
+    code, _ = model.cell_code(model.example_encoder.encode(inputs["examples"], keep_map=True)[1], 1.0, gen)
+    assert set(code.unique().tolist()) <= {0.0, 1.0}  # what the decoder reads: one-hot symbols
+    assert torch.equal(code.unflatten(1, (2, VOCAB)).sum(2), torch.ones(4, 2, CELL_SIDE, CELL_SIDE))
+    task_loss("reconstruction", out, inputs).backward()
+    assert model.cell_code.project.weight.grad.abs().sum() > 0  # straight-through reaches the cell code
+    model.zero_grad()
+    for part in (model.sender, model.cell_code):
+        forward = part.forward
+        part.forward = lambda *a, forward=forward, **k: tuple(t if t is None else t.detach() for t in forward(*a, **k))
+    task_loss("reconstruction", model(**inputs, generator=gen), inputs).backward()
+    assert all(p.grad is None for p in model.example_encoder.parameters())
+
+
+def test_a_cell_message_at_evaluation_does_not_depend_on_the_rest_of_the_batch():
+    model = tiny_model("reconstruction", "communication", cells=2).train()
+    for seed in range(3):  # running figures of a few batches
+        model(**inputs_for("reconstruction", False, b=8, seed=seed), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    grids = random_grids(6, seed=9)[:, None]
+    with torch.no_grad():
+        alone = model(grids[:1])["cell_symbols"]
+        together = model(grids)["cell_symbols"]
+    assert torch.equal(alone[0], together[0])

@@ -521,28 +521,38 @@ def test_weights_from_an_older_project_version_are_refused_saying_so(small_data,
     assert "damaged" in str(info.value) and "version" not in str(info.value)
 
 
-@pytest.mark.parametrize("task", ["selection", "puzzle_classification"])
-def test_a_checkpoint_from_before_message_norm_and_cosine_scoring_resumes_exactly_as_it_was(small_data, tmp_path, task):
+OLDER_VERSIONS = [  # (task, version, the settings it predates, at the value that rebuilds its model)
+    ("selection", "0.2.0", dict(message_norm="none", scoring="dot")),
+    ("puzzle_classification", "0.2.0", dict(message_norm="none", scoring="dot")),
+    ("reconstruction", "0.2.0", dict(message_norm="none", scoring="dot", cell_channels=0)),
+    ("reconstruction", "0.3.0", dict(cell_channels=0)),
+]
+
+
+@pytest.mark.parametrize("task, version, before", OLDER_VERSIONS, ids=[f"{t}-{v}" for t, v, _ in OLDER_VERSIONS])
+def test_a_checkpoint_from_before_a_setting_resumes_exactly_as_it_was(small_data, tmp_path, task, version, before):
     data_dir, data = small_data
 
     def config(folder, **changes):
         return resume_config(tmp_path / folder, data_dir, task, "communication", False, **changes)
 
-    before = dict(message_norm="none", scoring="dot")
     straight, straight_events = run(config("straight", **before), data)
     first = config("first", **before)
     run(first, data, save_and_stop_at(MID))
-    # What a 0.2.0 file holds: neither setting, no normalisation buffers in the sender, a classifier with a bias.
+    # What such a file holds: none of the settings, and the parts they add missing from its weights (0.2.0: no
+    # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code).
     record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
-    assert not any(".norm." in k for k in record["model_state_dict"])
-    assert ("classifier.bias" in record["model_state_dict"]) == (task == "puzzle_classification")
+    weights = record["model_state_dict"]
+    assert any(k.startswith("sender.norm.") for k in weights) == ("message_norm" not in before)
+    assert ("classifier.bias" in weights) == (task == "puzzle_classification")
+    assert not any(k.startswith(("cell_code.", "decoder.from_code.")) for k in weights)
     for name in before:
         del record["config"][name]
-    record["versions"]["project"] = "0.2.0"
+    record["versions"]["project"] = version
     ckpt.write_checkpoint(str(tmp_path / "old"), {**record, "name": "old", "kind": "manual"})
     old = str(tmp_path / "old" / "old.pth")
     second = config("second")
-    assert (second.message_norm, second.scoring) == ("batch", "cosine")  # today's defaults, not the file's
+    assert (second.message_norm, second.scoring, second.cell_channels) == ("batch", "cosine", 8)  # not the file's
     resume_and_compare(old, second, data, straight, straight_events, after=MID)
     inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), old],
                              capture_output=True, text=True, timeout=120)
