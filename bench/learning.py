@@ -6,7 +6,7 @@ evaluation puzzles; for puzzle_classification, the puzzles' own test examples). 
 best_model.pth (best epoch-end validation loss) and the final weights has the lower validation loss; the test split
 is never used to choose anything.
 
-    python bench/learning.py                  # full run, about 55 minutes on 2 cores
+    python bench/learning.py                  # full run, about 50 minutes on 2 cores
     python bench/learning.py --quick          # under a minute, tiny budgets, same table shape
     python bench/learning.py --rows selection_3 --seeds 1 --budget-seconds 60 --set learning_rate=0.003
 """

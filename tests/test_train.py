@@ -119,6 +119,8 @@ BAD_VALUES = [
     ("num_distractors", 0), ("num_distractors", 64), ("num_colors", 11), ("vocab_size", 1),
     ("checkpoint_dir", "a\x00b"), ("checkpoint_dir", ["x"]), ("data_dir", 5), ("autosave_minutes", -1),
     ("min_temperature", 5.0),  # above temperature 1.0
+    ("cell_channels", -1), ("cell_channels", 65),
+    ("num_conv_layers", 1),  # reconstruction's default cell code reads the second layer's map
 ]
 
 
@@ -127,6 +129,13 @@ def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError) as info:
         TrainConfig.from_dict({field: value})
     assert field in str(info.value)
+
+
+def test_one_conv_layer_is_refused_only_where_a_cell_code_needs_a_second():
+    assert TrainConfig.from_dict({"num_conv_layers": 1, "cell_channels": 0}).num_conv_layers == 1
+    assert TrainConfig.from_dict({"num_conv_layers": 1, "task_type": "selection"}).cell_channels == 8  # unused
+    with pytest.raises(ValueError, match="set cell_channels to 0"):
+        TrainConfig.from_dict({"num_conv_layers": 1, "task_type": "reconstruction"})
 
 
 def test_unknown_keys_are_refused_by_name():
@@ -674,6 +683,7 @@ def test_cli_help_lists_every_option_with_its_default(tmp_path):
     (["--use-input-output-pairs", "maybe"], "expected true or false"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--phase", "both"], "invalid choice: 'both'"),
+    (["--num-conv-layers", "1"], "cell_channels needs num_conv_layers of at least 2"),
     (["--data-dir", "/no/such/folder"], "/no/such/folder: not a folder"),
     (["--device", "cuda"], "cuda") if not torch.cuda.is_available() else (["--seed", "-3"], "seed"),
 ])
