@@ -224,14 +224,15 @@ class CellCode(nn.Module):
         the symbols (N, G * channels * 15 * 15, V) for communication, else None."""
         n, g = cell_maps.shape[:2]
         codes = self.project(cell_maps.flatten(0, 1))  # (N * G, C_out, 15, 15)
-        if self.vocab_size is None:
-            return codes.unflatten(0, (n, g)).flatten(1, 2), None
-        if self.norm is not None:
-            codes = NORMED_LOGIT_SCALE * self.norm(codes)
-        logits = codes.unflatten(1, (self.channels, self.vocab_size)).movedim(2, -1)  # (N * G, ch, 15, 15, V)
-        symbols = draw_symbols(logits, temperature, self.training, generator)
-        codes = symbols.movedim(-1, 2).flatten(1, 2).unflatten(0, (n, g)).flatten(1, 2)
-        return codes, symbols.reshape(n, -1, self.vocab_size)
+        symbols = None
+        if self.vocab_size is not None:
+            if self.norm is not None:
+                codes = NORMED_LOGIT_SCALE * self.norm(codes)
+            logits = codes.unflatten(1, (self.channels, self.vocab_size)).movedim(2, -1)  # (N * G, ch, 15, 15, V)
+            symbols = draw_symbols(logits, temperature, self.training, generator)
+            codes = symbols.movedim(-1, 2).flatten(1, 2)  # the one-hot symbols, back in channel order
+            symbols = symbols.reshape(n, -1, self.vocab_size)  # per example: grid, channel, row, column
+        return codes.unflatten(0, (n, g)).flatten(1, 2), symbols
 
 
 class GridDecoder(nn.Module):
@@ -307,8 +308,8 @@ class ARCAutoencoder(nn.Module):
         self.cell_code = None
         if task_type == "reconstruction" and cell_channels:
             assert encoder.map_channels, "a cell code needs an encoder of at least two conv layers"
-            symbols = vocab_size if bottleneck_type == "communication" else None
-            self.cell_code = CellCode(encoder.map_channels, cell_channels, symbols, message_norm)
+            cell_vocab = vocab_size if bottleneck_type == "communication" else None  # None: floats
+            self.cell_code = CellCode(encoder.map_channels, cell_channels, cell_vocab, message_norm)
         if task_type == "reconstruction":
             code_channels = grids_per_example * self.cell_code.out_channels if self.cell_code else 0
             self.decoder = GridDecoder(hidden_dim, encoder.num_colors, grids_per_example, code_channels=code_channels)

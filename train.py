@@ -242,8 +242,8 @@ def _grid_list(grid, size=None):
 
 
 def _cell_messages(cell_symbols, sizes):
-    """One example's cell symbols (G * C * 15 * 15, V) -> per grid, its first channel's symbol ids over the cells
-    its true size covers (a grid of rows of ids, as the page draws grids)."""
+    """One example's cell symbols (G * C * 15 * 15, V), in CellCode's order (grid, channel, row, column) -> per
+    grid, its first channel's symbol ids over the cells its true size covers (rows of ids, as the page draws grids)."""
     ids = cell_symbols.argmax(-1).view(len(sizes), -1, CELL_SIDE, CELL_SIDE)[:, 0]  # (G, 15, 15)
     return [_grid_list(cells, (size + 1) // 2) for cells, size in zip(ids, sizes)]
 
