@@ -39,7 +39,8 @@ CHUNK = 4 << 20
 
 _original = {"_Crc32Off": ckpt._Crc32Off, "_HashingFile": ckpt._HashingFile,
              "clone_tensors": ckpt.clone_tensors, "save_full_checkpoint": ckpt.save_full_checkpoint,
-             "write_checkpoint": ckpt.write_checkpoint, "CheckpointWriter": ckpt.CheckpointWriter}
+             "write_checkpoint": ckpt.write_checkpoint, "CheckpointWriter": ckpt.CheckpointWriter,
+             "open_for_checkpoint": ckpt.open_for_checkpoint}
 
 
 class Log:
@@ -78,8 +79,9 @@ def timed_writer_class(log, writer_nice):
 
 # name: (what it is, write function, nice level of the write thread)
 VARIANTS = {
-    "current": ("current (CRC32 off, SHA-256 beside the write)", "write_checkpoint", 0),
-    "before": ("before: CRC32 on, SHA-256 in the write thread", "before", 0),
+    "current": ("current (O_DIRECT, CRC32 off, SHA-256 beside)", "write_checkpoint", 0),
+    "buffered": ("buffered write, CRC32 off, SHA-256 beside", "buffered", 0),
+    "before": ("buffered, CRC32 on, SHA-256 in the write thread", "before", 0),
     "path": ("torch.save to a path, then hash the file", "path", 0),
     "nice10": ("write thread at nice 10", "write_checkpoint", 10),
 }
@@ -105,7 +107,9 @@ def install(log, variant):
     ckpt.clone_tensors, ckpt.save_full_checkpoint = clone_tensors, save_full_checkpoint
     ckpt.CheckpointWriter = timed_writer_class(log, nice)
     ckpt.write_checkpoint = {"path": write_checkpoint_via_path}.get(write, _original["write_checkpoint"])
-    if write == "before":  # the module's write as it was: torch's CRC32 on, every chunk hashed in line
+    if write in ("buffered", "before"):  # through the page cache, as the module wrote before O_DIRECT
+        ckpt.open_for_checkpoint = lambda path: ckpt._BufferedFile(open(path, "wb"))
+    if write == "before":  # and further back: torch's CRC32 on, every chunk hashed in line
         ckpt._Crc32Off = contextlib.nullcontext
         ckpt._HashingFile = type("SerialHashingFile", (_original["_HashingFile"],), {"PARALLEL_FROM": float("inf")})
 
@@ -236,6 +240,7 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
             for _ in range(2 if sync else 0):
                 log.raw_fg.append((raw_write(os.path.join(folder, "raw-fg"), buffer), size))
                 yield
+            start, n0 = stamps[-1], len(stamps)
             for _ in range(saves_per_round):
                 done = []
                 thread = threading.Thread(target=lambda: done.append(raw_write(os.path.join(folder, "raw-bg"),
@@ -244,6 +249,7 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
                 while thread.is_alive():
                     yield
                 log.raw_bg.append((done[0], size))
+            log.blocks.append(("plain", start, stamps[-1], len(stamps) - n0))
             buffer = None  # let the next round read its own copy; this one is large
         trainer.commands.put({"type": "stop"})
         while True:
@@ -281,7 +287,7 @@ def summarize(log):
         wait_total.append(waited)
     sync = [t1 - t0 for t0, t1 in log.sync]
     rate, span = {}, {}
-    for mode in ("quiet", "async"):
+    for mode in ("quiet", "async", "plain"):
         blocks = [b for b in log.blocks if b[0] == mode]
         span[mode] = sum(b[2] - b[1] for b in blocks)
         rate[mode] = sum(b[3] for b in blocks) / span[mode]
@@ -319,7 +325,8 @@ def print_summary(title, log, s):
           f"busy during the back-to-back blocks")
     print(f"   steps/s: quiet {s['rate']['quiet']:.3f}, saves back to back {s['rate']['async']:.3f} "
           f"(if training lost only the writer's CPU share: {s['rate']['quiet'] * (1 - s['writer_cores'] / 2):.3f}); "
-          f"training time lost per save {s['lost_per_save'] * 1000:.0f} ms")
+          f"training time lost per save {s['lost_per_save'] * 1000:.0f} ms; beside plain writes + fsync of the same "
+          f"bytes back to back {s['rate']['plain']:.3f} ({s['rate']['plain'] / s['rate']['quiet']:.3f} of quiet)")
     raw = f"{s['raw_bg'] / 1e6:.0f}" if s["raw_bg"] else "n/a"
     held = f"{s['raw_fg'] / 1e6:.0f}" if s["raw_fg"] else "n/a"
     print(f"   write speed: checkpoint writer {s['write_speed'] / 1e6:.0f} MB/s; plain write + fsync of the same "
@@ -417,7 +424,8 @@ def main():
           f"{caveat(big.others)}")
     print(f"  (b) steps/s with saves back to back / without = {s['rate']['async']:.3f} / {s['rate']['quiet']:.3f} = "
           f"{throughput_ratio:.3f}  target >= {THROUGHPUT_TARGET}: {verdict(throughput_ratio >= THROUGHPUT_TARGET)}"
-          f"{caveat(big.others)}")
+          f"   (beside plain writes + fsync of the same bytes, no checkpoint code: "
+          f"{s['rate']['plain'] / s['rate']['quiet']:.3f}){caveat(big.others)}")
     print(f"  (c) writer MB/s / plain write+fsync MB/s (both beside training) = {s['write_speed'] / 1e6:.0f} / "
           f"{s['raw_bg'] / 1e6:.0f} = {write_ratio:.3f}  target >= {WRITE_SPEED_TARGET}: "
           f"{verdict(write_ratio >= WRITE_SPEED_TARGET)}   (vs plain write with training held: "
@@ -438,13 +446,14 @@ def main():
         print("write-path prototypes on the big model (2 rounds x 3 saves back to back, 5 quiet steps, 3 plain "
               "background writes per round; each row normalised by its own quiet steps; write CPU = write thread "
               "CPU seconds per save, p50):")
-        print(f"  {'variant':<40}{'stall p95':>10}{'steps/s ratio':>15}{'lost/save':>11}{'write s p50':>13}"
-              f"{'write CPU':>11}{'writer MB/s':>13}{'plain MB/s':>12}{'write ratio':>13}{'others':>8}")
+        print(f"  {'variant':<40}{'stall p95':>10}{'steps/s ratio':>15}{'lost/save':>11}{'plain steps':>12}"
+              f"{'write s p50':>13}{'write CPU':>11}{'writer MB/s':>13}{'plain MB/s':>12}{'write ratio':>13}{'others':>8}")
         for variant, (what, _, _) in VARIANTS.items():
             run = run_scenario(data, BIG, 2, 3, 5, variant=variant, sync=False, wait_idle=args.wait_idle)
             v = summarize(run)
             print(f"  {what:<40}{fmt_ms(percentile(v['stall'], 95)):>10}"
                   f"{v['rate']['async'] / v['rate']['quiet']:>15.3f}{v['lost_per_save'] * 1000:>9.0f}ms"
+                  f"{v['rate']['plain'] / v['rate']['quiet']:>12.3f}"
                   f"{percentile(v['write_s'], 50):>12.2f}s{percentile(v['write_cpu'], 50):>10.2f}s"
                   f"{v['write_speed'] / 1e6:>13.0f}{v['raw_bg'] / 1e6:>12.0f}{v['write_speed'] / v['raw_bg']:>13.3f}"
                   f"{run.others:>8.2f}{caveat(run.others)}")

@@ -1,6 +1,7 @@
 """checkpoint.py: the record round trip, sidecar and verification, atomic writes under SIGKILL, disk full and
 permission denied, name rules, listing, the background writer and snapshots that are never torn."""
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -112,6 +113,51 @@ def test_hashing_beside_the_write_matches_the_file_and_torch_crc_setting_is_rest
     assert config.save.compute_crc32 is True  # the user's torch.save keeps its CRC
     assert zipfile.ZipFile(tmp_path / "big.pth").testzip() is not None  # ours skipped it: the SHA-256 covers all
     assert torch.load(str(tmp_path / "big.pth"))["model_state_dict"]["0.weight"].shape == (8, 40_000)
+
+
+def _direct_io_flag(path):
+    """Whether the open file behind the newest descriptor on path was opened with O_DIRECT, read from /proc."""
+    for fd in os.listdir("/proc/self/fd"):
+        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path):
+            flags = int(open(f"/proc/self/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+            return bool(flags & os.O_DIRECT)
+    raise AssertionError(f"{path} is not open")
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_direct_file_writes_exactly_the_bytes_through_a_small_staging_buffer(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt._DirectFile, "STAGING", 2 * ckpt._DirectFile.BLOCK)
+    path = tmp_path / "direct.bin"
+    chunks = [os.urandom(n) for n in (1, 4095, 4096, 8193, 3, 20_000, 0, 77)]
+    out = ckpt.open_for_checkpoint(str(path))
+    try:
+        if isinstance(out, ckpt._BufferedFile):
+            pytest.skip("this file system refuses O_DIRECT")
+        assert _direct_io_flag(path)
+        for chunk in chunks:
+            assert out.write(memoryview(chunk)) == len(chunk)
+        out.finish()
+    finally:
+        out.close()
+    assert path.read_bytes() == b"".join(chunks)  # the tail's padding was cut off
+
+
+def test_a_file_system_refusing_o_direct_gets_a_buffered_write(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    out = ckpt.open_for_checkpoint(str(tmp_path / "probe"))
+    out.close()
+    assert isinstance(out, ckpt._BufferedFile)
+    sidecar = save(tmp_path, "buffered", width=3000)
+    data = (tmp_path / "buffered.pth").read_bytes()
+    assert sidecar["size"] == len(data) and sidecar["sha256"] == hashlib.sha256(data).hexdigest()
+    assert torch.load(str(tmp_path / "buffered.pth"))["model_state_dict"]["0.weight"].shape == (8, 3000)
 
 
 def test_verify_after_save_marks_the_sidecar(tmp_path):

@@ -156,15 +156,24 @@ def test_disk_full_is_an_error_event_training_goes_on_and_a_later_save_succeeds(
 
 def test_permission_denied_is_an_error_event_and_training_goes_on(tmp_path, arc_data, monkeypatch):
     server, reader = run_live(tmp_path / "checkpoints", arc_data)
-    real_open = open
+    real_open, real_os_open = open, os.open
+
+    def refused(path):
+        return ".tmp-" in os.path.basename(str(path))
 
     def refuse(path, *args, **kwargs):
-        if ".tmp-" in os.path.basename(str(path)):
+        if refused(path):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
+    def refuse_os_open(path, *args, **kwargs):  # the .pth is opened with os.open for O_DIRECT
+        if refused(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_os_open(path, *args, **kwargs)
+
     try:
         monkeypatch.setattr("builtins.open", refuse)
+        monkeypatch.setattr(os, "open", refuse_os_open)
         event, ok = save_and_wait(server, reader, "denied")
         assert not ok and "Permission denied" in event["error"]
         monkeypatch.undo()
