@@ -193,9 +193,14 @@ class _DirectFile:
     BLOCK = 4096  # covers the logical block size O_DIRECT requires on Linux file systems
     STAGING = 8 << 20
 
-    def __init__(self, fd):
-        self.fd, self.size, self.fill = fd, 0, 0
+    def __init__(self, path):
+        self.size, self.fill = 0, 0
         self.staging = mmap.mmap(-1, self.STAGING)  # anonymous mappings start on a page boundary
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError:
+            self.staging.close()
+            raise
 
     def write(self, data):
         view = memoryview(data).cast("B")
@@ -260,10 +265,9 @@ class _BufferedFile:
 
 def open_for_checkpoint(path):
     """A new file at path with write(), flush(), finish() (durable on return) and close(): direct where it can be."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if direct:
+    if hasattr(os, "O_DIRECT"):
         try:
-            return _DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644))
+            return _DirectFile(path)
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: this file system refuses O_DIRECT
                 raise

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint as ckpt  # noqa: E402
 from data import PAD, Batches, load_data  # noqa: E402
 from model import CELL_SIDE  # noqa: E402
+from pattern_baselines import LINEAR_STEPS, QUICK_LINEAR_STEPS, pattern_baselines  # noqa: E402
 from train import LOSSES, TrainConfig, Trainer  # noqa: E402
 
 # Settings every row shares: CPU, no periodic checkpoints, and epochs that never end a run before its budget.
@@ -198,6 +199,9 @@ def run_once(row, overrides, seed, data, budget_seconds, eval_units):
         result["size_baseline"] = common_size_baseline(trainer)
     else:
         result["baseline"] = 1 / len(torch.unique(trainer.train_batches.puzzle))
+        steps = LINEAR_STEPS if eval_units is None else QUICK_LINEAR_STEPS
+        result["patterns"] = pattern_baselines(trainer.train_batches, {"test": trainer.test_batches},
+                                               trainer.num_classes, steps)["test"]
     if "shuffle" in row.extras:
         own, result["test_shuffled_acc"] = shuffled_message_accuracy(trainer, seed)
         assert abs(own - test["acc"]) < 1e-9, \
@@ -251,6 +255,9 @@ def row_lines(name, row, results):
                       f"chance {mean('baseline'):.4f}", *check("acc", row.targets["acc"])))
         lines.append((name, "val top-1", spread(r["val_acc"] for r in results),
                       f"chance {mean('baseline'):.4f}", "-", "-"))
+        for reader in ("nearest", "linear"):
+            lines.append((name, f"test top-1, {reader} on pattern bags", spread(r["patterns"][reader] for r in results),
+                          "no network", "-", "-"))
     runs = (f"{len(results)} seed(s), {round(statistics.mean(r['steps'] for r in results))} steps, "
             f"{mean('epochs'):.1f} ep, {mean('seconds'):.0f}s, weights {'/'.join(r['weights'] for r in results)}")
     lines.append((name, "runs", runs, "", "", ""))

@@ -447,7 +447,8 @@ def main():
               "background writes per round; each row normalised by its own quiet steps; write CPU = write thread "
               "CPU seconds per save, p50):")
         print(f"  {'variant':<40}{'stall p95':>10}{'steps/s ratio':>15}{'lost/save':>11}{'plain steps':>12}"
-              f"{'write s p50':>13}{'write CPU':>11}{'writer MB/s':>13}{'plain MB/s':>12}{'write ratio':>13}{'others':>8}")
+              f"{'write s p50':>13}{'write CPU':>11}{'writer MB/s':>13}{'plain MB/s':>12}{'write ratio':>13}"
+              f"{'others':>8}")
         for variant, (what, _, _) in VARIANTS.items():
             run = run_scenario(data, BIG, 2, 3, 5, variant=variant, sync=False, wait_idle=args.wait_idle)
             v = summarize(run)
