@@ -220,10 +220,23 @@ class _DirectFile:
         try:
             written = 0
             while written < length:
-                written += os.write(self.fd, view[written:])
+                try:
+                    written += os.write(self.fd, view[written:])
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not self._leave_direct_io():
+                        raise
         finally:
             view.release()
         self.fill = 0
+
+    def _leave_direct_io(self):
+        """Some file systems open with O_DIRECT and refuse the writes (EINVAL): go on through the page cache."""
+        import fcntl  # POSIX only, as O_DIRECT is: importing it at the top would stop the module loading on Windows
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
 
     def flush(self):
         pass  # nothing is held back but the last partial block, written by finish()

@@ -115,13 +115,9 @@ def test_hashing_beside_the_write_matches_the_file_and_torch_crc_setting_is_rest
     assert torch.load(str(tmp_path / "big.pth"))["model_state_dict"]["0.weight"].shape == (8, 40_000)
 
 
-def _direct_io_flag(path):
-    """Whether the open file behind the newest descriptor on path was opened with O_DIRECT, read from /proc."""
-    for fd in os.listdir("/proc/self/fd"):
-        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path):
-            flags = int(open(f"/proc/self/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
-            return bool(flags & os.O_DIRECT)
-    raise AssertionError(f"{path} is not open")
+def _direct_io_flag_of(fd):
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
@@ -133,13 +129,40 @@ def test_direct_file_writes_exactly_the_bytes_through_a_small_staging_buffer(tmp
     try:
         if isinstance(out, ckpt._BufferedFile):
             pytest.skip("this file system refuses O_DIRECT")
-        assert _direct_io_flag(path)
+        assert _direct_io_flag_of(out.fd)
         for chunk in chunks:
             assert out.write(memoryview(chunk)) == len(chunk)
         out.finish()
     finally:
         out.close()
     assert path.read_bytes() == b"".join(chunks)  # the tail's padding was cut off
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_file_system_refusing_direct_writes_gets_the_rest_through_the_page_cache(tmp_path, monkeypatch):
+    real_write = os.write
+    refused = []
+
+    def refuse_direct_writes(fd, data):
+        if _direct_io_flag_of(fd):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ckpt._DirectFile, "STAGING", 2 * ckpt._DirectFile.BLOCK)
+    monkeypatch.setattr(os, "write", refuse_direct_writes)
+    chunks = [os.urandom(n) for n in (5000, 9000, 10)]
+    out = ckpt.open_for_checkpoint(str(tmp_path / "mixed.bin"))
+    try:
+        if isinstance(out, ckpt._BufferedFile):
+            pytest.skip("this file system refuses O_DIRECT")
+        for chunk in chunks:
+            out.write(chunk)
+        out.finish()
+        assert refused and not _direct_io_flag_of(out.fd)
+    finally:
+        out.close()
+    assert (tmp_path / "mixed.bin").read_bytes() == b"".join(chunks)
 
 
 def test_a_file_system_refusing_o_direct_gets_a_buffered_write(tmp_path, monkeypatch):
