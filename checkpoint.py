@@ -182,41 +182,56 @@ class _HashingFile:
 
 
 class _DirectFile:
-    """Write-only file that bypasses the page cache (O_DIRECT), fed through one page-aligned staging buffer.
+    """Write-only file that bypasses the page cache (O_DIRECT), fed through two page-aligned staging buffers.
 
     Why: training on the CPU keeps every core busy, and the kernel's writeback of a checkpoint's dirty pages costs
-    it more than copying the bytes into an aligned buffer ourselves. The length O_DIRECT needs is kept by padding
-    the last block with zeros and truncating the file back to its real size. open_for_checkpoint() falls back to a
-    buffered file where O_DIRECT is missing or the file system refuses it.
+    it more than copying the bytes into an aligned buffer ourselves. While one buffer is being written (a direct
+    write blocks until the device has the data, with the GIL released) the caller fills the other. The length
+    O_DIRECT needs is kept by padding the last block with zeros and truncating the file back to its real size.
+    open_for_checkpoint() falls back to a buffered file where O_DIRECT is missing or the file system refuses it.
     """
 
     BLOCK = 4096  # covers the logical block size O_DIRECT requires on Linux file systems
     STAGING = 8 << 20
 
     def __init__(self, path):
-        self.size, self.fill = 0, 0
-        self.staging = mmap.mmap(-1, self.STAGING)  # anonymous mappings start on a page boundary
+        self.size, self.fill, self.in_flight = 0, 0, None
+        self.buffers = [mmap.mmap(-1, self.STAGING) for _ in range(2)]  # anonymous mappings are page-aligned
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError:
-            self.staging.close()
+            for buffer in self.buffers:
+                buffer.close()
             raise
+        self.device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-direct-write")
 
     def write(self, data):
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
             take = min(len(view) - done, self.STAGING - self.fill)
-            self.staging[self.fill:self.fill + take] = view[done:done + take]
+            self.buffers[0][self.fill:self.fill + take] = view[done:done + take]
             self.fill += take
             done += take
             if self.fill == self.STAGING:
-                self._write_staging(self.STAGING)
+                self._hand_over(self.STAGING)
         self.size += len(view)
         return len(view)
 
-    def _write_staging(self, length):
-        view = memoryview(self.staging)[:length]
+    def _hand_over(self, length):
+        """Start writing the filled buffer and take the other one, once its own write is done."""
+        self._wait()
+        self.in_flight = self.device.submit(self._write_buffer, self.buffers[0], length)
+        self.buffers.reverse()
+        self.fill = 0
+
+    def _wait(self):
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.result()  # a failed write raises here, in the caller's thread
+
+    def _write_buffer(self, buffer, length):
+        view = memoryview(buffer)[:length]
         try:
             written = 0
             while written < length:
@@ -227,7 +242,6 @@ class _DirectFile:
                         raise
         finally:
             view.release()
-        self.fill = 0
 
     def _leave_direct_io(self):
         """Some file systems open with O_DIRECT and refuse the writes (EINVAL): go on through the page cache."""
@@ -239,20 +253,24 @@ class _DirectFile:
         return True
 
     def flush(self):
-        pass  # nothing is held back but the last partial block, written by finish()
+        pass  # nothing is held back but the buffer being filled, written by finish()
 
     def finish(self):
         """Write the tail, cut the block padding off and make the file durable."""
         tail = self.fill
         if tail:
             padded = -(-tail // self.BLOCK) * self.BLOCK
-            self.staging[tail:padded] = bytes(padded - tail)
-            self._write_staging(padded)
+            self.buffers[0][tail:padded] = bytes(padded - tail)
+            self._hand_over(padded)
+        self._wait()
+        if tail:
             os.ftruncate(self.fd, self.size)
         os.fsync(self.fd)
 
     def close(self):
-        self.staging.close()
+        self.device.shutdown(wait=True)  # after an error, a write may still be running on the buffers
+        for buffer in self.buffers:
+            buffer.close()
         os.close(self.fd)
 
 
