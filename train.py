@@ -38,6 +38,7 @@ def settings_of(config):
     """A config dict, from this run or from any record, with every setting it predates at its old value."""
     return {**SETTINGS_BEFORE, **config}
 
+
 MONITORS = ("val_loss", "val_acc", "val_size_acc", "val_exact_acc", "val_distinct_share")
 
 
