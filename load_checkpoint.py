@@ -23,8 +23,8 @@ import torch
 
 import checkpoint as ckpt
 from data import NUM_COLORS, PAD
-from model import GRID_SIZE, ARCEncoder, count_parameters
-from train import TrainConfig, build_model
+from model import GRID_SIZE, count_parameters
+from train import TrainConfig, build_encoder, build_model
 
 PROG = "load_checkpoint.py"
 LISTED = ("name", "kind", "epoch", "batch", "global_step", "val_loss", "val_acc", "size", "created_at", "damaged")
@@ -171,8 +171,7 @@ def rebuild(path, record):
         raise ckpt.CheckpointError(f"{path}: no config to rebuild its model from")
     try:
         if record.get("kind") == "pretrained":
-            model = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
-                               config["latent_dim"], config["num_conv_layers"])
+            model = build_encoder(config)
             model.load_state_dict(state_dict(path, record, "encoder_state_dict"))
         else:
             model = build_model(config, record.get("num_classes", 0))

@@ -27,6 +27,10 @@ CELL_MAP_LAYER = 1
 CELL_SIDE = (GRID_SIZE - 1) // 2 + 1
 # Crop sides for encoding: 4k+1 keeps every stride-2 layer's output aligned with the full grid's (see ARCEncoder).
 CROP_SIDES = (5, 9, 13, 17, 21, 25, GRID_SIZE)
+# Window sides of the pattern bag (ARCEncoder's pattern_buckets). Puzzle classification, linear softmax on exact
+# windows plus one-hot sizes, test top-1: sides 1-3 0.453, read the same under the 8 symmetries 0.483, sides 1-4
+# under symmetries 0.463.
+PATTERN_SIDES = (1, 2, 3)
 
 
 def _conv_plan(num_conv_layers, hidden_dim):
@@ -49,10 +53,73 @@ def crop_buckets(extents):
     return [(CROP_SIDES[k], (buckets == k).nonzero().squeeze(1)) for k in buckets.unique().tolist()]
 
 
-class ARCEncoder(nn.Module):
-    """Colour embedding + conv stack; padding is zeroed after every layer and never enters the pooling."""
+def window_symmetries(k):
+    """The 8 orders of a k x k window's cells (row-major) that rotate or reflect it: (8, k * k)."""
+    cells = torch.arange(k * k).view(k, k)
+    turns = [torch.rot90(cells, r) for r in range(4)]
+    return torch.stack([order.flatten() for turn in turns for order in (turn, turn.T)])
 
-    def __init__(self, num_colors=10, embedding_dim=16, hidden_dim=128, latent_dim=256, num_conv_layers=3):
+
+def pattern_codes(grids, pad, k):
+    """(B, S, S) colour ids -> (B, W) one code per k x k window of each grid framed by one ring of padding, the
+    same for a window and its rotations and reflections; windows of padding only come out as -1."""
+    framed = F.pad(grids, (1, 1, 1, 1), value=pad).unsqueeze(1).double()  # exact: codes stay below 2 ** 53
+    digits = (pad + 1.0) ** torch.arange(k * k - 1, -1, -1, device=grids.device, dtype=torch.float64)
+    # One conv kernel per symmetry: a window's code read in that symmetry's order of its cells.
+    kernels = torch.zeros(8, k * k, dtype=torch.float64, device=grids.device)
+    kernels.scatter_(1, window_symmetries(k).to(grids.device), digits.expand(8, -1))
+    codes = F.conv2d(framed, kernels.view(8, 1, k, k)).amin(1).long()  # (B, side, side)
+    # Only windows inside the framed grid: past its frame they would see more padding below than above.
+    real = grids != pad
+    starts = torch.arange(codes.shape[-1], device=grids.device)
+    inside_rows = starts <= real.any(2).sum(1, keepdim=True) + 2 - k  # (B, side)
+    inside_cols = starts <= real.any(1).sum(1, keepdim=True) + 2 - k
+    inside = inside_rows[:, :, None] & inside_cols[:, None, :]
+    return codes.masked_fill(~inside | (codes == pad * int(digits.sum())), -1).flatten(1)
+
+
+class PatternBag(nn.Module):
+    """A grid -> the bag of its exact local patterns, embedded (as fastText embeds a text's bag of n-grams).
+
+    Every k x k window (k in PATTERN_SIDES) of the grid framed by a ring of padding, so its edges count, read the
+    same whichever way it is turned or flipped, is hashed to one of `buckets` rows of an embedding. A grid's vector
+    is, per side k, the sum of its distinct windows' rows weighted by sqrt(count / windows): exact patterns say
+    which puzzle a grid is from where a conv stack, in a 5-minute budget, learns mostly colour and layout.
+    """
+
+    # Codes stay below 11 ** 9 + 11 ** 4 + 11 (sides 1-3), so code * multiplier stays inside int64.
+    HASH_MULTIPLIER, HASH_PRIME = 2654435761, 4294967291
+
+    def __init__(self, buckets, dim, pad):
+        super().__init__()
+        self.buckets, self.pad = buckets, pad
+        self.embedding = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, grids):
+        """(B, S, S) colour ids -> (B, dim)."""
+        out = self.embedding.weight.new_zeros(len(grids), self.embedding.embedding_dim)
+        first_code = 0  # each side's codes get their own range before hashing
+        for k in PATTERN_SIDES:
+            codes = pattern_codes(grids, self.pad, k)
+            rows = torch.arange(len(grids), device=grids.device)[:, None].expand_as(codes)[codes >= 0]
+            keys = rows * (self.pad + 1) ** (k * k) + codes[codes >= 0]
+            keys, counts = torch.unique(keys, return_counts=True)
+            rows = keys // (self.pad + 1) ** (k * k)
+            buckets = (keys % (self.pad + 1) ** (k * k) + first_code) * self.HASH_MULTIPLIER % self.HASH_PRIME
+            windows = torch.zeros_like(out[:, 0]).index_add_(0, rows, counts.to(out.dtype))
+            weights = (counts / windows[rows]).sqrt()
+            out = out.index_add(0, rows, self.embedding(buckets % self.buckets) * weights[:, None])
+            first_code += (self.pad + 1) ** (k * k)
+        return out
+
+
+class ARCEncoder(nn.Module):
+    """Colour embedding + conv stack; padding is zeroed after every layer and never enters the pooling.
+    With pattern_buckets, a PatternBag of the grid's exact local patterns is added to the latent."""
+
+    def __init__(self, num_colors=10, embedding_dim=16, hidden_dim=128, latent_dim=256, num_conv_layers=3,
+                 pattern_buckets=0):
         super().__init__()
         assert num_conv_layers >= 1, "num_conv_layers must be at least 1"
         self.num_colors = num_colors
@@ -74,6 +141,8 @@ class ARCEncoder(nn.Module):
         flat = self.out_channels * side * side
         # Masked mean and max over the real area, plus the masked map itself (keeps layout for reconstruction).
         self.to_latent = nn.Linear(2 * self.out_channels + flat, latent_dim)
+        # pattern_buckets > 0: the bag of the grid's exact local patterns joins the latent.
+        self.patterns = PatternBag(pattern_buckets, latent_dim, num_colors) if pattern_buckets else None
 
     def forward(self, grids):
         """(B, 30, 30) colour ids -> (B, latent_dim)."""
@@ -94,6 +163,9 @@ class ARCEncoder(nn.Module):
         batch_order = torch.argsort(torch.cat([index for _, index in buckets]))
         # One matmul over the buckets' rows; only the small latents (and maps if kept) go back to the batch's order.
         latents = self.to_latent(torch.cat([features for features, _ in parts]))[batch_order]
+        if self.patterns is not None:
+            side = max(side for side, _ in buckets)
+            latents = latents + self.patterns(grids[:, :side, :side])
         cell_map = torch.cat([m for _, m in parts])[batch_order] if keep_map else None
         return latents, cell_map
 

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
 SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot",  # project 0.2.0 and earlier
-                   "cell_channels": 0}  # 0.3.0 and earlier
+                   "cell_channels": 0,  # 0.3.0 and earlier
+                   "pattern_buckets": 0}  # 0.4.0 and earlier
 
 
 def settings_of(config):
@@ -66,6 +67,8 @@ class TrainConfig:
     hidden_dim: int = setting(128, "conv channels of the last layer and receiver width", low=8, high=4096)
     latent_dim: int = setting(128, "encoder output size", low=1, high=8192)
     num_conv_layers: int = setting(3, "conv layers in the encoder", low=1, high=12)
+    pattern_buckets: int = setting(0, "embedding rows for the bag of the grid's exact 1x1-3x3 colour patterns "
+                                   "added to the latent (hashed; 0: no pattern bag)", low=0, high=2**22)
     cell_channels: int = setting(8, "reconstruction: channels per cell of the encoder's 15x15 map sent beside the "
                                  "latent, as floats (autoencoder) or one symbol each (communication); 0: none",
                                  low=0, high=64)
@@ -274,11 +277,17 @@ def sample_of(task, batch, out):
 
 # ---------------------------------------------------------------------------------------------- the trainer
 
+def build_encoder(config):
+    """The encoder for a config dict, from this run or any record (pretrained or main)."""
+    config = settings_of(config)
+    return ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"], config["latent_dim"],
+                      config["num_conv_layers"], pattern_buckets=config["pattern_buckets"])
+
+
 def build_model(config, num_classes):
     """The main-training model for a config; also how load_checkpoint.py rebuilds one from a file."""
+    encoder = build_encoder(config)
     config = settings_of(config)
-    encoder = ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"],
-                         config["latent_dim"], config["num_conv_layers"])
     return ARCAutoencoder(
         encoder=encoder, vocab_size=config["vocab_size"], max_length=config["max_message_length"],
         bottleneck_type=config["bottleneck_type"], task_type=config["task_type"],
@@ -354,7 +363,8 @@ class Trainer:
             self.model.encoder.load_state_dict(record["encoder_state_dict"])
         except RuntimeError as e:
             raise ValueError(f"{path}: encoder shape does not match this config (embedding_dim, hidden_dim, "
-                             f"latent_dim, num_conv_layers must be the same): {str(e).splitlines()[0]}") from None
+                             f"latent_dim, num_conv_layers, pattern_buckets must be the same): "
+                             f"{str(e).splitlines()[0]}") from None
 
     def load_weights(self, path, verify_file=True):
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
@@ -690,7 +700,7 @@ class Trainer:
         c, self.pretrain_mode = self.config, mode
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
-            encoder = ARCEncoder(c.num_colors, c.embedding_dim, c.hidden_dim, c.latent_dim, c.num_conv_layers)
+            encoder = build_encoder(c.to_dict())
             self.model = EncoderPretrainer(encoder, mode, hidden_dim=max(c.hidden_dim, 64)).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), c)
         splits = make_splits(self.data, "reconstruction", False, c.seed)

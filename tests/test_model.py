@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import BOTTLENECK_TYPES, CELL_SIDE, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer, Sender
+from model import (BOTTLENECK_TYPES, CELL_SIDE, PATTERN_SIDES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer,
+                   Sender, pattern_codes)
 
 PAD = 10
 VOCAB, LENGTH, K, CLASSES = 7, 4, 3, 11
@@ -415,3 +416,72 @@ def test_a_cell_message_at_evaluation_does_not_depend_on_the_rest_of_the_batch()
         alone = model(grids[:1])["cell_symbols"]
         together = model(grids)["cell_symbols"]
     assert torch.equal(alone[0], together[0])
+
+
+# ---------------------------------------------------------------------------------------------- the pattern bag
+
+def turned(grid, h, w, symmetry):
+    """One of the 8 rotations/reflections of the h x w grid in grid's top-left corner, in a fresh padded grid."""
+    view = torch.rot90(grid[:h, :w], symmetry % 4)
+    view = view.T if symmetry >= 4 else view
+    out = torch.full((30, 30), PAD, dtype=torch.long)
+    out[:view.shape[0], :view.shape[1]] = view
+    return out
+
+
+@pytest.mark.parametrize("k", PATTERN_SIDES)
+def test_pattern_codes_count_each_window_of_the_framed_grid_once_whichever_way_it_is_turned(k):
+    gen = torch.Generator().manual_seed(k)
+    for h, w in [(1, 1), (2, 5), (7, 3), (30, 30), (13, 29)]:
+        grid = torch.full((30, 30), PAD, dtype=torch.long)
+        grid[:h, :w] = torch.randint(0, 10, (h, w), generator=gen)
+        codes = pattern_codes(grid[None], PAD, k)[0]
+        codes = codes[codes >= 0].sort().values
+        # k = 1: the cells; k > 1: every window of the (h + 2) x (w + 2) framed grid, none of padding only.
+        assert len(codes) == (h * w if k == 1 else (h + 3 - k) * (w + 3 - k))
+        for symmetry in range(1, 8):
+            other = pattern_codes(turned(grid, h, w, symmetry)[None], PAD, k)[0]
+            assert torch.equal(codes, other[other >= 0].sort().values), (h, w, symmetry)
+
+
+def test_pattern_codes_tell_windows_apart_and_read_a_window_like_its_mirror_image():
+    grid = torch.full((3, 30, 30), PAD, dtype=torch.long)
+    grid[0, :2, :2] = torch.tensor([[1, 2], [3, 4]])
+    grid[1, :2, :2] = torch.tensor([[2, 1], [4, 3]])  # the mirror image: the same patterns
+    grid[2, :2, :2] = torch.tensor([[1, 2], [4, 3]])  # another arrangement of the same colours
+    codes = [set(pattern_codes(grid[i:i + 1], PAD, 2)[0].tolist()) - {-1} for i in range(3)]
+    assert codes[0] == codes[1] and codes[0] != codes[2]
+    assert pattern_codes(grid[:1], PAD, 1)[0, 33:35].tolist() == [1, 2]  # 32 x 32 framed: a 1x1 code is the colour
+
+
+def pattern_encoder(buckets=64, seed=0):
+    torch.manual_seed(seed)
+    return ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=8, num_conv_layers=2,
+                      pattern_buckets=buckets)
+
+
+def test_the_pattern_bag_reads_a_grid_the_same_turned_or_flipped_and_alone_or_in_any_batch():
+    encoder = pattern_encoder().double()
+    grids = random_grids(5, seed=2, max_side=30)
+    bag = encoder.patterns(grids)
+    assert torch.allclose(encoder.patterns(grids[2:3])[0], bag[2], rtol=0, atol=1e-12)
+    h, w = [int(n) for n in ((grids[0] != PAD).any(1).sum(), (grids[0] != PAD).any(0).sum())]
+    for symmetry in range(8):
+        assert torch.allclose(encoder.patterns(turned(grids[0], h, w, symmetry)[None])[0], bag[0], atol=1e-12)
+    other = grids[:1].clone()
+    other[0, 0, 0] = (other[0, 0, 0] + 1) % 10
+    assert not torch.allclose(encoder.patterns(other)[0], bag[0])
+    # the latent is the conv stack's plus the bag's, bucketed crops or not
+    features, _ = encoder.features(grids, side=30)
+    assert torch.allclose(encoder(grids), encoder.to_latent(features) + bag, rtol=0, atol=1e-12)
+
+
+def test_the_pattern_bag_learns_the_rows_of_the_patterns_a_grid_has_and_only_those():
+    encoder = pattern_encoder(buckets=4096)
+    grid = torch.full((1, 30, 30), PAD, dtype=torch.long)
+    grid[0, :2, :3] = torch.tensor([[1, 1, 2], [1, 1, 2]])
+    encoder(grid).pow(2).sum().backward()
+    touched = encoder.patterns.embedding.weight.grad.abs().sum(1).nonzero().squeeze(1)
+    windows = sum(len(set(pattern_codes(grid, PAD, k)[0].tolist()) - {-1}) for k in PATTERN_SIDES)
+    assert 0 < len(touched) <= windows  # one row per distinct pattern (fewer if two share a bucket)
+    assert len(touched) >= windows - 2

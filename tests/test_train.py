@@ -119,7 +119,7 @@ BAD_VALUES = [
     ("num_distractors", 0), ("num_distractors", 64), ("num_colors", 11), ("vocab_size", 1),
     ("checkpoint_dir", "a\x00b"), ("checkpoint_dir", ["x"]), ("data_dir", 5), ("autosave_minutes", -1),
     ("min_temperature", 5.0),  # above temperature 1.0
-    ("cell_channels", -1), ("cell_channels", 65),
+    ("cell_channels", -1), ("cell_channels", 65), ("pattern_buckets", -1), ("pattern_buckets", 2**22 + 1),
     ("num_conv_layers", 1),  # reconstruction's default cell code reads the second layer's map
 ]
 
@@ -151,14 +151,19 @@ def test_unknown_keys_are_refused_by_name():
 
 # Reconstruction through a message steps more gently: at 0.01 one flipped symbol of the tiny model's message can
 # undo ten steps of progress in the (hard-message) evaluation loss.
-@pytest.mark.parametrize("task,bottleneck,negatives,learning_rate", [
-    ("reconstruction", "communication", "distractors", 0.003), ("selection", "communication", "distractors", 0.01),
-    ("selection", "communication", "batch", 0.01), ("puzzle_classification", "communication", "distractors", 0.01),
-    ("reconstruction", "autoencoder", "distractors", 0.01)])
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task, bottleneck, negatives,
-                                                      learning_rate):
-    config = make_config(task_type=task, bottleneck_type=bottleneck, learning_rate=learning_rate,
-                         selection_negatives=negatives)
+FEW_STEPS_CASES = [  # (task, settings, learning rate)
+    ("reconstruction", dict(bottleneck_type="communication"), 0.003),
+    ("selection", dict(bottleneck_type="communication", selection_negatives="distractors"), 0.01),
+    ("selection", dict(bottleneck_type="communication", selection_negatives="batch"), 0.01),
+    ("puzzle_classification", dict(bottleneck_type="communication"), 0.01),
+    ("puzzle_classification", dict(bottleneck_type="autoencoder", pattern_buckets=4096), 0.01),
+    ("reconstruction", dict(bottleneck_type="autoencoder"), 0.01)]
+
+
+@pytest.mark.parametrize("task,settings,learning_rate", FEW_STEPS_CASES,
+                         ids=[f"{t}-" + "-".join(map(str, s.values())) for t, s, _ in FEW_STEPS_CASES])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task, settings, learning_rate):
+    config = make_config(task_type=task, learning_rate=learning_rate, **settings)
     trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir, lambda event: None)
     trainer.setup()
     trainer.phase = "training"
@@ -413,6 +418,9 @@ RESUME_CASES = [("reconstruction", "communication", False, "off"), ("selection",
                 ("puzzle_classification", "communication", False, "off"),
                 ("selection", "autoencoder", True, "symmetries+colours")]
 RESUME_IDS = ["-".join(map(str, case)) for case in RESUME_CASES]
+# The pattern bag's embedding rows and their Adam moments must come back exactly too.
+RESUME_CASES.append(("puzzle_classification", "autoencoder", False, "symmetries", dict(pattern_buckets=512)))
+RESUME_IDS.append("puzzle_classification-autoencoder-False-symmetries-patterns")
 MID, END = 7, 13  # the manual save's step and the last step
 
 
@@ -439,28 +447,29 @@ def resume_and_compare(path, config, data, straight, straight_events, after, tes
         assert resumed.test() == straight.test()
 
 
-@pytest.mark.parametrize("task,bottleneck,pairs,augment", RESUME_CASES, ids=RESUME_IDS)
-def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(small_data, tmp_path, task, bottleneck, pairs,
-                                                              augment):
+@pytest.mark.parametrize("case", RESUME_CASES, ids=RESUME_IDS)
+def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(small_data, tmp_path, case):
     data_dir, data = small_data
-    config = resume_config(tmp_path / "straight", data_dir, task, bottleneck, pairs, augment=augment)
+    task, bottleneck, pairs, augment, *changes = case
+    changes = dict(augment=augment, **(changes[0] if changes else {}))
+    config = resume_config(tmp_path / "straight", data_dir, task, bottleneck, pairs, **changes)
     straight, straight_events = run(config, data)
     per_epoch = len(straight.train_batches)
     assert straight.global_step == END and straight.epoch >= 2 and MID % per_epoch, "MID must be mid-epoch"
     # Interrupted: a manual save at step MID (in epoch 1), then a stop; its events so far are the same.
-    first = resume_config(tmp_path / "first", data_dir, task, bottleneck, pairs, augment=augment)
+    first = resume_config(tmp_path / "first", data_dir, task, bottleneck, pairs, **changes)
     stopped, events = run(first, data, save_and_stop_at(MID))
     assert stopped.global_step == MID and events[-1]["type"] == "training_stopped"
     assert comparable(events) == comparable(straight_events)[:len(comparable(events))]
     mid = os.path.join(first.checkpoint_dir, "mid.pth")
     assert (ckpt.read_sidecar(mid)["epoch"], ckpt.read_sidecar(mid)["batch"]) == divmod(MID, per_epoch)
-    resume_and_compare(mid, resume_config(tmp_path / "second", data_dir, task, bottleneck, pairs, augment=augment),
+    resume_and_compare(mid, resume_config(tmp_path / "second", data_dir, task, bottleneck, pairs, **changes),
                        data, straight, straight_events, after=MID)
     # From the periodic checkpoint the uninterrupted run wrote at the end of epoch 1.
     end_of_epoch = os.path.join(config.checkpoint_dir, "checkpoint_epoch_1.pth")
     assert ckpt.read_sidecar(end_of_epoch)["global_step"] == per_epoch
     assert ckpt.read_sidecar(end_of_epoch)["batch"] == 0
-    third = resume_config(tmp_path / "third", data_dir, task, bottleneck, pairs, augment=augment)
+    third = resume_config(tmp_path / "third", data_dir, task, bottleneck, pairs, **changes)
     resume_and_compare(end_of_epoch, third, data, straight, straight_events, after=per_epoch)
 
 
@@ -535,6 +544,7 @@ OLDER_VERSIONS = [  # (task, version, the settings it predates, at the value tha
     ("puzzle_classification", "0.2.0", dict(message_norm="none", scoring="dot")),
     ("reconstruction", "0.2.0", dict(message_norm="none", scoring="dot", cell_channels=0)),
     ("reconstruction", "0.3.0", dict(cell_channels=0)),
+    ("puzzle_classification", "0.4.0", dict(pattern_buckets=0)),
 ]
 
 
@@ -549,12 +559,13 @@ def test_a_checkpoint_from_before_a_setting_resumes_exactly_as_it_was(small_data
     first = config("first", **before)
     run(first, data, save_and_stop_at(MID))
     # What such a file holds: none of the settings, and the parts they add missing from its weights (0.2.0: no
-    # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code).
+    # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code; 0.4.0: no pattern bag).
     record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
     weights = record["model_state_dict"]
     assert any(k.startswith("sender.norm.") for k in weights) == ("message_norm" not in before)
-    assert ("classifier.bias" in weights) == (task == "puzzle_classification")
+    assert ("classifier.bias" in weights) == (task == "puzzle_classification" and "scoring" in before)
     assert not any(k.startswith(("cell_code.", "decoder.from_code.")) for k in weights)
+    assert not any(".patterns." in k for k in weights)
     for name in before:
         del record["config"][name]
     record["versions"]["project"] = version
