@@ -65,7 +65,8 @@ ROWS = {
         {"acc": 0.75}, extras=("capacity",)),
     "puzzle_classification": Row(
         "puzzle_classification, autoencoder",
-        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries"),
+        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
+             pattern_buckets=65536),
         {"acc": 0.50}, seeds=1),
     "puzzle_classification_pairs": Row(
         "puzzle_classification, autoencoder, input-output pairs",

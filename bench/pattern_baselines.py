@@ -1,7 +1,8 @@
 """Puzzle classification without a network: how far exact k x k colour patterns and the grid's size go.
 
-Each example becomes a bag of every k x k window of its grid(s), k in PATTERN_SIDES, the padding around the grid
-included so the edges count: sqrt counts times idf (from the training split), unit length per k. Two readers of
+Each example becomes a bag of every k x k window of its grid(s), k in PATTERN_SIDES, the grid framed by a ring of
+padding so the edges count, a window read the same turned or flipped (model.pattern_codes, the codes the encoder's
+pattern bag embeds): sqrt counts times idf (from the training split), unit length per k. Two readers of
 those bags, both fitted on the training split only and scored on the test split:
 - nearest neighbour: the puzzle of the most cosine-similar training example;
 - linear: softmax regression on the bags plus one-hot height and width (full-batch Adam, fixed settings).
@@ -23,24 +24,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import PAD, Batches, load_data, make_splits  # noqa: E402
-from model import GRID_SIZE  # noqa: E402
+from model import GRID_SIZE, PATTERN_SIDES, pattern_codes  # noqa: E402
 
-PATTERN_SIDES = (1, 2, 3)
 LINEAR_STEPS, LINEAR_LR = 300, 0.01
 QUICK_LINEAR_STEPS = 30
-
-
-def window_codes(grids, k):
-    """(N, 30, 30) colour ids -> (N, W) one integer per k x k window of the grid framed by one ring of padding;
-    windows of padding only come out as -1."""
-    framed = F.pad(grids, (1, 1, 1, 1), value=PAD)
-    side = framed.shape[-1] - k + 1
-    codes = torch.zeros(len(grids), side, side, dtype=torch.long)
-    for i in range(k):
-        for j in range(k):
-            codes = codes * (PAD + 1) + framed[:, i:i + side, j:j + side]
-    all_pad = sum(PAD * (PAD + 1) ** e for e in range(k * k))
-    return codes.flatten(1).masked_fill(codes.flatten(1) == all_pad, -1)
 
 
 def pattern_bags(examples, train_rows):
@@ -52,7 +39,7 @@ def pattern_bags(examples, train_rows):
     is_train[train_rows] = True
     rows, columns, values, offset = [], [], [], 0
     for k in PATTERN_SIDES:
-        codes = window_codes(examples.flatten(0, 1), k).view(u, -1)  # (U, G * W): grid g's windows in its stretch
+        codes = pattern_codes(examples.flatten(0, 1), PAD, k).view(u, -1)  # (U, G * W): grid g's windows in turn
         grid_of = torch.arange(g).repeat_interleave(codes.shape[1] // g).expand(u, -1)
         keys = torch.where(codes >= 0, codes * g + grid_of, -1)
         vocabulary = torch.unique(keys[is_train])
