@@ -636,6 +636,22 @@ def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_p
         Trainer(config, data, "cpu", config.checkpoint_dir, lambda event: None).resume(path)
 
 
+def test_a_pretrained_encoder_with_a_pattern_bag_needs_one_to_load_into_and_inspects(small_data, tmp_path, capsys):
+    data_dir, _ = small_data
+    folder = str(tmp_path / "checkpoints")
+    common = ["--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", "1", "--no-progress", *TINY_ARGS]
+    assert train.main(["--phase", "pretrain", "--pattern-buckets", "64", *common]) == 0
+    path = os.path.join(folder, "pretrained_encoder_binary.pth")
+    weights = ckpt.load_checkpoint(path)["encoder_state_dict"]
+    assert weights["patterns.embedding.weight"].shape == (64, 16)
+    assert train.main(["--pretrained-encoder", path, "--pattern-buckets", "64", "--max-steps", "2", *common]) == 0
+    assert train.main(["--pretrained-encoder", path, "--max-steps", "2", *common]) == 1
+    assert "pattern_buckets must be the same" in capsys.readouterr().err
+    inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), path],
+                             capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "weights loaded" in inspect.stdout, inspect
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 def cli(*args, cwd):
