@@ -664,8 +664,12 @@ class CheckpointWriter:
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
     def close(self):
+        """Write what is pending, then end both threads. They must be gone before the interpreter exits: a daemon
+        thread still freeing a snapshot's tensors then is killed inside torch, which aborts the process."""
         self.flush()
         self._to_copy.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _copy_loop(self):
         while (job := self._to_copy.get()) is not None:
@@ -697,6 +701,7 @@ class CheckpointWriter:
                 if job.on_saved is not None:
                     job.on_saved(sidecar)
             finally:
+                job.fields = None  # the snapshot's copies are written: free them now, not when the next job comes
                 with self._idle:
                     self._unfinished -= 1
                     self._idle.notify_all()
