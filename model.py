@@ -28,8 +28,8 @@ CELL_SIDE = (GRID_SIZE - 1) // 2 + 1
 # Crop sides for encoding: 4k+1 keeps every stride-2 layer's output aligned with the full grid's (see ARCEncoder).
 CROP_SIDES = (5, 9, 13, 17, 21, 25, GRID_SIZE)
 # Window sides of the pattern bag (ARCEncoder's pattern_buckets). Puzzle classification, linear softmax on exact
-# windows plus one-hot sizes, test top-1: sides 1-3 0.453, read the same under the 8 symmetries 0.483, sides 1-4
-# under symmetries 0.463.
+# windows plus one-hot sizes (bench/pattern_baselines.py), test top-1: sides 1-3 as they are 0.453, read the same
+# under the 8 symmetries 0.478; in a probe, sides 1-4 under the symmetries did worse than 1-3 (0.463 / 0.483).
 PATTERN_SIDES = (1, 2, 3)
 
 
