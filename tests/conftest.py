@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from data import load_data
+from data import PAD, load_data
 from train import TrainConfig
 
 
@@ -154,6 +154,27 @@ class EventReader:
 
     def close(self):
         self.response.close()
+
+
+def crop(grid):
+    """A padded (30, 30) grid -> its real area."""
+    real = grid != PAD
+    return grid[:real.any(1).sum(), :real.any(0).sum()]
+
+
+def padded(grid):
+    """A grid's real area -> the (30, 30) grid holding it in the top-left corner, PAD elsewhere."""
+    out = torch.full((30, 30), PAD, dtype=grid.dtype)
+    out[:grid.shape[0], :grid.shape[1]] = grid
+    return out
+
+
+def symmetries(grid):
+    """The 8 symmetries of the square applied to a cropped grid (2-D tensor); the grid itself first."""
+    out = []
+    for g in (grid, grid.T):
+        out += [g, g.flip(0), g.flip(1), g.flip(0).flip(1)]
+    return out
 
 
 def assert_same(a, b, where="value"):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import write_task_folder
+from conftest import crop, symmetries, write_task_folder
 from data import MAX_SIDE, PAD, Batches, DataError, load_data, load_task_folder, make_splits, tensorize
 
 
@@ -387,19 +387,6 @@ def test_tensorize_of_parsed_tasks_keeps_task_order(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
-
-def symmetries(grid):
-    """The 8 symmetries of the square applied to a cropped grid (2-D tensor)."""
-    out = []
-    for g in (grid, grid.T):
-        out += [g, g.flip(0), g.flip(1), g.flip(0).flip(1)]
-    return out
-
-
-def crop(grid):
-    real = grid != PAD
-    return grid[:real.any(1).sum(), :real.any(0).sum()]
-
 
 def colour_map(before, after):
     """The colour renaming that turns `before` into `after`, or None if there is none (a bijection fixing 0)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import crop, padded, symmetries
 from model import (BOTTLENECK_TYPES, CELL_SIDE, PATTERN_SIDES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer,
                    Sender, pattern_codes)
 
@@ -420,15 +421,6 @@ def test_a_cell_message_at_evaluation_does_not_depend_on_the_rest_of_the_batch()
 
 # ---------------------------------------------------------------------------------------------- the pattern bag
 
-def turned(grid, h, w, symmetry):
-    """One of the 8 rotations/reflections of the h x w grid in grid's top-left corner, in a fresh padded grid."""
-    view = torch.rot90(grid[:h, :w], symmetry % 4)
-    view = view.T if symmetry >= 4 else view
-    out = torch.full((30, 30), PAD, dtype=torch.long)
-    out[:view.shape[0], :view.shape[1]] = view
-    return out
-
-
 @pytest.mark.parametrize("k", PATTERN_SIDES)
 def test_pattern_codes_count_each_window_of_the_framed_grid_once_whichever_way_it_is_turned(k):
     gen = torch.Generator().manual_seed(k)
@@ -439,8 +431,8 @@ def test_pattern_codes_count_each_window_of_the_framed_grid_once_whichever_way_i
         codes = codes[codes >= 0].sort().values
         # k = 1: the cells; k > 1: every window of the (h + 2) x (w + 2) framed grid, none of padding only.
         assert len(codes) == (h * w if k == 1 else (h + 3 - k) * (w + 3 - k))
-        for symmetry in range(1, 8):
-            other = pattern_codes(turned(grid, h, w, symmetry)[None], PAD, k)[0]
+        for symmetry, view in enumerate(symmetries(crop(grid))):
+            other = pattern_codes(padded(view)[None], PAD, k)[0]
             assert torch.equal(codes, other[other >= 0].sort().values), (h, w, symmetry)
 
 
@@ -465,9 +457,8 @@ def test_the_pattern_bag_reads_a_grid_the_same_turned_or_flipped_and_alone_or_in
     grids = random_grids(5, seed=2, max_side=30)
     bag = encoder.patterns(grids)
     assert torch.allclose(encoder.patterns(grids[2:3])[0], bag[2], rtol=0, atol=1e-12)
-    h, w = [int(n) for n in ((grids[0] != PAD).any(1).sum(), (grids[0] != PAD).any(0).sum())]
-    for symmetry in range(8):
-        assert torch.allclose(encoder.patterns(turned(grids[0], h, w, symmetry)[None])[0], bag[0], atol=1e-12)
+    for view in symmetries(crop(grids[0])):
+        assert torch.allclose(encoder.patterns(padded(view)[None])[0], bag[0], atol=1e-12)
     other = grids[:1].clone()
     other[0, 0, 0] = (other[0, 0, 0] + 1) % 10
     assert not torch.allclose(encoder.patterns(other)[0], bag[0])
