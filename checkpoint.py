@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 # without those settings rebuild as they were (train.SETTINGS_BEFORE).
 # 0.4.0 added the reconstruction cell code (config cell_channels); records without it rebuild with none.
 # 0.5.0 added the encoder's pattern bag (config pattern_buckets); records without it rebuild with none.
-PROJECT_VERSION = "0.5.0"
+# 0.6.0 added the bag's kinds (config pattern_kinds, "shapes" for new runs); records without it read "exact" windows.
+PROJECT_VERSION = "0.6.0"
 KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")

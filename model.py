@@ -27,10 +27,14 @@ CELL_MAP_LAYER = 1
 CELL_SIDE = (GRID_SIZE - 1) // 2 + 1
 # Crop sides for encoding: 4k+1 keeps every stride-2 layer's output aligned with the full grid's (see ARCEncoder).
 CROP_SIDES = (5, 9, 13, 17, 21, 25, GRID_SIZE)
-# Window sides of the pattern bag (ARCEncoder's pattern_buckets). Puzzle classification, linear softmax on exact
-# windows plus one-hot sizes (bench/pattern_baselines.py), test top-1: sides 1-3 as they are 0.453, read the same
-# under the 8 symmetries 0.478; in a probe, sides 1-4 under the symmetries did worse than 1-3 (0.463 / 0.483).
-PATTERN_SIDES = (1, 2, 3)
+# The pattern bag's kinds (ARCEncoder's pattern_kinds): which k x k windows it reads, (side, shapes), and whether
+# it adds tokens of the whole grid (grid_tokens). Puzzle classification, linear softmax on the windows' tf-idf bags
+# plus one-hot sizes (bench/pattern_baselines.py), test top-1: exact windows of sides 1-3 as they are 0.453, read
+# the same under the 8 symmetries 0.478 (sides 1-4: 0.463). Colour-blind shapes read far better: exact 1x1 windows,
+# 3x3 and 4x4 shapes and the colour set 0.649 (exact 2x2 and 3x3 windows added to those: 0.595; 2x2 shapes or 5x5
+# shapes added: 0.648 / 0.631), with the colour set and size as one token 0.655.
+PATTERN_KINDS = {"exact": (((1, False), (2, False), (3, False)), False),
+                 "shapes": (((1, False), (3, True), (4, True)), True)}
 
 
 def _conv_plan(num_conv_layers, hidden_dim):
@@ -60,66 +64,108 @@ def window_symmetries(k):
     return torch.stack([order.flatten() for turn in turns for order in (turn, turn.T)])
 
 
-def pattern_codes(grids, pad, k):
+def _by_first_appearance(cells, pad):
+    """(N, n) windows' colour ids -> the colours renamed 0, 1, ... in order of first appearance; padding stays pad."""
+    n = cells.shape[1]
+    positions = torch.arange(n, device=cells.device).expand_as(cells)
+    first = torch.full((len(cells), pad + 1), n, device=cells.device)
+    first_of_cell = first.scatter_reduce_(1, cells, positions, "amin").gather(1, cells)  # (N, n)
+    opens = (first_of_cell == positions) & (cells != pad)  # the cells where a colour is first seen
+    return torch.where(cells == pad, pad, (opens.cumsum(1) - 1).gather(1, first_of_cell))
+
+
+def pattern_codes(grids, pad, k, shapes=False):
     """(B, S, S) colour ids -> (B, W) one code per k x k window of each grid framed by one ring of padding, the
-    same for a window and its rotations and reflections; windows of padding only come out as -1."""
-    framed = F.pad(grids, (1, 1, 1, 1), value=pad).unsqueeze(1).double()  # exact: codes stay below 2 ** 53
-    digits = (pad + 1.0) ** torch.arange(k * k - 1, -1, -1, device=grids.device, dtype=torch.float64)
-    # One conv kernel per symmetry: a window's code read in that symmetry's order of its cells.
-    kernels = torch.zeros(8, k * k, dtype=torch.float64, device=grids.device)
-    kernels.scatter_(1, window_symmetries(k).to(grids.device), digits.expand(8, -1))
-    codes = F.conv2d(framed, kernels.view(8, 1, k, k)).amin(1).long()  # (B, side, side)
+    same for a window and its rotations and reflections; windows of padding only and windows reaching past the
+    frame come out as -1. With shapes, the code ignores which colours a window has and keeps only which of its
+    cells share a colour: colours are renamed in order of first appearance before each symmetry is read."""
+    framed = F.pad(grids, (1, 1, 1, 1), value=pad)
+    side = framed.shape[-1] - k + 1
+    cells = framed.unfold(1, k, 1).unfold(2, k, 1).reshape(len(grids), side * side, k * k)
     # Only windows inside the framed grid: past its frame they would see more padding below than above.
     real = grids != pad
-    starts = torch.arange(codes.shape[-1], device=grids.device)
+    starts = torch.arange(side, device=grids.device)
     inside_rows = starts <= real.any(2).sum(1, keepdim=True) + 2 - k  # (B, side)
     inside_cols = starts <= real.any(1).sum(1, keepdim=True) + 2 - k
-    inside = inside_rows[:, :, None] & inside_cols[:, None, :]
-    return codes.masked_fill(~inside | (codes == pad * int(digits.sum())), -1).flatten(1)
+    kept = (inside_rows[:, :, None] & inside_cols[:, None, :]).flatten(1) & (cells != pad).any(2)
+    cells = cells[kept]  # (N, k * k)
+    digits = (pad + 1) ** torch.arange(k * k - 1, -1, -1, device=grids.device)
+    orders = [cells[:, order] for order in window_symmetries(k).to(grids.device)]
+    if shapes:
+        orders = [_by_first_appearance(order, pad) for order in orders]
+    codes = torch.stack([order @ digits for order in orders]).amin(0)  # exact: codes stay below 11 ** 16 < 2 ** 63
+    return torch.full(kept.shape, -1, dtype=torch.long, device=grids.device).masked_scatter(kept, codes)
+
+
+def grid_tokens(grids, pad):
+    """(B, S, S) colour ids -> (B, 4) codes of the grid's short side, long side, set of colours, and set of colours
+    with both sides; sides unordered, so a grid reads the same turned."""
+    real = grids != pad
+    sides = torch.stack([real.any(2).sum(1), real.any(1).sum(1)], 1).sort(1).values  # (B, 2): short, long
+    present = torch.zeros(len(grids), pad + 1, dtype=torch.long, device=grids.device)
+    present = present.scatter_(1, grids.flatten(1), 1)[:, :pad]
+    colour_set = present @ 2 ** torch.arange(pad, device=grids.device)
+    shaped_set = (colour_set * (GRID_SIZE + 1) + sides[:, 0]) * (GRID_SIZE + 1) + sides[:, 1]
+    # each token in its own range of codes
+    return torch.stack([sides[:, 0], sides[:, 1] + GRID_SIZE + 1, colour_set + 2 * (GRID_SIZE + 1),
+                        shaped_set + 2 * (GRID_SIZE + 1) + 2 ** pad], 1)
+
+
+def _bag_counts(codes):
+    """(B, W) codes, -1 for none -> (rows, codes, counts) of each grid's distinct codes."""
+    codes = codes.sort(1).values
+    opens = torch.ones_like(codes, dtype=torch.bool)
+    opens[:, 1:] = codes[:, 1:] != codes[:, :-1]
+    opens &= codes >= 0
+    run = opens.flatten().cumsum(0) - 1  # each code's run of equal codes in its row
+    counts = torch.bincount(run[(codes >= 0).flatten()], minlength=int(opens.sum()))
+    rows = torch.arange(len(codes), device=codes.device)[:, None].expand_as(codes)[opens]
+    return rows, codes[opens], counts
 
 
 class PatternBag(nn.Module):
-    """A grid -> the bag of its exact local patterns, embedded (as fastText embeds a text's bag of n-grams).
+    """A grid -> the bag of its local patterns, embedded (as fastText embeds a text's bag of n-grams).
 
-    Every k x k window (k in PATTERN_SIDES) of the grid framed by a ring of padding, so its edges count, read the
-    same whichever way it is turned or flipped, is hashed to one of `buckets` rows of an embedding. A grid's vector
-    is, per side k, the sum of its distinct windows' rows weighted by sqrt(count / windows): exact patterns say
+    Each k x k window of the kind's sides (PATTERN_KINDS), of the grid framed by a ring of padding so its edges
+    count, read the same whichever way it is turned or flipped (and, for shapes, whatever its colours), is hashed to
+    one of `buckets` rows of an embedding. A grid's vector is, per window side, the sum of its distinct windows'
+    rows weighted by sqrt(count / windows), plus, for "shapes", the rows of its grid_tokens: such patterns say
     which puzzle a grid is from where a conv stack, in a 5-minute budget, learns mostly colour and layout.
     """
 
-    # Codes stay below 11 ** 9 + 11 ** 4 + 11 (sides 1-3), so code * multiplier stays inside int64.
+    # Codes of each family are moved to their own range and taken modulo HASH_PRIME before they are multiplied.
     HASH_MULTIPLIER, HASH_PRIME = 2654435761, 4294967291
 
-    def __init__(self, buckets, dim, pad):
+    def __init__(self, buckets, dim, pad, kinds="shapes"):
         super().__init__()
         self.buckets, self.pad = buckets, pad
+        self.windows, self.with_grid_tokens = PATTERN_KINDS[kinds]
         self.embedding = nn.Embedding(buckets, dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
 
     def forward(self, grids):
         """(B, S, S) colour ids -> (B, dim)."""
         out = self.embedding.weight.new_zeros(len(grids), self.embedding.embedding_dim)
-        first_code = 0  # each side's codes get their own range before hashing
-        for k in PATTERN_SIDES:
-            codes = pattern_codes(grids, self.pad, k)
-            rows = torch.arange(len(grids), device=grids.device)[:, None].expand_as(codes)[codes >= 0]
-            keys = rows * (self.pad + 1) ** (k * k) + codes[codes >= 0]
-            keys, counts = torch.unique(keys, return_counts=True)
-            rows = keys // (self.pad + 1) ** (k * k)
-            buckets = (keys % (self.pad + 1) ** (k * k) + first_code) * self.HASH_MULTIPLIER % self.HASH_PRIME
+        first_code = 0
+        for k, shapes in self.windows:
+            rows, codes, counts = _bag_counts(pattern_codes(grids, self.pad, k, shapes))
             windows = torch.zeros_like(out[:, 0]).index_add_(0, rows, counts.to(out.dtype))
-            weights = (counts / windows[rows]).sqrt()
-            out = out.index_add(0, rows, self.embedding(buckets % self.buckets) * weights[:, None])
+            out = out.index_add(0, rows, self._rows(codes + first_code) * (counts / windows[rows]).sqrt()[:, None])
             first_code += (self.pad + 1) ** (k * k)
+        if self.with_grid_tokens:
+            out = out + self._rows(grid_tokens(grids, self.pad) + first_code).sum(1)
         return out
+
+    def _rows(self, codes):
+        return self.embedding(codes % self.HASH_PRIME * self.HASH_MULTIPLIER % self.HASH_PRIME % self.buckets)
 
 
 class ARCEncoder(nn.Module):
     """Colour embedding + conv stack; padding is zeroed after every layer and never enters the pooling.
-    With pattern_buckets, a PatternBag of the grid's exact local patterns is added to the latent."""
+    With pattern_buckets, a PatternBag of the grid's local patterns (pattern_kinds) is added to the latent."""
 
     def __init__(self, num_colors=10, embedding_dim=16, hidden_dim=128, latent_dim=256, num_conv_layers=3,
-                 pattern_buckets=0):
+                 pattern_buckets=0, pattern_kinds="shapes"):
         super().__init__()
         assert num_conv_layers >= 1, "num_conv_layers must be at least 1"
         self.num_colors = num_colors
@@ -141,8 +187,8 @@ class ARCEncoder(nn.Module):
         flat = self.out_channels * side * side
         # Masked mean and max over the real area, plus the masked map itself (keeps layout for reconstruction).
         self.to_latent = nn.Linear(2 * self.out_channels + flat, latent_dim)
-        # pattern_buckets > 0: the bag of the grid's exact local patterns joins the latent.
-        self.patterns = PatternBag(pattern_buckets, latent_dim, num_colors) if pattern_buckets else None
+        # pattern_buckets > 0: the bag of the grid's local patterns joins the latent.
+        self.patterns = PatternBag(pattern_buckets, latent_dim, num_colors, pattern_kinds) if pattern_buckets else None
 
     def forward(self, grids):
         """(B, 30, 30) colour ids -> (B, latent_dim)."""

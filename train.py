@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
-from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PRETRAIN_MODES, SCORINGS, TASK_TYPES, ARCAutoencoder,
-                   ARCEncoder, EncoderPretrainer)
+from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
+                   ARCAutoencoder, ARCEncoder, EncoderPretrainer)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 # Settings added after checkpoints were in use, with the value that rebuilds the model an older record holds.
 SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot",  # project 0.2.0 and earlier
                    "cell_channels": 0,  # 0.3.0 and earlier
-                   "pattern_buckets": 0}  # 0.4.0 and earlier
+                   "pattern_buckets": 0,  # 0.4.0 and earlier
+                   "pattern_kinds": "exact"}  # 0.5.0 and earlier
 
 
 def settings_of(config):
@@ -67,8 +68,11 @@ class TrainConfig:
     hidden_dim: int = setting(128, "conv channels of the last layer and receiver width", low=8, high=4096)
     latent_dim: int = setting(128, "encoder output size", low=1, high=8192)
     num_conv_layers: int = setting(3, "conv layers in the encoder", low=1, high=12)
-    pattern_buckets: int = setting(0, "embedding rows for the bag of the grid's exact 1x1-3x3 colour patterns "
-                                   "added to the latent (hashed; 0: no pattern bag)", low=0, high=2**22)
+    pattern_buckets: int = setting(0, "embedding rows for the bag of the grid's local patterns added to the latent "
+                                   "(hashed; 0: no pattern bag)", low=0, high=2**22)
+    pattern_kinds: str = setting("shapes", "what the pattern bag reads: exact: 1x1-3x3 colour windows; shapes: "
+                                 "colour-blind 3x3 and 4x4 shapes, each colour's count, the set of colours and the "
+                                 "grid's size", choices=tuple(PATTERN_KINDS))
     cell_channels: int = setting(8, "reconstruction: channels per cell of the encoder's 15x15 map sent beside the "
                                  "latent, as floats (autoencoder) or one symbol each (communication); 0: none",
                                  low=0, high=64)
@@ -281,7 +285,8 @@ def build_encoder(config):
     """The encoder for a config dict, from this run or any record (pretrained or main)."""
     config = settings_of(config)
     return ARCEncoder(config["num_colors"], config["embedding_dim"], config["hidden_dim"], config["latent_dim"],
-                      config["num_conv_layers"], pattern_buckets=config["pattern_buckets"])
+                      config["num_conv_layers"], pattern_buckets=config["pattern_buckets"],
+                      pattern_kinds=config["pattern_kinds"])
 
 
 def build_model(config, num_classes):
@@ -359,6 +364,7 @@ class Trainer:
         record = ckpt.load_checkpoint(path)
         if record.get("kind") != "pretrained" or "encoder_state_dict" not in record:
             raise ValueError(f"{path} is not a pretrained encoder checkpoint (kind {record.get('kind')!r})")
+        self._check_pattern_kinds(record, path)
         try:
             self.model.encoder.load_state_dict(record["encoder_state_dict"])
         except RuntimeError as e:
@@ -369,12 +375,21 @@ class Trainer:
     def load_weights(self, path, verify_file=True):
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
         record = ckpt.load_checkpoint(path, verify_file=verify_file)
+        self._check_pattern_kinds(record, path)
         try:
             self.model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
             reason = f"{str(e).splitlines()[0]}{ckpt.version_note(record)}"
             raise ValueError(f"{path}: its model does not match this config (task, bottleneck and architecture "
                              f"must be the same to fine-tune): {reason}") from None
+
+    def _check_pattern_kinds(self, record, path):
+        """Bags of either kind have the same shape, so loading would pass and every embedding row would mean another
+        pattern."""
+        theirs = settings_of(record.get("config") or {})["pattern_kinds"]
+        if self.config.pattern_buckets and theirs != self.config.pattern_kinds:
+            raise ValueError(f"{path}: its pattern bag reads {theirs!r} patterns, this config's reads "
+                             f"{self.config.pattern_kinds!r}; set pattern_kinds={theirs} to load it")
 
     def checkpoint_estimate(self):
         """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""

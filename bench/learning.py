@@ -66,7 +66,7 @@ ROWS = {
     "puzzle_classification": Row(
         "puzzle_classification, autoencoder",
         dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
-             pattern_buckets=65536),
+             pattern_buckets=131072),
         {"acc": 0.50}, seeds=1),
     "puzzle_classification_pairs": Row(
         "puzzle_classification, autoencoder, input-output pairs",
@@ -202,7 +202,7 @@ def run_once(row, overrides, seed, data, budget_seconds, eval_units):
         result["baseline"] = 1 / len(torch.unique(trainer.train_batches.puzzle))
         steps = LINEAR_STEPS if eval_units is None else QUICK_LINEAR_STEPS
         result["patterns"] = pattern_baselines(trainer.train_batches, {"test": trainer.test_batches},
-                                               trainer.num_classes, steps)["test"]
+                                               trainer.num_classes, config.pattern_kinds, steps)["test"]
     if "shuffle" in row.extras:
         own, result["test_shuffled_acc"] = shuffled_message_accuracy(trainer, seed)
         assert abs(own - test["acc"]) < 1e-9, \

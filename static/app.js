@@ -13,7 +13,7 @@ const DISK_MARGIN = 1.2; // a save needs this many times its estimated size free
 const GROUPS = [
   ["Task", ["task_type", "bottleneck_type", "num_distractors", "use_input_output_pairs"]],
   ["Message", ["vocab_size", "max_message_length", "temperature", "temperature_decay", "min_temperature"]],
-  ["Model", ["latent_dim", "hidden_dim", "cell_channels", "pattern_buckets"]],
+  ["Model", ["latent_dim", "hidden_dim", "cell_channels", "pattern_buckets", "pattern_kinds"]],
   ["Optimisation", ["epochs", "batch_size", "learning_rate"]],
   ["Pretraining", ["pretrain_mode", "pretrained_encoder", "freeze_encoder"]],
 ];

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import crop, padded, symmetries
-from model import (BOTTLENECK_TYPES, CELL_SIDE, PATTERN_SIDES, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer,
-                   Sender, pattern_codes)
+from model import (BOTTLENECK_TYPES, CELL_SIDE, PATTERN_KINDS, TASK_TYPES, ARCAutoencoder, ARCEncoder, EncoderPretrainer,
+                   Sender, grid_tokens, pattern_codes)
 
 PAD = 10
 VOCAB, LENGTH, K, CLASSES = 7, 4, 3, 11
@@ -421,19 +421,54 @@ def test_a_cell_message_at_evaluation_does_not_depend_on_the_rest_of_the_batch()
 
 # ---------------------------------------------------------------------------------------------- the pattern bag
 
-@pytest.mark.parametrize("k", PATTERN_SIDES)
-def test_pattern_codes_count_each_window_of_the_framed_grid_once_whichever_way_it_is_turned(k):
+WINDOW_FAMILIES = sorted({family for windows, _ in PATTERN_KINDS.values() for family in windows})
+
+
+@pytest.mark.parametrize("k, shapes", WINDOW_FAMILIES)
+def test_pattern_codes_count_each_window_of_the_framed_grid_once_whichever_way_it_is_turned(k, shapes):
     gen = torch.Generator().manual_seed(k)
     for h, w in [(1, 1), (2, 5), (7, 3), (30, 30), (13, 29)]:
         grid = torch.full((30, 30), PAD, dtype=torch.long)
         grid[:h, :w] = torch.randint(0, 10, (h, w), generator=gen)
-        codes = pattern_codes(grid[None], PAD, k)[0]
+        codes = pattern_codes(grid[None], PAD, k, shapes)[0]
         codes = codes[codes >= 0].sort().values
         # k = 1: the cells; k > 1: every window of the (h + 2) x (w + 2) framed grid, none of padding only.
         assert len(codes) == (h * w if k == 1 else (h + 3 - k) * (w + 3 - k))
         for symmetry, view in enumerate(symmetries(crop(grid))):
-            other = pattern_codes(padded(view)[None], PAD, k)[0]
+            other = pattern_codes(padded(view)[None], PAD, k, shapes)[0]
             assert torch.equal(codes, other[other >= 0].sort().values), (h, w, symmetry)
+
+
+def test_shape_codes_ignore_which_colours_a_window_has_but_not_which_cells_share_one():
+    grids = torch.full((4, 30, 30), PAD, dtype=torch.long)
+    grids[0, :2, :2] = torch.tensor([[1, 1], [2, 3]])
+    grids[1, :2, :2] = torch.tensor([[5, 5], [0, 7]])  # renamed colours: the same shapes
+    grids[2, :2, :2] = torch.tensor([[3, 3], [2, 1]])  # renamed and mirrored
+    grids[3, :2, :2] = torch.tensor([[1, 2], [2, 3]])  # another partition of the cells
+    for k in (1, 2, 3):
+        shapes = [sorted(pattern_codes(grids[i:i + 1], PAD, k, shapes=True)[0].tolist()) for i in range(4)]
+        exact = [sorted(pattern_codes(grids[i:i + 1], PAD, k)[0].tolist()) for i in range(4)]
+        assert shapes[0] == shapes[1] == shapes[2] and exact[0] != exact[1], k
+        assert (shapes[0] != shapes[3]) == (k > 1), k  # one cell alone has one shape
+    # the whole framed 2x2 grid as one 4x4 window: the colours renamed in order of first appearance, padding kept
+    window = pattern_codes(grids[:1], PAD, 4, shapes=True)[0]
+    framed = [[PAD] * 4, [PAD, 0, 0, PAD], [PAD, 1, 2, PAD], [PAD] * 4]
+    first_read = sum(c * (PAD + 1) ** (15 - i) for i, c in enumerate(sum(framed, [])))
+    assert window[window >= 0].tolist() == [first_read]  # already the least reading of the 8 symmetries
+
+
+def test_grid_tokens_are_the_sides_and_the_colour_set_whichever_way_the_grid_is_turned():
+    grid = torch.full((30, 30), PAD, dtype=torch.long)
+    grid[:2, :5] = torch.tensor([[0, 4, 4, 0, 0], [0, 0, 9, 0, 0]])
+    colour_set = 2 ** 0 + 2 ** 4 + 2 ** 9
+    tokens = grid_tokens(grid[None], PAD)[0].tolist()
+    assert tokens[:3] == [2, 5 + 31, colour_set + 62]
+    assert tokens[3] == 62 + 2 ** 10 + (colour_set * 31 + 2) * 31 + 5
+    other = grid_tokens(padded(crop(grid).T)[None], PAD)[0].tolist()
+    assert other == tokens
+    grid[0, 0] = 1
+    assert grid_tokens(grid[None], PAD)[0, :2].tolist() == tokens[:2]
+    assert grid_tokens(grid[None], PAD)[0, 2:].tolist() != tokens[2:]
 
 
 def test_pattern_codes_tell_windows_apart_and_read_a_window_like_its_mirror_image():
@@ -446,14 +481,15 @@ def test_pattern_codes_tell_windows_apart_and_read_a_window_like_its_mirror_imag
     assert pattern_codes(grid[:1], PAD, 1)[0, 33:35].tolist() == [1, 2]  # 32 x 32 framed: a 1x1 code is the colour
 
 
-def pattern_encoder(buckets=64, seed=0):
+def pattern_encoder(buckets=64, seed=0, kinds="shapes"):
     torch.manual_seed(seed)
     return ARCEncoder(num_colors=10, embedding_dim=4, hidden_dim=16, latent_dim=8, num_conv_layers=2,
-                      pattern_buckets=buckets)
+                      pattern_buckets=buckets, pattern_kinds=kinds)
 
 
-def test_the_pattern_bag_reads_a_grid_the_same_turned_or_flipped_and_alone_or_in_any_batch():
-    encoder = pattern_encoder().double()
+@pytest.mark.parametrize("kinds", PATTERN_KINDS)
+def test_the_pattern_bag_reads_a_grid_the_same_turned_or_flipped_and_alone_or_in_any_batch(kinds):
+    encoder = pattern_encoder(kinds=kinds).double()
     grids = random_grids(5, seed=2, max_side=30)
     bag = encoder.patterns(grids)
     assert torch.allclose(encoder.patterns(grids[2:3])[0], bag[2], rtol=0, atol=1e-12)
@@ -467,12 +503,15 @@ def test_the_pattern_bag_reads_a_grid_the_same_turned_or_flipped_and_alone_or_in
     assert torch.allclose(encoder(grids), encoder.to_latent(features) + bag, rtol=0, atol=1e-12)
 
 
-def test_the_pattern_bag_learns_the_rows_of_the_patterns_a_grid_has_and_only_those():
-    encoder = pattern_encoder(buckets=4096)
+@pytest.mark.parametrize("kinds", PATTERN_KINDS)
+def test_the_pattern_bag_learns_the_rows_of_the_patterns_a_grid_has_and_only_those(kinds):
+    encoder = pattern_encoder(buckets=4096, kinds=kinds)
     grid = torch.full((1, 30, 30), PAD, dtype=torch.long)
     grid[0, :2, :3] = torch.tensor([[1, 1, 2], [1, 1, 2]])
     encoder(grid).pow(2).sum().backward()
     touched = encoder.patterns.embedding.weight.grad.abs().sum(1).nonzero().squeeze(1)
-    windows = sum(len(set(pattern_codes(grid, PAD, k)[0].tolist()) - {-1}) for k in PATTERN_SIDES)
+    families, with_grid_tokens = PATTERN_KINDS[kinds]
+    windows = sum(len(set(pattern_codes(grid, PAD, k, shapes)[0].tolist()) - {-1}) for k, shapes in families)
+    windows += 4 if with_grid_tokens else 0
     assert 0 < len(touched) <= windows  # one row per distinct pattern (fewer if two share a bucket)
     assert len(touched) >= windows - 2

@@ -120,6 +120,7 @@ BAD_VALUES = [
     ("checkpoint_dir", "a\x00b"), ("checkpoint_dir", ["x"]), ("data_dir", 5), ("autosave_minutes", -1),
     ("min_temperature", 5.0),  # above temperature 1.0
     ("cell_channels", -1), ("cell_channels", 65), ("pattern_buckets", -1), ("pattern_buckets", 2**22 + 1),
+    ("pattern_kinds", "colours"),
     ("num_conv_layers", 1),  # reconstruction's default cell code reads the second layer's map
 ]
 
@@ -539,44 +540,51 @@ def test_weights_from_an_older_project_version_are_refused_saying_so(small_data,
     assert "damaged" in str(info.value) and "version" not in str(info.value)
 
 
-OLDER_VERSIONS = [  # (task, version, the settings it predates, at the value that rebuilds its model)
-    ("selection", "0.2.0", dict(message_norm="none", scoring="dot")),
-    ("puzzle_classification", "0.2.0", dict(message_norm="none", scoring="dot")),
-    ("reconstruction", "0.2.0", dict(message_norm="none", scoring="dot", cell_channels=0)),
-    ("reconstruction", "0.3.0", dict(cell_channels=0)),
-    ("puzzle_classification", "0.4.0", dict(pattern_buckets=0)),
+OLDER_VERSIONS = [  # (task, version, the settings it predates, at the value that rebuilds its model; others it has)
+    ("selection", "0.2.0", dict(message_norm="none", scoring="dot"), {}),
+    ("puzzle_classification", "0.2.0", dict(message_norm="none", scoring="dot"), {}),
+    ("reconstruction", "0.2.0", dict(message_norm="none", scoring="dot", cell_channels=0), {}),
+    ("reconstruction", "0.3.0", dict(cell_channels=0), {}),
+    ("puzzle_classification", "0.4.0", dict(pattern_buckets=0), {}),
+    ("puzzle_classification", "0.5.0", dict(pattern_kinds="exact"), dict(pattern_buckets=64)),
 ]
 
 
-@pytest.mark.parametrize("task, version, before", OLDER_VERSIONS, ids=[f"{t}-{v}" for t, v, _ in OLDER_VERSIONS])
-def test_a_checkpoint_from_before_a_setting_resumes_exactly_as_it_was(small_data, tmp_path, task, version, before):
+@pytest.mark.parametrize("task, version, before, kept", OLDER_VERSIONS, ids=[f"{t}-{v}" for t, v, _, _ in OLDER_VERSIONS])
+def test_a_checkpoint_from_before_a_setting_resumes_exactly_as_it_was(small_data, tmp_path, task, version, before,
+                                                                      kept):
     data_dir, data = small_data
 
     def config(folder, **changes):
-        return resume_config(tmp_path / folder, data_dir, task, "communication", False, **changes)
+        return resume_config(tmp_path / folder, data_dir, task, "communication", False, **kept, **changes)
 
     straight, straight_events = run(config("straight", **before), data)
     first = config("first", **before)
     run(first, data, save_and_stop_at(MID))
     # What such a file holds: none of the settings, and the parts they add missing from its weights (0.2.0: no
-    # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code; 0.4.0: no pattern bag).
+    # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code; 0.4.0: no pattern bag;
+    # 0.5.0: a bag of the same shape as today's, which read exact colour windows).
     record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
     weights = record["model_state_dict"]
     assert any(k.startswith("sender.norm.") for k in weights) == ("message_norm" not in before)
     assert ("classifier.bias" in weights) == (task == "puzzle_classification" and "scoring" in before)
     assert not any(k.startswith(("cell_code.", "decoder.from_code.")) for k in weights)
-    assert not any(".patterns." in k for k in weights)
+    assert any(".patterns." in k for k in weights) == bool(kept.get("pattern_buckets"))
     for name in before:
         del record["config"][name]
     record["versions"]["project"] = version
     ckpt.write_checkpoint(str(tmp_path / "old"), {**record, "name": "old", "kind": "manual"})
     old = str(tmp_path / "old" / "old.pth")
     second = config("second")
-    assert (second.message_norm, second.scoring, second.cell_channels) == ("batch", "cosine", 8)  # not the file's
+    assert (second.message_norm, second.scoring, second.cell_channels, second.pattern_kinds) == (
+        "batch", "cosine", 8, "shapes")  # not the file's
     resume_and_compare(old, second, data, straight, straight_events, after=MID)
     inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), old],
                              capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0 and "weights loaded" in inspect.stdout, inspect
+    if "pattern_kinds" in before:  # fine-tuning keeps this run's settings: a shapes bag must refuse exact weights
+        with pytest.raises(ValueError, match="set pattern_kinds=exact to load it"):
+            fine_tune(config("third"), data, old)
 
 
 def test_a_snapshot_holds_the_running_figures_of_its_own_step(small_data, make_config):
@@ -647,6 +655,10 @@ def test_a_pretrained_encoder_with_a_pattern_bag_needs_one_to_load_into_and_insp
     assert train.main(["--pretrained-encoder", path, "--pattern-buckets", "64", "--max-steps", "2", *common]) == 0
     assert train.main(["--pretrained-encoder", path, "--max-steps", "2", *common]) == 1
     assert "pattern_buckets must be the same" in capsys.readouterr().err
+    # a bag of the other kind has the same shape: without the check it would load, every row meaning another pattern
+    assert train.main(["--pretrained-encoder", path, "--pattern-buckets", "64", "--pattern-kinds", "exact",
+                       "--max-steps", "2", *common]) == 1
+    assert "set pattern_kinds=shapes to load it" in capsys.readouterr().err
     inspect = subprocess.run([sys.executable, os.path.join(ROOT, "load_checkpoint.py"), path],
                              capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0 and "weights loaded" in inspect.stdout, inspect
