@@ -392,8 +392,8 @@ class Trainer:
         pattern."""
         theirs = settings_of(record.get("config") or {})["pattern_kinds"]
         if self.config.pattern_buckets and theirs != self.config.pattern_kinds:
-            raise ValueError(f"{path}: its pattern bag reads {theirs!r} patterns, this config's reads "
-                             f"{self.config.pattern_kinds!r}; set pattern_kinds={theirs} to load it")
+            raise ValueError(f"{path}: its pattern bag reads other patterns ({theirs}) than this config's "
+                             f"({self.config.pattern_kinds}); set pattern_kinds={theirs} to load it")
 
     def checkpoint_estimate(self):
         """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""
