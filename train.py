@@ -389,9 +389,10 @@ class Trainer:
 
     def _check_pattern_kinds(self, record, path):
         """Bags of either kind have the same shape, so loading would pass and every embedding row would mean another
-        pattern."""
-        theirs = settings_of(record.get("config") or {})["pattern_kinds"]
-        if self.config.pattern_buckets and theirs != self.config.pattern_kinds:
+        pattern. Only when both have a bag: a missing one is a shape mismatch, which load_state_dict reports."""
+        saved = settings_of(record.get("config") or {})
+        theirs = saved["pattern_kinds"]
+        if saved["pattern_buckets"] and self.config.pattern_buckets and theirs != self.config.pattern_kinds:
             raise ValueError(f"{path}: its pattern bag reads other patterns ({theirs}) than this config's "
                              f"({self.config.pattern_kinds}); set pattern_kinds={theirs} to load it")
 

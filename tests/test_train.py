@@ -637,6 +637,11 @@ def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_p
     wider = TINY_ARGS[:2] + ["--hidden-dim", "32"] + TINY_ARGS[4:]
     assert train.main(["--pretrained-encoder", path, *base, *wider]) == 1
     assert "encoder shape does not match" in capsys.readouterr().err
+    # an encoder without a bag has no kind of pattern to disagree about: what is missing is the bag
+    assert train.main(["--pretrained-encoder", path, "--pattern-buckets", "64", "--pattern-kinds", "exact",
+                       "--max-steps", "2", *common]) == 1
+    err = capsys.readouterr().err
+    assert "pattern_buckets must be the same" in err and "reads other patterns" not in err
     best = os.path.join(folder, "best_model.pth")
     assert train.main(["--pretrained-encoder", best, *common]) == 1
     assert "not a pretrained encoder" in capsys.readouterr().err
