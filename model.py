@@ -136,7 +136,7 @@ class PatternBag(nn.Module):
     # Codes of each family are moved to their own range and taken modulo HASH_PRIME before they are multiplied.
     HASH_MULTIPLIER, HASH_PRIME = 2654435761, 4294967291
 
-    def __init__(self, buckets, dim, pad, kinds="shapes"):
+    def __init__(self, buckets, dim, pad, kinds):
         super().__init__()
         self.buckets, self.pad = buckets, pad
         self.windows, self.with_grid_tokens = PATTERN_KINDS[kinds]

@@ -132,8 +132,9 @@ def main():
         scored = pattern_baselines(batches["train"], {"val": batches["val"], "test": batches["test"]}, num_classes,
                                    kinds, steps)
         val, test = scored["val"], scored["test"]
-        print(f"{'input-output pairs' if pairs else 'single grids'}, {kinds}: nearest neighbour test {test['nearest']:.3f} "
-              f"(val {val['nearest']:.3f}); linear, {steps} steps, test {test['linear']:.3f} "
+        print(f"{'input-output pairs' if pairs else 'single grids'}, {kinds}: "
+              f"nearest neighbour test {test['nearest']:.3f} (val {val['nearest']:.3f}); "
+              f"linear, {steps} steps, test {test['linear']:.3f} "
               f"(val {val['linear']:.3f}); {time.monotonic() - started:.0f}s", flush=True)
 
 
