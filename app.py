@@ -5,33 +5,45 @@
 """
 import argparse
 import dataclasses
+import errno
 import hmac
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import sys
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_file
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import BadRequest, HTTPException
 
+import catalogue
 import checkpoint as ckpt
 from events import EventBus
 from train import TrainConfig
-from worker import Busy, Conflict, TrainingWorker, list_runs, read_run
+from worker import Busy, Conflict, TrainingWorker
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("lab", __name__)
 
 CSP = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
 PATCHABLE = {"notes": str, "tags": list}
+# An OSError of the machine, not of the request: the status that fits it.
+OS_ERROR_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 403, errno.EPERM: 403, errno.EROFS: 403,
+                   errno.ENOENT: 404}
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Every response is strict JSON: NaN and Infinity (a loss before the first validation) become null."""
+
+    def dumps(self, obj, **kwargs):
+        return ckpt.dumps_strict(obj, sort_keys=False)
 
 
 def create_app(config=None, trainer=None):
     """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER."""
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     app.config.from_mapping(CHECKPOINT_DIR="checkpoints", DATASET="arcagi", DATA_DIR="", DEVICE="auto", TOKEN=None,
                             TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20)
     app.config.update(config or {})
@@ -60,15 +72,25 @@ def _folder():
     return current_app.extensions["trainer"].checkpoint_dir
 
 
+def _entry(ident):
+    """The checkpoint an id (RUN_ID:NAME) or bare name in a URL stands for: a bare name is the current run's, else
+    the newest run's. 400 for a malformed id, 404 for none."""
+    return catalogue.locate(_folder(), ident, current_run=_worker().status()["run_id"])
+
+
 # ---------------------------------------------------------------------------------------------- plumbing
 
 def _error_response(error):
     if isinstance(error, Conflict):
         return jsonify(error=str(error)), 409
-    if isinstance(error, Busy):
+    if isinstance(error, (Busy, ckpt.CheckpointBusy)):
         return jsonify(error=str(error)), 503, {"Retry-After": "1"}
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError) and error.filename is None:  # ours: the message names what is missing
         return jsonify(error=str(error.args[0] if error.args else error)), 404
+    if isinstance(error, OSError):
+        logger.warning("%s %s: %s", request.method, request.path, error)
+        return jsonify(error=f"the server's file system refused: {error.strerror or error}"
+                             f"{f' ({error.filename})' if error.filename else ''}"), OS_ERROR_STATUS.get(error.errno, 503)
     if isinstance(error, (ValueError, ckpt.CheckpointError)):
         return jsonify(error=str(error)), 400
     if isinstance(error, HTTPException):
@@ -112,23 +134,16 @@ def _body():
     return body
 
 
-def _checkpoint_file(name, must_exist=True):
-    """Path of a checkpoint named by the user: same name rules as saves, never outside the folder."""
-    path = ckpt.checkpoint_path(_folder(), name)
-    if must_exist and not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint named {name!r} in {_folder()}")
-    return path
-
-
 def _take_name(body, key, skip_verify):
-    """A checkpoint named in a start request, refused up front if it fails verification (unless salvaging)."""
+    """A checkpoint named in a start request (id or name), refused up front if it fails verification (unless
+    salvaging)."""
     value = body.pop(key, None)
     if value in (None, ""):
         return None
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a checkpoint name (a string)")
+        raise ValueError(f"{key} must be a checkpoint id or name (a string)")
     try:
-        path = _checkpoint_file(value)
+        path = _entry(value).path
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
     ok, reason = ckpt.verify(path)
@@ -246,39 +261,47 @@ def save_checkpoint():
     return jsonify(request_id=request_id, name=name), 202
 
 
-LISTED = ("name", "kind", "file", "size", "created_at", "epoch", "batch", "global_step", "val_loss", "val_acc",
-          "task_type", "bottleneck_type", "sha256", "damaged", "error", "verified_at", "notes", "tags")
+LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
+          "val_loss", "val_acc", "task_type", "bottleneck_type", "sha256", "damaged", "refused", "error", "problems",
+          "verified_at", "notes", "tags")
 
 
 @bp.get("/list_checkpoints")
 def list_checkpoints():
-    rows = [{key: meta.get(key) for key in LISTED} for meta in ckpt.list_checkpoints(_folder())]
+    """Every run's checkpoints, newest first; ?run=RUN_ID for one run's."""
+    run = request.args.get("run") or None
+    rows = [{key: meta.get(key) for key in LISTED} for meta in catalogue.list_checkpoints(_folder(), run=run)]
     return jsonify(checkpoints=rows)
 
 
-@bp.get("/checkpoints/<path:name>")
-def checkpoint_info(name):
-    return jsonify(ckpt.read_metadata(_checkpoint_file(name)))
+@bp.get("/checkpoints/<path:ident>")
+def checkpoint_info(ident):
+    return jsonify(catalogue.describe(_entry(ident)))
 
 
-@bp.get("/checkpoints/<path:name>/download")
-def checkpoint_download(name):
-    path = _checkpoint_file(name)
-    return send_file(path, as_attachment=True, download_name=os.path.basename(path),
+@bp.get("/checkpoints/<path:ident>/download")
+def checkpoint_download(ident):
+    entry = _entry(ident)
+    try:
+        f = os.fdopen(ckpt.open_regular(entry.path), "rb")  # never through a link
+    except ckpt.UnreadableFile as e:
+        raise ValueError(f"{entry.id}: {e}") from None
+    return send_file(f, as_attachment=True, download_name=os.path.basename(entry.path),
                      mimetype="application/octet-stream")
 
 
-@bp.delete("/checkpoints/<path:name>")
-def checkpoint_delete(name):
-    _checkpoint_file(name)
-    ckpt.delete_checkpoint(_folder(), name)
-    _worker().bus.publish("checkpoint_deleted", {"name": name, "reason": "deleted by the user"})
-    return jsonify(deleted=name)
+@bp.delete("/checkpoints/<path:ident>")
+def checkpoint_delete(ident):
+    entry = _entry(ident)
+    ckpt.delete_checkpoint(entry.path)
+    _worker().bus.publish("checkpoint_deleted", {"id": entry.id, "run_id": entry.run_id, "name": entry.name,
+                                                 "reason": "deleted by the user"})
+    return jsonify(deleted=entry.id)
 
 
-@bp.patch("/checkpoints/<path:name>")
-def checkpoint_patch(name):
-    _checkpoint_file(name)
+@bp.patch("/checkpoints/<path:ident>")
+def checkpoint_patch(ident):
+    entry = _entry(ident)
     body = _body()
     if not body or set(body) - set(PATCHABLE):
         raise ValueError("send notes (a string) and/or tags (a list of strings); nothing else can be edited")
@@ -287,41 +310,40 @@ def checkpoint_patch(name):
     if "tags" in body and (not isinstance(body["tags"], list) or len(body["tags"]) > 50
                            or not all(isinstance(t, str) and 0 < len(t) <= 100 for t in body["tags"])):
         raise ValueError("tags must be a list of at most 50 strings of 1-100 characters")
-    return jsonify(ckpt.update_sidecar(_folder(), name, body))
+    sidecar = ckpt.update_sidecar(entry.path, body)
+    return jsonify({**sidecar, "id": entry.id, "run_id": entry.run_id, "name": entry.name})
 
 
-@bp.post("/checkpoints/<path:name>/verify")
-def checkpoint_verify(name):
-    path = _checkpoint_file(name)
+@bp.post("/checkpoints/<path:ident>/verify")
+def checkpoint_verify(ident):
+    entry = _entry(ident)
     _body()
-    ok, reason = ckpt.verify(path)
-    if ok:
-        ckpt.update_sidecar(_folder(), name, {"verified_at": ckpt.utc_now()})
-    return jsonify(name=name, ok=ok, reason=reason)
+    ok, reason = ckpt.verify(entry.path, mark=True)
+    return jsonify(id=entry.id, name=entry.name, ok=ok, reason=reason)
 
 
 @bp.get("/compare")
 def compare():
-    names = request.args.get("a"), request.args.get("b")
-    if not all(names):
-        raise ValueError("give two checkpoint names: /compare?a=NAME&b=NAME")
+    idents = request.args.get("a"), request.args.get("b")
+    if not all(idents):
+        raise ValueError("give two checkpoint ids: /compare?a=ID&b=ID")
     # Reads two files, never the live model: the training thread still alone owns that.
-    a, b = (ckpt.load_checkpoint(_checkpoint_file(n)) for n in names)
-    return jsonify(ckpt.compare_records(a, b))
+    entries = [_entry(i) for i in idents]
+    a, b = (ckpt.load_checkpoint(e.path) for e in entries)
+    return jsonify({**ckpt.compare_records(a, b), "a_id": entries[0].id, "b_id": entries[1].id})
 
 
 # ---------------------------------------------------------------------------------------------- runs and events
 
 @bp.get("/runs")
 def runs():
-    return jsonify(runs=list_runs(_worker().runs_dir()))
+    return jsonify(runs=catalogue.list_runs(_folder()))
 
 
 @bp.get("/runs/<run_id>/metrics")
 def run_metrics(run_id):
-    if not RUN_ID_PATTERN.fullmatch(run_id):
-        raise ValueError("invalid run id")
-    run = read_run(_worker().runs_dir(), run_id)
+    catalogue.check_run_id(run_id)
+    run = catalogue.read_run(_folder(), run_id)
     if run is None:
         raise FileNotFoundError(f"no run {run_id!r}")
     return jsonify(run)

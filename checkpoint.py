@@ -1,23 +1,30 @@
-"""Checkpoint I/O: build the record, write it atomically with a verifiable sidecar, read, list, verify.
+"""Checkpoint I/O for one checkpoint: build the record, write it atomically with a verifiable sidecar, read it,
+verify it, and lock it while doing so.
 
 A checkpoint is NAME.pth (loads with plain torch.load, weights_only) plus NAME.json, its sidecar: every field
-but the tensors, with the .pth's size and SHA-256. Writes go to a temporary file in the same folder, are fsynced
-and renamed into place, so a crash leaves either the old state or the complete new one.
+but the tensors, with the .pth's size and SHA-256. Where checkpoints live (runs, ids, listing, recovery) is
+catalogue.py's business; when to save and what to keep is checkpoint_manager.py's.
+
+Everything read from disk may lie: files are opened without following symlinks, JSON is read with a size and a
+nesting limit, and sidecar fields of the wrong type are dropped and reported, never trusted.
 """
 import concurrent.futures
 import contextlib
 import datetime
 import errno
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
-import queue
 import re
 import shutil
+import stat
 import threading
+import time
 import uuid
 import warnings
 
@@ -33,15 +40,20 @@ FORMAT_VERSION = 1
 # 0.4.0 added the reconstruction cell code (config cell_channels); records without it rebuild with none.
 # 0.5.0 added the encoder's pattern bag (config pattern_buckets); records without it rebuild with none.
 # 0.6.0 added the bag's kinds (config pattern_kinds, "shapes" for new runs); records without it read "exact" windows.
-PROJECT_VERSION = "0.6.0"
-KINDS = ("manual", "best", "periodic", "autosave", "pretrained")
+# 0.7.0 put every run in its own folder (catalogue.py) and gave records run_id and checkpoint_manager.
+PROJECT_VERSION = "0.7.0"
+KINDS = ("manual", "best", "top_k", "periodic", "autosave", "pretrained")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")
 _RESERVED_PATTERN = re.compile(
     r"best_model|best_k_step_\d+|checkpoint_epoch_\d+|autosave_step_\d+|pretrained_encoder_(binary|selection)")
-TEMP_MARK = ".tmp-"  # temporary files: ".NAME.pth.tmp-<random>", never listed, removed at start-up
-PENDING_SIDECAR = ".pending"  # ".NAME.json.pending": the sidecar of a .pth being renamed into place
+TEMP_MARK = ".tmp-"  # temporaries: ".NAME.pth.tmp-<random>", never listed, cleaned by catalogue.recover()
+PENDING_SIDECAR = ".pending"  # ".NAME.json.pending": version 0.6.0's sidecar of a .pth being renamed into place
+LOCK_SUFFIX = ".lock"  # ".NAME.lock": the file each checkpoint is locked through; empty, kept
+LOCK_TIMEOUT = 30.0
 SPACE_MARGIN = 1.2
+JSON_LIMIT = 1 << 20  # bytes: sidecars are a few KB (notes at most 10,000 characters)
+JSON_DEPTH = 64  # nesting: a sidecar needs 4
 # Config fields copied flat to the top level, so `ckpt["vocab_size"]` works as the guide shows.
 FLAT_CONFIG_KEYS = (
     "task_type", "bottleneck_type", "num_distractors", "use_input_output_pairs", "num_colors", "embedding_dim",
@@ -49,10 +61,19 @@ FLAT_CONFIG_KEYS = (
     "learning_rate", "temperature",
 )
 TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state")
+USER_FIELDS = ("notes", "tags")  # edited after the save; an overwrite carries them to the new sidecar
 
 
 class CheckpointError(Exception):
     """A checkpoint could not be written, read or verified; the message says why and what to do."""
+
+
+class CheckpointBusy(CheckpointError):
+    """Another thread or process held the checkpoint's lock for longer than the timeout."""
+
+
+class UnreadableFile(Exception):
+    """A file on disk is not what it should be (a symlink, too large, too deep, not JSON); the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -69,18 +90,158 @@ def check_name(name, automatic=False):
     return name
 
 
-def checkpoint_path(checkpoint_dir, name, suffix=".pth"):
-    """The path of checkpoint `name` inside checkpoint_dir; refuses anything that would leave the folder."""
+def checkpoint_path(folder, name, suffix=".pth"):
+    """The path of checkpoint `name` inside folder; refuses a name that would leave it, or a symlink there."""
     check_name(name, automatic=True)
-    folder = os.path.realpath(checkpoint_dir)
-    path = os.path.realpath(os.path.join(folder, name + suffix))
-    if os.path.dirname(path) != folder:
+    folder = os.path.realpath(folder)
+    path = os.path.join(folder, name + suffix)
+    if os.path.dirname(os.path.normpath(path)) != folder:
         raise ValueError(f"checkpoint name {name!r} does not stay inside the checkpoint folder")
+    if os.path.islink(path):
+        raise ValueError(f"{path} is a symbolic link; links inside the checkpoint folder are never followed")
     return path
 
 
 def sidecar_path(pth_path):
     return os.path.splitext(pth_path)[0] + ".json"
+
+
+def lock_path(pth_path):
+    folder, file = os.path.split(pth_path)
+    return os.path.join(folder, "." + os.path.splitext(file)[0] + LOCK_SUFFIX)
+
+
+def _temp_path(path, tag=""):
+    folder, file = os.path.split(path)
+    return os.path.join(folder, f".{file}{TEMP_MARK}{tag}{uuid.uuid4().hex[:8]}")
+
+
+# ---------------------------------------------------------------------------------------------- files that may lie
+
+def open_regular(path, flags=os.O_RDONLY):
+    """A file descriptor of the regular file at path; UnreadableFile for a symlink, a folder, a fifo or a device."""
+    try:  # O_NONBLOCK: opening a fifo must not hang; it is refused below
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnreadableFile(f"{os.path.basename(path)} is a symbolic link; never followed") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnreadableFile(f"{os.path.basename(path)} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text):
+    """How deeply text's arrays and objects nest; strings are skipped, so brackets inside them do not count."""
+    depth = deepest = 0
+    for c in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def loads_bounded(text, what="JSON"):
+    """json.loads that never recurses past JSON_DEPTH; NaN and Infinity read as None. UnreadableFile otherwise."""
+    depth = json_depth(text)
+    if depth > JSON_DEPTH:
+        raise UnreadableFile(f"{what} nests {depth} levels deep (at most {JSON_DEPTH} are read)")
+    try:
+        return json.loads(text, parse_constant=lambda constant: None)
+    except ValueError as e:
+        raise UnreadableFile(f"{what} is not valid JSON ({str(e)[:80]})") from None
+
+
+def read_bytes(path, limit):
+    """A regular file's bytes, at most limit; UnreadableFile for a larger file or one that is not regular."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadableFile(f"{os.path.basename(path)} is larger than {limit:,} bytes")
+    return data
+
+
+def read_json(path, limit=JSON_LIMIT):
+    """The JSON value in a file, read with the size and depth limits; UnreadableFile or OSError otherwise."""
+    data = read_bytes(path, limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableFile(f"{os.path.basename(path)} is not UTF-8 text") from None
+    return loads_bounded(text, os.path.basename(path))
+
+
+def json_safe(value):
+    """A copy that strict JSON parsers accept: non-finite floats become None, keys become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_strict(value, **options):
+    """json.dumps of json_safe(value), refusing NaN outright: what every file and response of this project holds."""
+    return json.dumps(json_safe(value), allow_nan=False, default=str, **options)
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+@contextlib.contextmanager
+def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True):
+    """Hold the checkpoint's lock: saves, edits, verification and deletion of one checkpoint never overlap.
+
+    flock on ".NAME.lock" through an open file description of its own, so it excludes other threads of this
+    process as well as other processes (the app, train.py, load_checkpoint.py). With required=False, a folder we
+    cannot create the lock file in (read-only) is read unlocked: nobody with our rights can write there either.
+    """
+    try:
+        fd = os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if required or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+            raise
+        yield
+        return
+    try:
+        _flock(fd, pth_path, timeout)
+        yield
+    finally:
+        os.close(fd)  # closing the description releases the lock
+
+
+def try_lock(pth_path):
+    """A locked file descriptor for the checkpoint, or None when someone holds it (close the fd to release)."""
+    try:
+        fd = os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _flock(fd, pth_path, timeout):
+    deadline, pause = time.monotonic() + timeout, 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise CheckpointBusy(f"checkpoint {os.path.basename(pth_path)} is busy (another save, edit or "
+                                     f"verification held it for {timeout:.0f} s); try again") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 # ---------------------------------------------------------------------------------------------- record
@@ -99,14 +260,16 @@ def utc_now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def save_full_checkpoint(checkpoint_dir, name, *, kind, config, model_state_dict, encoder_state_dict,
+def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encoder_state_dict,
                          optimizer_state_dict, progress, rng_state, dataset, metrics, extra=None,
                          overwrite=False, verify_after_save=False):
     """Build the one checkpoint record and write it atomically with its sidecar; return the sidecar dict.
 
-    progress: epoch, batch, global_step, val_loss, val_acc. extra: further plain fields (num_classes, trainer).
+    progress: epoch, batch, global_step, val_loss, val_acc. extra: further plain fields (run_id, num_classes,
+    trainer, checkpoint_manager).
     """
-    assert kind in KINDS, f"kind must be one of {KINDS}"
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_name(name, automatic=kind != "manual")
     record = {
         "format_version": FORMAT_VERSION, "name": name, "kind": kind, "created_at": utc_now(),
@@ -119,7 +282,7 @@ def save_full_checkpoint(checkpoint_dir, name, *, kind, config, model_state_dict
         "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
         **(extra or {}),
     }
-    return write_checkpoint(checkpoint_dir, record, overwrite=overwrite, verify_after_save=verify_after_save)
+    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save)
 
 
 def estimate_size(record):
@@ -148,6 +311,8 @@ def metadata_of(record):
     """Every field of a record but the tensors: what the sidecar and the listing show."""
     return {k: v for k, v in record.items() if k not in TENSOR_KEYS}
 
+
+# ---------------------------------------------------------------------------------------------- writing
 
 class _HashingFile:
     """File wrapper that hashes and counts what torch.save writes, so the file is never read back to hash it.
@@ -340,108 +505,293 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def _write_json_atomic(path, obj):
-    temp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TEMP_MARK + uuid.uuid4().hex[:8])
+def _write_json_durable(path, value):
+    """A new file at path holding value as strict JSON, fsynced; never follows a link or replaces a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(dumps_strict(value, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_json(path, value):
+    """Replace the file at path with value, atomically (temporary, fsync, rename)."""
+    temp = _temp_path(path)
     try:
-        with open(temp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json_durable(temp, value)
         os.replace(temp, path)
     finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+        _remove_quietly(temp)
 
 
-def write_checkpoint(checkpoint_dir, record, overwrite=False, verify_after_save=False):
-    """Write record as NAME.pth + NAME.json, atomically; CheckpointError on any failure, with nothing left behind."""
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_checkpoint(folder, record, overwrite=False, verify_after_save=False):
+    """Write record as NAME.pth + NAME.json, atomically, holding the checkpoint's lock throughout.
+
+    CheckpointError on any failure, with the previous pair (if any) intact and nothing left behind."""
     name = record["name"]
-    path = checkpoint_path(checkpoint_dir, name)
-    folder = os.path.dirname(path)
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
-    temp = os.path.join(folder, f".{name}.pth{TEMP_MARK}{uuid.uuid4().hex[:8]}")
-    pending = os.path.join(folder, f".{name}.json{PENDING_SIDECAR}")
-    hashing, renamed = None, False
     try:
         os.makedirs(folder, exist_ok=True)
-        needed = estimate_size(record) * SPACE_MARGIN
-        free = shutil.disk_usage(folder).free
-        if free < needed:
-            raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "
-                                        f"{free / 1e6:.1f} MB free")
+        path = checkpoint_path(folder, name)
+        with checkpoint_lock(path):
+            return _write_locked(path, record, overwrite, verify_after_save)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {name!r}: {e.strerror or e} ({folder})") from e
+
+
+def _write_locked(path, record, overwrite, verify_after_save):
+    name, folder = record["name"], os.path.dirname(path)
+    had_old = os.path.lexists(path)
+    if had_old and not overwrite:
+        raise CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
+    needed, free = estimate_size(record) * SPACE_MARGIN, shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "
+                                    f"{free / 1e6:.1f} MB free")
+    temp = _temp_path(path)
+    try:
+        size, sha256 = _write_record(temp, record)
+        old_raw, old_sidecar = _old_sidecar(path)
+        carried = {k: old_sidecar[k] for k in USER_FIELDS if k in old_sidecar}
+        sidecar = {**metadata_of(record), **carried, "file": os.path.basename(path), "size": size,
+                   "sha256": sha256, "verified_at": None}
+        _commit(path, temp, sidecar, had_old, old_raw)
+    finally:
+        _remove_quietly(temp)
+    if verify_after_save:
+        ok, reason = _verify_unlocked(path)
+        if not ok:
+            raise CheckpointError(f"checkpoint {name!r} failed verification right after writing: {reason}")
+        sidecar["verified_at"] = utc_now()
+        _replace_json(sidecar_path(path), sidecar)
+    return sidecar
+
+
+def _write_record(temp, record):
+    """torch.save the record into temp, durable on return; (size, SHA-256) of what was written."""
+    hashing = None
+    try:
         with contextlib.closing(open_for_checkpoint(temp)) as raw, _Crc32Off(), \
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
             hashing = _HashingFile(raw, hasher)
             torch.save(record, hashing)
             raw.finish()
-        sidecar = {**metadata_of(record), "file": os.path.basename(path), "size": hashing.size,
-                   "sha256": hashing.sha256.hexdigest(), "verified_at": None}
-        # The sidecar is durable before the .pth is renamed, so recovery can always pair them (see recover()).
-        _write_json_atomic(pending, sidecar)
-        os.replace(temp, path)
-        renamed = True
-        _fsync_folder(folder)
-        os.replace(pending, sidecar_path(path))
-        _fsync_folder(folder)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {name!r}: {e.strerror or e} ({folder})") from e
     except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
-        cause = hashing.error if hashing is not None and hashing.error is not None else None
-        reason = (cause.strerror or str(cause)) if cause else str(e).strip().splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {name!r}: {reason} ({folder})") from e
+        cause = hashing.error if hashing is not None else None
+        if cause is not None:
+            raise cause from e
+        raise OSError(errno.EIO, str(e).strip().splitlines()[0]) from e
+    return hashing.size, hashing.sha256.hexdigest()
+
+
+def _old_sidecar(path):
+    """(raw bytes, checked fields) of the sidecar an overwrite replaces: bytes to roll back to, notes to carry."""
+    try:
+        raw = read_bytes(sidecar_path(path), JSON_LIMIT)
+        value = loads_bounded(raw.decode("utf-8"))
+    except (OSError, UnreadableFile, UnicodeDecodeError):
+        return None, {}
+    return raw, (check_sidecar(value)[0] if isinstance(value, dict) else {})
+
+
+def _commit(path, temp, sidecar, had_old, old_raw):
+    """Put the new pair in place, sidecar first, then the .pth; a failure on the way puts the old pair back.
+
+    Between the two renames the sidecar describes the temporary .pth, which is whole and durable: a crash there
+    is finished by recover_folder(), which renames that temporary into place."""
+    folder, side = os.path.dirname(path), sidecar_path(path)
+    side_temp = _temp_path(side)
+    backup = _backup_link(path) if had_old else None
+    renamed = []
+    try:
+        _write_json_durable(side_temp, sidecar)
+        _fsync_folder(folder)  # both temporaries are durable under their names before anything is replaced
+        os.replace(side_temp, side)
+        renamed.append(side)
+        os.replace(temp, path)
+        renamed.append(path)
+        _fsync_folder(folder)
+    except OSError:
+        _roll_back(path, renamed, had_old, backup, old_raw)
+        raise
     finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-        if os.path.exists(pending):
-            if renamed:  # the new .pth is in place: its sidecar must follow, or it is paired with the old one
-                try:
-                    os.replace(pending, sidecar_path(path))
-                except OSError:
-                    logger.warning("sidecar of %s left pending; recover() finishes it", path)
+        _remove_quietly(side_temp)
+        if backup is not None:
+            _remove_quietly(backup)
+
+
+def _backup_link(path):
+    """A hard link to the .pth an overwrite replaces, so a failure after the rename can restore it; None where
+    the file system has no hard links (then a failure after the rename keeps the new, complete pair)."""
+    backup = _temp_path(path, "old-")
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:
+        return None
+    return backup
+
+
+def _roll_back(path, renamed, had_old, backup, old_raw):
+    side = sidecar_path(path)
+    try:
+        if path in renamed:
+            if had_old and backup is None:
+                logger.warning("%s: the new pair is in place and complete, but the folder could not be made "
+                               "durable; the old file could not be kept", path)
+                return
+            if backup is not None:
+                os.replace(backup, path)
             else:
-                os.remove(pending)
-    if verify_after_save:
-        ok, reason = verify(path)
-        if not ok:
-            raise CheckpointError(f"checkpoint {name!r} failed verification right after writing: {reason}")
-        sidecar["verified_at"] = utc_now()
-        _write_json_atomic(sidecar_path(path), sidecar)
-    return sidecar
+                os.remove(path)
+        if side in renamed:
+            if old_raw is not None:
+                temp = _temp_path(side)
+                try:
+                    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644),
+                                   "wb") as f:
+                        f.write(old_raw)
+                        os.fsync(f.fileno())
+                    os.replace(temp, side)
+                finally:
+                    _remove_quietly(temp)
+            else:
+                os.remove(side)
+        _fsync_folder(os.path.dirname(path))
+    except OSError as e:  # what is left is repaired by recover_folder() or listed as damaged
+        logger.error("could not roll back the failed save of %s: %s", path, e)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
+_NUMBER = "number"
+SIDECAR_TYPES = {  # what each field a sidecar may hold must be; None is always allowed (not known yet)
+    "format_version": int, "name": str, "kind": str, "created_at": str, "epoch": int, "batch": int,
+    "global_step": int, "val_loss": _NUMBER, "val_acc": _NUMBER, "config": dict, "dataset": dict, "metrics": dict,
+    "versions": dict, "num_classes": int, "trainer": dict, "pretrain_mode": str, "file": str, "size": int,
+    "sha256": str, "verified_at": str, "notes": str, "tags": list, "run_id": str, "checkpoint_manager": dict,
+    "task_type": str, "bottleneck_type": str, "num_distractors": int, "use_input_output_pairs": bool,
+    "num_colors": int, "embedding_dim": int, "hidden_dim": int, "latent_dim": int, "num_conv_layers": int,
+    "vocab_size": int, "max_message_length": int, "batch_size": int, "learning_rate": _NUMBER,
+    "temperature": _NUMBER,
+}
+_TYPE_WORDS = {int: "an integer", _NUMBER: "a number", str: "text", bool: "true or false", dict: "an object",
+               list: "a list"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def json_kind(value):
+    """How JSON would call a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {int: "an integer", float: "a number", str: "text", dict: "an object", list: "a list"}.get(
+        type(value), type(value).__name__)
+
+
+def _has_type(value, expected):
+    if expected is _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def check_sidecar(value):
+    """(the fields of the right type, problems): a field of the wrong type is dropped and named in problems."""
+    clean, problems = {}, []
+    for key, field_value in value.items():
+        expected = SIDECAR_TYPES.get(key)
+        if field_value is None or expected is None or _has_type(field_value, expected):
+            clean[key] = field_value
+        else:
+            problems.append(f"{key}: expected {_TYPE_WORDS[expected]}, found {json_kind(field_value)}; ignored")
+    checks = (("kind", lambda k: k in KINDS, f"one of {', '.join(KINDS)}"),
+              ("sha256", lambda s: _SHA256.fullmatch(s), "64 hexadecimal digits"),
+              ("tags", lambda tags: all(isinstance(t, str) for t in tags), "a list of text"))
+    for key, ok, wanted in checks:
+        if clean.get(key) is not None and not ok(clean[key]):
+            problems.append(f"{key}: expected {wanted}; ignored")
+            del clean[key]
+    return clean, problems
+
+
+def inspect_sidecar(path):
+    """(the sidecar's checked fields, or None, problems) of the .pth at path; never raises for what is on disk."""
+    try:
+        value = read_json(sidecar_path(path))
+    except FileNotFoundError:
+        return None, []
+    except (OSError, UnreadableFile) as e:
+        return None, [f"sidecar unreadable: {e.strerror if isinstance(e, OSError) else e}"]
+    if not isinstance(value, dict):
+        return None, [f"sidecar unreadable: it holds {json_kind(value)}, not an object"]
+    return check_sidecar(value)
+
+
+def read_sidecar(path):
+    """The sidecar dict of a .pth (its fields of the right type), or None if it has none or it is unreadable."""
+    return inspect_sidecar(path)[0]
+
+
 def file_sha256(path):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def read_sidecar(path):
-    """The sidecar dict of a .pth, or None if it has none or it is unreadable."""
+def _read_lock(path, timeout=LOCK_TIMEOUT):
+    """The checkpoint's lock for reading it: only for our checkpoints (those with a sidecar), so that inspecting
+    a stray file elsewhere leaves no lock file beside it."""
+    if os.path.lexists(sidecar_path(path)):
+        return checkpoint_lock(path, timeout=timeout, required=False)
+    return contextlib.nullcontext()
+
+
+def verify(path, mark=False):
+    """(ok, reason): does the file match the size and SHA-256 its sidecar recorded? With mark, a match is stamped
+    as verified_at in the sidecar, under the same lock, so no save can slip in between."""
+    lock = checkpoint_lock(path) if mark else _read_lock(path)
+    with lock:
+        ok, reason = _verify_unlocked(path)
+        if ok and mark:
+            _update_unlocked(path, {"verified_at": utc_now()})
+    return ok, reason
+
+
+def _verify_unlocked(path):
     try:
-        with open(sidecar_path(path), encoding="utf-8") as f:
-            sidecar = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return sidecar if isinstance(sidecar, dict) else None
-
-
-def verify(path):
-    """(ok, reason): does the file match the size and SHA-256 its sidecar recorded?"""
-    if not os.path.isfile(path):
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return False, f"{path}: no such file"
-    sidecar = read_sidecar(path)
-    if sidecar is None or "sha256" not in sidecar:
-        return False, f"{path}: no sidecar {os.path.basename(sidecar_path(path))} to verify against"
-    size = os.path.getsize(path)
-    if size != sidecar.get("size"):
-        return False, f"{path}: size {size} bytes, the sidecar recorded {sidecar.get('size')} (truncated or replaced)"
-    if file_sha256(path) != sidecar["sha256"]:
-        return False, f"{path}: SHA-256 does not match the sidecar (the file is corrupt)"
+    if stat.S_ISLNK(mode):
+        return False, f"{path}: a symbolic link; never followed"
+    if not stat.S_ISREG(mode):
+        return False, f"{path}: not a regular file"
+    sidecar, problems = inspect_sidecar(path)
+    name = os.path.basename(sidecar_path(path))
+    if sidecar is None:
+        why = f" ({problems[0]})" if problems else ""
+        return False, f"{path}: no sidecar {name} to verify against{why}"
+    size, sha256 = sidecar.get("size"), sidecar.get("sha256")
+    if size is None or sha256 is None:
+        return False, f"{path}: its sidecar {name} records no size and SHA-256 to verify against"
+    actual = os.path.getsize(path)
+    if actual != size:
+        return False, f"{path}: size {actual} bytes, the sidecar recorded {size} (truncated or replaced)"
+    try:
+        if file_sha256(path) != sha256:
+            return False, f"{path}: SHA-256 does not match the sidecar (the file is corrupt)"
+    except UnreadableFile as e:
+        return False, f"{path}: {e}"
     return True, "size and SHA-256 match"
 
 
@@ -449,14 +799,26 @@ def load_checkpoint(path, verify_file=True, map_location="cpu"):
     """torch.load (weights_only) after verification; CheckpointError with the reason for anything unloadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if verify_file:
-        ok, reason = verify(path)
-        if not ok:
-            raise CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
+    with _read_lock(path):
+        if verify_file:
+            ok, reason = _verify_unlocked(path)
+            if not ok:
+                raise CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
+        try:
+            with os.fdopen(open_regular(path), "rb") as f:
+                record = _torch_load(path, f, map_location)
+        except (OSError, UnreadableFile) as e:
+            raise CheckpointError(f"{path}: cannot read it: {e.strerror if isinstance(e, OSError) else e}") from None
+    if not isinstance(record, dict) or "model_state_dict" not in record:
+        raise CheckpointError(f"{path}: a torch file, but not a checkpoint of this project (no model_state_dict)")
+    return record
+
+
+def _torch_load(path, source, map_location, mmap=False):
     try:
         with warnings.catch_warnings():  # torch warns before raising; the error below says it all
             warnings.simplefilter("ignore")
-            record = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "Unsupported" in str(e):  # weights_only met a class or function to call
             raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
@@ -465,96 +827,161 @@ def load_checkpoint(path, verify_file=True, map_location="cpu"):
     except Exception as e:  # torch raises many types here (zip, runtime, EOF); all mean "not loadable"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
-    if not isinstance(record, dict) or "model_state_dict" not in record:
-        raise CheckpointError(f"{path}: a torch file, but not a checkpoint of this project (no model_state_dict)")
-    return record
 
 
 def read_metadata(path):
-    """Metadata of one .pth: from its sidecar, else from the file itself (mmap, tensors untouched)."""
-    sidecar = read_sidecar(path)
+    """Metadata of one .pth: its sidecar's checked fields, else the file's own (mmap, tensors untouched).
+
+    name and file always come from the file's own name on disk. damaged and error say whether it can be trusted;
+    problems lists sidecar fields that were ignored. Never raises for what is on disk, only FileNotFoundError."""
+    identity = {"name": os.path.splitext(os.path.basename(path))[0], "file": os.path.basename(path)}
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        return {**identity, "damaged": True, "refused": True, "size": None, "sha256": None, "problems": [],
+                "error": f"{what}: never followed, read or deleted through; remove it by hand"}
+    meta = _metadata_from_sidecar(path, identity)
+    if meta.get("damaged") and meta.get("settling"):  # a save may be between its two renames: ask under its lock
+        try:
+            with checkpoint_lock(path, timeout=5.0, required=False):
+                meta = _metadata_from_sidecar(path, identity)
+        except CheckpointBusy:
+            pass
+    meta.pop("settling", None)
+    return meta
+
+
+def _metadata_from_sidecar(path, identity):
+    sidecar, problems = inspect_sidecar(path)
+    size = os.path.getsize(path)
     if sidecar is not None:
-        size = os.path.getsize(path)
-        if size != sidecar.get("size"):
-            return {**sidecar, "damaged": True,
-                    "error": f"size {size} bytes, the sidecar recorded {sidecar.get('size')} (truncated or replaced)"}
-        return {**sidecar, "damaged": False}
+        meta = {**sidecar, **identity, "size": size, "problems": problems, "damaged": False, "error": None}
+        if sidecar.get("size") != size:
+            meta.update(damaged=True, settling=True, error=f"size {size} bytes, the sidecar recorded "
+                                                           f"{sidecar.get('size')} (truncated or replaced)")
+        return meta
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        record = _torch_load(path, path, "cpu", mmap=True)
         if not isinstance(record, dict) or "model_state_dict" not in record:
             raise CheckpointError("no model_state_dict")
     except Exception as e:  # any failure to read means the file is listed as damaged, never a crash
-        name = os.path.splitext(os.path.basename(path))[0]
-        return {"name": name, "file": os.path.basename(path), "damaged": True, "size": os.path.getsize(path),
-                "error": f"unreadable: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"}
-    return {**metadata_of(record), "file": os.path.basename(path), "size": os.path.getsize(path),
-            "sha256": None, "damaged": False}
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return {**identity, "damaged": True, "size": size, "sha256": None, "problems": problems,
+                "error": f"unreadable: {reason}"}
+    fields, record_problems = check_sidecar(metadata_of(record))
+    return {**fields, **identity, "size": size, "sha256": None, "damaged": False, "error": None,
+            "problems": problems + record_problems}
 
 
-def _sort_key(meta):
-    return (meta.get("created_at") or "", meta.get("global_step") or 0)
+# ---------------------------------------------------------------------------------------------- editing, deleting
+
+def update_sidecar(path, changes):
+    """Merge plain fields (notes, tags, verified_at) into the sidecar of the .pth at path, under its lock; the
+    .pth is never rewritten. Concurrent edits of different fields all land."""
+    with checkpoint_lock(path):
+        return _update_unlocked(path, changes)
 
 
-def list_checkpoints(checkpoint_dir):
-    """Metadata of every checkpoint in the folder, newest first; damaged files are listed as damaged."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    metas = []
-    for entry in os.scandir(checkpoint_dir):
-        if entry.name.endswith(".pth") and not entry.name.startswith(".") and entry.is_file():
-            try:
-                meta = read_metadata(entry.path)
-            except FileNotFoundError:  # deleted (retention, another request) since the folder was scanned
-                continue
-            meta.setdefault("name", entry.name[:-4])
-            metas.append(meta)
-    return sorted(metas, key=_sort_key, reverse=True)
-
-
-def recover(checkpoint_dir):
-    """At start-up: finish an interrupted sidecar rename, remove temporaries. Returns the names of removed files."""
-    removed = []
-    if not os.path.isdir(checkpoint_dir):
-        return removed
-    for entry in os.scandir(checkpoint_dir):
-        if entry.name.startswith(".") and entry.name.endswith(".json" + PENDING_SIDECAR):
-            pth = os.path.join(checkpoint_dir, entry.name[1:-len(".json" + PENDING_SIDECAR)] + ".pth")
-            try:
-                with open(entry.path, encoding="utf-8") as f:
-                    pending = json.load(f)
-                matches = os.path.isfile(pth) and os.path.getsize(pth) == pending.get("size") \
-                    and file_sha256(pth) == pending.get("sha256")
-            except (OSError, ValueError):
-                matches = False
-            if matches:  # the .pth was renamed into place; its sidecar rename was cut short
-                os.replace(entry.path, sidecar_path(pth))
-                continue
-        if entry.name.startswith(".") and (TEMP_MARK in entry.name or entry.name.endswith(PENDING_SIDECAR)):
-            os.remove(entry.path)
-            removed.append(entry.name)
-    return removed
-
-
-def delete_checkpoint(checkpoint_dir, name):
-    """Remove NAME.pth and its sidecar (sidecar last, so a half-done delete is listed as a bare .pth, not lost)."""
-    path = checkpoint_path(checkpoint_dir, name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint named {name!r}")
-    os.remove(path)
-    if os.path.exists(sidecar_path(path)):
-        os.remove(sidecar_path(path))
-    _fsync_folder(os.path.dirname(path))
-
-
-def update_sidecar(checkpoint_dir, name, changes):
-    """Merge plain fields (notes, tags, verified_at) into a sidecar; the .pth is never rewritten."""
-    path = checkpoint_path(checkpoint_dir, name)
-    sidecar = read_sidecar(path)
+def _update_unlocked(path, changes):
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise FileNotFoundError(f"no checkpoint {os.path.basename(path)}")
+    sidecar, problems = inspect_sidecar(path)
     if sidecar is None:
-        raise FileNotFoundError(f"checkpoint {name!r} has no sidecar to edit")
+        raise FileNotFoundError(f"checkpoint {os.path.basename(path)} has no readable sidecar to edit"
+                                + (f" ({problems[0]})" if problems else ""))
     sidecar.update(changes)
-    _write_json_atomic(sidecar_path(path), sidecar)
+    _replace_json(sidecar_path(path), sidecar)
     return sidecar
+
+
+def delete_checkpoint(path):
+    """Remove the .pth at path and its sidecar, under its lock. The sidecar goes first: a delete that fails there
+    changes nothing, and one cut after it leaves the bare .pth, listed, not lost. Refuses a symlink: nothing is
+    ever deleted through one."""
+    with checkpoint_lock(path):
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint {os.path.basename(path)}") from None
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{os.path.basename(path)} is a symbolic link or not a regular file; it is never "
+                                  "deleted through: remove it by hand")
+        side = sidecar_path(path)
+        if os.path.lexists(side):
+            os.remove(side)
+        os.remove(path)
+        _fsync_folder(os.path.dirname(path))
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+def recover_folder(folder):
+    """Finish or undo saves a crash cut short in one folder; return (removed names, problems).
+
+    Only checkpoints whose lock is free are touched, so a save in progress in another process is left alone. Never
+    raises for what is on disk: a leftover it cannot repair is named in problems and the rest carries on."""
+    removed, problems = [], []
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
+    except OSError as e:
+        return removed, [f"{folder}: cannot be read ({e.strerror})"]
+    leftovers = {}
+    for entry in entries:
+        stem = _leftover_stem(entry)
+        if stem is not None:
+            leftovers.setdefault(stem, []).append(entry)
+    for stem, names in leftovers.items():
+        pth = os.path.join(folder, stem + ".pth")
+        fd = try_lock(pth)
+        if fd is None:
+            continue  # in use by a save in progress, or the folder cannot hold a lock: leave it
+        try:
+            _recover_one(folder, pth, sorted(names), removed, problems)
+        except (OSError, UnreadableFile) as e:
+            problems.append(f"{stem}: could not recover ({e.strerror if isinstance(e, OSError) else e})")
+        finally:
+            os.close(fd)
+    return removed, problems
+
+
+def _leftover_stem(entry):
+    """The checkpoint name a leftover ".NAME.pth.tmp-...", ".NAME.json.tmp-..." or ".NAME.json.pending" belongs to."""
+    for marker in (".pth" + TEMP_MARK, ".json" + TEMP_MARK):
+        if marker in entry:
+            return entry[1:entry.index(marker)]
+    if entry.endswith(".json" + PENDING_SIDECAR):
+        return entry[1:-len(".json" + PENDING_SIDECAR)]
+    return None
+
+
+def _recover_one(folder, pth, names, removed, problems):
+    sidecar = read_sidecar(pth)
+    for entry in names:
+        leftover = os.path.join(folder, entry)
+        if ".pth" + TEMP_MARK in entry and TEMP_MARK + "old-" not in entry and sidecar is not None \
+                and _matches(leftover, sidecar) and not _matches(pth, sidecar):
+            os.replace(leftover, pth)  # cut between the sidecar's rename and the .pth's: finish it
+            _fsync_folder(folder)
+            continue
+        if entry.endswith(PENDING_SIDECAR):  # version 0.6.0 renamed the .pth first, then this
+            try:
+                pending = read_json(leftover)
+            except (OSError, UnreadableFile) as e:
+                problems.append(f"{entry}: unreadable ({e.strerror if isinstance(e, OSError) else e}); removed")
+                pending = None
+            if isinstance(pending, dict) and _matches(pth, check_sidecar(pending)[0]):
+                os.replace(leftover, sidecar_path(pth))
+                _fsync_folder(folder)
+                continue
+        os.remove(leftover)
+        removed.append(entry)
+
+
+def _matches(path, sidecar):
+    try:
+        return os.path.getsize(path) == sidecar.get("size") and file_sha256(path) == sidecar.get("sha256")
+    except (OSError, UnreadableFile):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- comparing
@@ -586,123 +1013,3 @@ def compare_records(a, b, state_a=None, state_b=None):
             "metrics": {"a": a.get("metrics") or {}, "b": b.get("metrics") or {}},
             "parameters": {"a": parameter_count(state_a), "b": parameter_count(state_b)},
             "tensor_changes": changes}
-
-
-# ---------------------------------------------------------------------------------------------- async writer
-
-def clone_tensors(value):
-    """Deep copy of nested dicts/lists, cloning tensors; storages shared before stay shared after."""
-    clones = {}
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
-            if key not in clones:
-                clones[key] = v.detach().to("cpu", copy=True)
-            return clones[key]
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(walk(x) for x in v)
-        return v
-
-    return walk(value)
-
-
-class SaveJob:
-    """One save: what to write (tensors still live until copied), where, and who asked."""
-
-    def __init__(self, fields, request_id=None, overwrite=False, verify_after_save=False, on_saved=None):
-        self.fields = fields  # keyword arguments of save_full_checkpoint, tensors not yet copied
-        self.request_id = request_id
-        self.overwrite, self.verify_after_save = overwrite, verify_after_save
-        self.on_saved = on_saved  # called in the writer thread with the sidecar after a durable write
-        self.copied = threading.Event()
-
-
-class CheckpointWriter:
-    """Copies snapshots and writes them in the background, in order.
-
-    The training thread submits a job right after optimizer.step(); the copy thread clones its tensors while the
-    next forward/backward runs; the training thread calls wait_for_copies() before its next optimizer.step().
-    The write thread serializes, fsyncs and publishes checkpoint_saved / checkpoint_error.
-    """
-
-    def __init__(self, checkpoint_dir, publish):
-        self.checkpoint_dir, self.publish = checkpoint_dir, publish
-        self._to_copy, self._to_write = queue.Queue(), queue.Queue()
-        self._pending = []  # jobs submitted and not yet copied, oldest first
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._unfinished = 0
-        self._threads = [
-            threading.Thread(target=self._copy_loop, name="checkpoint-copy", daemon=True),
-            threading.Thread(target=self._write_loop, name="checkpoint-write", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, job):
-        with self._lock:
-            self._pending.append(job)
-            self._unfinished += 1
-        self._to_copy.put(job)
-
-    def wait_for_copies(self):
-        """Block until every submitted snapshot is copied: only then may the parameters change."""
-        with self._lock:
-            pending = list(self._pending)
-        for job in pending:
-            job.copied.wait()
-
-    def busy(self):
-        with self._lock:
-            return self._unfinished > 0
-
-    def flush(self, timeout=None):
-        """Wait until every submitted job is written (or failed)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
-
-    def close(self):
-        """Write what is pending, then end both threads. They must be gone before the interpreter exits: a daemon
-        thread still freeing a snapshot's tensors then is killed inside torch, which aborts the process."""
-        self.flush()
-        self._to_copy.put(None)
-        for thread in self._threads:
-            thread.join()
-
-    def _copy_loop(self):
-        while (job := self._to_copy.get()) is not None:
-            try:
-                job.fields = clone_tensors(job.fields)
-            finally:
-                job.copied.set()
-                with self._lock:
-                    self._pending.remove(job)
-            self._to_write.put(job)
-        self._to_write.put(None)
-
-    def _write_loop(self):
-        while (job := self._to_write.get()) is not None:
-            name = job.fields["name"]
-            try:
-                sidecar = save_full_checkpoint(self.checkpoint_dir, **job.fields, overwrite=job.overwrite,
-                                               verify_after_save=job.verify_after_save)
-            except (CheckpointError, ValueError) as e:
-                logger.warning("checkpoint %s failed: %s", name, e)
-                self.publish({"type": "checkpoint_error", "request_id": job.request_id, "name": name,
-                              "kind": job.fields["kind"], "error": str(e)})
-            else:
-                self.publish({"type": "checkpoint_saved", "request_id": job.request_id, "name": name,
-                              "kind": sidecar["kind"], "path": os.path.join(self.checkpoint_dir, sidecar["file"]),
-                              "epoch": sidecar["epoch"], "batch": sidecar["batch"],
-                              "global_step": sidecar["global_step"], "size": sidecar["size"],
-                              "sha256": sidecar["sha256"], "verified": sidecar["verified_at"] is not None})
-                if job.on_saved is not None:
-                    job.on_saved(sidecar)
-            finally:
-                job.fields = None  # the snapshot's copies are written: free them now, not when the next job comes
-                with self._idle:
-                    self._unfinished -= 1
-                    self._idle.notify_all()

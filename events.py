@@ -1,9 +1,10 @@
 """Server-sent events: a formatter, a broadcaster that gives every client every event, and the stream generator."""
 import collections
 import itertools
-import json
 import queue
 import threading
+
+from checkpoint import dumps_strict
 
 HEARTBEAT_SECONDS = 15.0
 RETRY_MILLISECONDS = 2000
@@ -16,7 +17,7 @@ def format_sse(data, event=None, id=None):
         lines.append(f"id: {id}")
     if event is not None:
         lines.append(f"event: {event}")
-    lines.append("data: " + json.dumps(data, separators=(",", ":"), default=str))
+    lines.append("data: " + dumps_strict(data, separators=(",", ":")))  # strict: the page's JSON.parse
     return "\n".join(lines) + "\n\n"
 
 

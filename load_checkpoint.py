@@ -1,18 +1,20 @@
 """Inspect, verify, list, compare and export checkpoints; rebuild a checkpoint's model and run it once.
 
-    python load_checkpoint.py checkpoints/best_model.pth                  # metadata, model check, resume hint
-    python load_checkpoint.py checkpoints/best_model.pth --info-only --json
-    python load_checkpoint.py checkpoints/best_model.pth --verify
-    python load_checkpoint.py --list checkpoints
-    python load_checkpoint.py --compare checkpoints/a.pth checkpoints/b.pth
-    python load_checkpoint.py checkpoints/best_model.pth --export-weights best.safetensors
+    python load_checkpoint.py PATH.pth                    # metadata, lineage, model check, resume hint
+    python load_checkpoint.py PATH.pth --info-only --json
+    python load_checkpoint.py PATH.pth --verify
+    python load_checkpoint.py --list checkpoints          # every run's checkpoints, and the runs' lineage
+    python load_checkpoint.py --list checkpoints --run RUN_ID
+    python load_checkpoint.py --compare A.pth B.pth
+    python load_checkpoint.py PATH.pth --export-weights best.safetensors
+
+PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth, or any copy of one).
 
 Files are read with torch.load(weights_only=True) only, after their size and SHA-256 match the sidecar;
 --skip-verify loads a file that fails verification (salvage). Exit codes: 0 fine, 1 refused or failed, 2 bad usage.
 """
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
@@ -21,13 +23,14 @@ import warnings
 
 import torch
 
+import catalogue
 import checkpoint as ckpt
 from data import NUM_COLORS, PAD
 from model import GRID_SIZE, count_parameters
 from train import TrainConfig, build_encoder, build_model
 
 PROG = "load_checkpoint.py"
-LISTED = ("name", "kind", "epoch", "batch", "global_step", "val_loss", "val_acc", "size", "created_at", "damaged")
+LISTED = ("id", "kind", "epoch", "batch", "global_step", "val_loss", "val_acc", "size", "created_at", "damaged")
 SAMPLE_GRID = ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 0, 1))  # a 3x4 ARC grid, padded to 30x30 with PAD
 
 
@@ -45,7 +48,9 @@ def build_parser():
     parser.add_argument("--verify", action="store_true", help="check size and SHA-256 against the sidecar, print it")
     parser.add_argument("--skip-verify", action="store_true",
                         help="load a file that fails verification anyway (salvage)")
-    parser.add_argument("--list", metavar="FOLDER", help="table of every checkpoint in FOLDER")
+    parser.add_argument("--list", metavar="FOLDER", help="table of every run's checkpoints in FOLDER (a checkpoint "
+                        "root), and each run's lineage")
+    parser.add_argument("--run", metavar="RUN_ID", help="with --list: that run's checkpoints only")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two checkpoint files")
     parser.add_argument("--export-weights", metavar="OUT", help="write PATH's model_state_dict to OUT (safetensors)")
     parser.add_argument("--force", action="store_true", help="let --export-weights overwrite an existing OUT")
@@ -63,6 +68,8 @@ def check_usage(parser, args):
                         ("--export-weights", args.export_weights)):
         if given and args.path is None:
             parser.error(f"{flag} needs PATH")
+    if args.run is not None and args.list is None:
+        parser.error("--run only applies to --list")
     if args.skip_verify and args.list is not None:
         parser.error("--skip-verify does not apply to --list (listing never loads tensors)")
     if args.force and not args.export_weights:
@@ -70,17 +77,6 @@ def check_usage(parser, args):
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-
-def plain(value):
-    """JSON-safe copy: non-finite floats become None, so every JSON reader accepts the output."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
 
 def shown(value):
     if value is None:
@@ -90,7 +86,7 @@ def shown(value):
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, dict)):
-        return json.dumps(plain(value))
+        return json.dumps(ckpt.json_safe(value))
     return str(value)
 
 
@@ -144,11 +140,34 @@ def verification(path, skip_verify):
 
 
 def metadata(path, record):
-    """Every field but the tensors, plus what only the sidecar knows (file, size, sha256, verified_at, notes)."""
+    """Every field but the tensors, plus what only the sidecar knows (file, size, sha256, verified_at, notes), and
+    the run the file sits in with that run's parent (its lineage), when it sits in a run's folder."""
     sidecar = ckpt.read_sidecar(path) or {}
     info = {**{k: v for k, v in sidecar.items() if k not in record}, **ckpt.metadata_of(record)}
     info.setdefault("size", os.path.getsize(path))
+    name = os.path.splitext(os.path.basename(path))[0]
+    if info.get("name") != name:  # a renamed copy: the file's name is its name, as listings show it
+        info.update(name=name, saved_as=info.get("name"))
+    info["lineage"] = lineage_of(path)
     return info
+
+
+def lineage_of(path):
+    """[this file's run, its parent, the parent's parent, ...] as far as the run folders beside it tell; [] for a
+    file outside a checkpoint root's layout."""
+    run_id = catalogue.run_of_path(path)
+    if run_id is None:
+        return []
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+    chain, seen = [], set()
+    while run_id and run_id not in seen and len(chain) < 100:
+        seen.add(run_id)
+        run = catalogue.read_run_file(root, run_id) if run_id != catalogue.LEGACY_RUN else {"run_id": run_id}
+        parent = run.get("parent") if isinstance(run.get("parent"), dict) else None
+        chain.append({"run_id": run_id, "phase": run.get("phase"), "started_at": run.get("started_at"),
+                      "parent": parent})
+        run_id = parent.get("run_id") if parent else None
+    return chain
 
 
 def state_dict(path, record, key):
@@ -176,7 +195,7 @@ def rebuild(path, record):
         else:
             model = build_model(config, record.get("num_classes", 0))
             model.load_state_dict(state_dict(path, record, "model_state_dict"))
-    except (KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:  # a config or weights that lie
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a config or weights that lie
         raise ckpt.CheckpointError(f"{path}: cannot rebuild the model it describes: {first_line(e)}"
                                    f"{ckpt.version_note(record)}") from None
     return model.eval()
@@ -274,7 +293,7 @@ def export_weights(record, path, out, force):
     folder = os.path.dirname(os.path.abspath(out))
     temp = os.path.join(folder, f".{os.path.basename(out)}{ckpt.TEMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        save_file(tensors, temp, metadata={k: json.dumps(plain(v)) for k, v in described.items()})
+        save_file(tensors, temp, metadata={k: json.dumps(ckpt.json_safe(v)) for k, v in described.items()})
         os.replace(temp, out)
     except SafetensorError as e:  # safetensors reports I/O failures (missing folder, disk full) as its own type
         raise ckpt.CheckpointError(f"could not write {out}: {e}") from None
@@ -297,7 +316,7 @@ def inspect_file(args):
         count = export_weights(record, args.path, args.export_weights, args.force)
         report["exported"] = {"path": args.export_weights, "tensors": count}
     if args.json:
-        print(json.dumps(plain(report), indent=1, default=str))
+        print(json.dumps(ckpt.json_safe(report), indent=1, default=str))
     else:
         print_inspection(report, record)
     return 0
@@ -307,8 +326,10 @@ def print_inspection(report, record):
     if report["verify"] is not None:
         print(f"verify: {'OK' if report['verify']['ok'] else 'FAILED'}: {report['verify']['reason']}\n")
     # The flat config keys repeat config.*; show them once, under config.
-    info = {k: v for k, v in report["metadata"].items() if k not in ckpt.FLAT_CONFIG_KEYS}
+    info = {k: v for k, v in report["metadata"].items() if k not in ckpt.FLAT_CONFIG_KEYS and k != "lineage"}
     print(f"checkpoint {report['path']}\n{key_value_table(flatten(info))}")
+    if report["metadata"]["lineage"]:
+        print("\nlineage:\n" + "\n".join(f"  {lineage_line(run)}" for run in report["metadata"]["lineage"]))
     model = report["model"]
     if model is not None:
         print(f"\nmodel: {model['class']}, {model['parameters']:,} parameters, weights loaded, eval mode")
@@ -329,21 +350,40 @@ def shape_text(shape):
 
 # ---------------------------------------------------------------------------------------------- many files
 
-def list_folder(folder, as_json):
+def lineage_line(run):
+    parent = run.get("parent")
+    origin = f"{parent.get('relation')} of {parent.get('id') or parent.get('path')} at step " \
+             f"{parent.get('global_step')}" if parent else "a fresh run"
+    return f"run {run['run_id']} ({run.get('phase') or 'phase unknown'}, started {run.get('started_at') or '?'}): {origin}"
+
+
+def list_folder(folder, run, as_json):
     if not os.path.isdir(folder):
         raise ckpt.CheckpointError(f"{folder}: no such folder")
-    metas = ckpt.list_checkpoints(folder)
+    try:
+        metas = catalogue.list_checkpoints(folder, run=run)
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
+    runs = [r for r in catalogue.list_runs(folder) if run is None or r["run_id"] == run]
     if as_json:
-        print(json.dumps(plain(metas), indent=1, default=str))
+        print(json.dumps(ckpt.json_safe({"checkpoints": metas, "runs": runs}), indent=1, default=str))
         return 0
     if not metas:
-        print(f"no checkpoints in {folder}")
-        return 0
-    rows = [[human_size(m.get(k)) if k == "size" else m.get(k) for k in LISTED] for m in metas]
-    print(column_table(LISTED, rows))
+        print(f"no checkpoints in {folder}" + (f" for run {run}" if run else ""))
+    else:
+        rows = [[human_size(m.get(k)) if k == "size" else m.get(k) if k != "id" else m.get("id") or m.get("name")
+                 for k in LISTED] for m in metas]
+        print(column_table(LISTED, rows))
     for meta in metas:
         if meta.get("damaged"):
-            print(f"damaged: {meta.get('name')}: {meta.get('error')}")
+            print(f"{'refused' if meta.get('refused') else 'damaged'}: {meta.get('id') or meta.get('path')}: "
+                  f"{meta.get('error')}")
+        for problem in meta.get("problems") or []:
+            print(f"ignored in {meta.get('id')}: {problem}")
+    if runs:
+        print("\nruns, newest first:\n" + "\n".join(
+            f"  {lineage_line(r)}" if not r.get("refused") and not r.get("legacy") else
+            f"  run {r['run_id']}: {r.get('error') or r.get('description')}" for r in runs))
     return 0
 
 
@@ -351,7 +391,7 @@ def compare(paths, skip_verify, as_json):
     a, b = (load(p, skip_verify) for p in paths)
     result = ckpt.compare_records(a, b, *(state_dict(p, r, "model_state_dict") for p, r in zip(paths, (a, b))))
     if as_json:
-        print(json.dumps(plain(result), indent=1, default=str))
+        print(json.dumps(ckpt.json_safe(result), indent=1, default=str))
     else:
         print_comparison(result, paths)
     return 0
@@ -382,7 +422,7 @@ def main(argv=None):
     check_usage(parser, args)
     try:
         if args.list is not None:
-            return list_folder(args.list, args.json)
+            return list_folder(args.list, args.run, args.json)
         if args.compare is not None:
             return compare(args.compare, args.skip_verify, args.json)
         return inspect_file(args)

@@ -70,11 +70,12 @@ def show_list(client):
     if not rows:
         print("no checkpoints yet")
         return
-    print(f"{'name':32} {'kind':9} {'epoch':>5} {'batch':>5} {'val_loss':>9} {'size MB':>8}  created")
+    print(f"{'run':22} {'name':32} {'kind':9} {'epoch':>5} {'batch':>5} {'val_loss':>9} {'size MB':>8}  created")
     for r in rows:
-        flag = "  DAMAGED" if r.get("damaged") else ""
-        print(f"{r['name'][:32]:32} {str(r.get('kind')):9} {str(r.get('epoch')):>5} {str(r.get('batch')):>5} "
-              f"{_num(r.get('val_loss')):>9} {(r.get('size') or 0) / 1e6:8.2f}  {r.get('created_at')}{flag}")
+        flag = "  REFUSED" if r.get("refused") else "  DAMAGED" if r.get("damaged") else ""
+        print(f"{str(r.get('run_id'))[:22]:22} {r['name'][:32]:32} {str(r.get('kind')):9} {str(r.get('epoch')):>5} "
+              f"{str(r.get('batch')):>5} {_num(r.get('val_loss')):>9} {(r.get('size') or 0) / 1e6:8.2f}  "
+              f"{r.get('created_at')}{flag}")
 
 
 def save_every(client, seconds, count):

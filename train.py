@@ -2,11 +2,13 @@
 
     python train.py --task selection --bottleneck communication --epochs 20
     python train.py --phase pretrain --pretrain-mode binary
-    python train.py --resume checkpoints/best_model.pth
+    python train.py --resume checkpoints/runs/RUN_ID/checkpoints/best_model.pth   # or --resume RUN_ID:best_model
+
+Every run writes into its own folder, CHECKPOINT_DIR/runs/RUN_ID/ (catalogue.py); a resumed run is a new run
+that names its parent.
 """
 import argparse
 import dataclasses
-import datetime
 import logging
 import math
 import os
@@ -21,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import catalogue
 import checkpoint as ckpt
+from checkpoint_manager import CheckpointManager, CheckpointPolicy
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
 from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
                    ARCAutoencoder, ARCEncoder, EncoderPretrainer)
@@ -102,7 +106,7 @@ class TrainConfig:
     checkpoint_dir: str = setting("checkpoints", "where every checkpoint is written")
     checkpoint_every_epochs: int = setting(10, "periodic checkpoint_epoch_N every N epochs (0: off)", low=0, high=10**6)
     autosave_minutes: float = setting(0.0, "autosave every N minutes (0: off)", low=0.0, high=10**6)
-    keep_last: int = setting(5, "periodic/autosave checkpoints kept (0: keep all)", low=0, high=10**6)
+    keep_last: int = setting(5, "periodic/autosave checkpoints kept per run (0: keep all)", low=0, high=10**6)
     keep_best_k: int = setting(0, "also keep the K best checkpoints by `monitor` as best_k_step_N (0: off)",
                                low=0, high=1000)
     monitor: str = setting("val_loss", "metric that ranks the keep_best_k checkpoints", choices=MONITORS)
@@ -322,24 +326,26 @@ class Trainer:
 
     Commands (dicts on `commands`): {"type": "save", "name", "request_id", "overwrite"}, {"type": "pause"},
     {"type": "resume"}, {"type": "stop"}. Events go out through publish(dict) from this thread and the writer's.
+    Checkpoints go into this run's own folder under checkpoint_dir (the root), through a CheckpointManager.
     """
 
-    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None):
+    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None, run_id=None):
         self.config, self.data, self.device = config, data, torch.device(device)
         self.checkpoint_dir, self.publish = checkpoint_dir, publish
         self.commands = commands if commands is not None else queue.Queue()
+        self.run_id = catalogue.check_run_id(run_id) if run_id else catalogue.new_run_id()
+        self.parent = None  # the checkpoint this run resumed or fine-tuned from: run_id, name, id, global_step
+        self.manager = None
+        self._manager_state = None  # the policy state a resumed checkpoint carried (best score, top-k)
         self.stop_requested = threading.Event()
         self.phase = "idle"
         self.model = self.optimizer = None
         self.num_classes, self.pretrain_mode = 0, None
         self.epoch = self.batch = self.global_step = 0  # completed epochs, batches of this epoch, optimizer steps
-        self.best_val_loss = math.inf
         self.last_val = {}
         self.last_train = {}
         self.generator = torch.Generator(device=self.device)  # Gumbel noise: a run never touches the global RNG
         self.paused = False
-        self.writer = None
-        self._last_autosave = time.monotonic()
 
     # ---- set-up
 
@@ -380,6 +386,7 @@ class Trainer:
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
         record = ckpt.load_checkpoint(path, verify_file=verify_file)
         self._check_pattern_kinds(record, path)
+        self.parent = lineage(path, record, "fine-tune")
         try:
             self.model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
@@ -430,11 +437,20 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: its weights do not fit the model it describes (damaged?): "
                                        f"{str(e).strip().splitlines()[0][:200]}{ckpt.version_note(record)}") from None
         self.epoch, self.batch, self.global_step = record["epoch"], record["batch"], record["global_step"]
-        trainer_state = record.get("trainer", {})
-        self.best_val_loss = trainer_state.get("best_val_loss", math.inf)
+        self.parent = lineage(path, record, "resume")
+        self._manager_state = record.get("checkpoint_manager") or _policy_state_before(record, self.parent)
         self.last_val = record.get("metrics", {}).get("val", {})
         self._restore_rng(record["rng_state"])
         return record
+
+    @property
+    def best_val_loss(self):
+        """The best validation loss of main training so far (this run and those it continues); inf before one."""
+        if self.manager is not None:  # pretraining's manager keeps the best accuracy instead
+            score = self.manager.best_score if self.manager.policy.best_metric == "loss" else None
+        else:
+            score = _score_of((self._manager_state or {}).get("best"))
+        return math.inf if score is None else score
 
     # ---- state for checkpoints
 
@@ -456,8 +472,9 @@ class Trainer:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
 
-    def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
-        """Submit a snapshot of this step to the writer; its tensors are copied while the next step computes."""
+    def _snapshot(self, kind, name):
+        """The fields of a checkpoint of this step, tensors not yet copied (the writer copies them while the next
+        step computes); the CheckpointManager calls it once it has decided to save."""
         model_state = self.model.state_dict()
         # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy those few now.
         buffers = {name for name, _ in self.model.named_buffers()}
@@ -465,8 +482,10 @@ class Trainer:
         pretraining = self.phase == "pretraining"
         prefix = "encoder." if pretraining else "example_encoder.encoder."
         extra = {"pretrain_mode": self.pretrain_mode} if pretraining else {
-            "num_classes": self.num_classes, "trainer": {"best_val_loss": self.best_val_loss, "phase": self.phase}}
-        fields = {
+            "num_classes": self.num_classes,
+            "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss), "phase": self.phase}}
+        extra.update(run_id=self.run_id, checkpoint_manager=self.manager.state_dict())
+        return {
             "name": name, "kind": kind, "config": self.config.to_dict(),
             "model_state_dict": model_state,
             "encoder_state_dict": {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)},
@@ -479,8 +498,6 @@ class Trainer:
             "metrics": {"train": dict(self.last_train), "val": dict(self.last_val)},
             "extra": extra,
         }
-        self.writer.submit(ckpt.SaveJob(fields, request_id=request_id, overwrite=overwrite,
-                                        verify_after_save=self.config.verify_after_save, on_saved=on_saved))
 
     # ---- commands
 
@@ -504,9 +521,9 @@ class Trainer:
                 self.publish({"type": "checkpoint_error", "request_id": command.get("request_id"),
                               "name": command.get("name"), "error": "saves are served during main training only"})
                 return
-            self._save("manual", command["name"], command.get("request_id"), command.get("overwrite", False))
+            self.manager.on_request(command["name"], command.get("request_id"), command.get("overwrite", False))
             if self.paused:  # nothing to overlap with: finish the copy now
-                self.writer.wait_for_copies()
+                self.manager.wait_for_copies()
         elif kind == "stop":
             self.stop_requested.set()
         elif kind in ("pause", "resume"):
@@ -540,7 +557,7 @@ class Trainer:
                                      "lower the learning rate or the temperature and start again")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.writer.wait_for_copies()  # a pending snapshot must be copied before the parameters change
+        self.manager.wait_for_copies()  # a pending snapshot must be copied before the parameters change
         self.optimizer.step()
         return out, sums
 
@@ -573,7 +590,7 @@ class Trainer:
                       "batches_per_epoch": num_batches, "epochs": self.config.epochs,
                       "global_step": self.global_step, "samples_per_sec": self.samples_per_sec, **self.last_train})
 
-    def _run_epochs(self, model, train_batches, loss_fn, after_validation):
+    def _run_epochs(self, model, train_batches, loss_fn):
         """The loop both phases share: batches, commands between them, validation at each epoch's end.
 
         Reaching max_steps ends the run normally, after one last validation.
@@ -587,7 +604,7 @@ class Trainer:
             self._train_batches(model, train_batches, loss_fn)
             if self.batch == len(train_batches):
                 self.epoch, self.batch = self.epoch + 1, 0
-            self._validate(model, loss_fn, after_validation)
+            self._validate(model, loss_fn)
             if c.max_steps and self.global_step >= c.max_steps:
                 return
 
@@ -608,91 +625,37 @@ class Trainer:
                 last_sample = time.monotonic()
                 self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
                               **sample_of(c.task_type, batch, out)})
-            self._maybe_autosave()
+            self.manager.after_step(self.global_step)
 
-    def _validate(self, model, loss_fn, after_validation):
+    def _validate(self, model, loss_fn):
         self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
         self.publish({"type": "validation", "phase": self.phase, "epoch": self.epoch,
                       "global_step": self.global_step, "temperature": self.current_temperature(),
                       **{f"val_{k}": v for k, v in self.last_val.items()}})
         if sample:
             self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
-        after_validation()
-
-    def _maybe_autosave(self):
-        minutes = self.config.autosave_minutes
-        if self.phase == "training" and minutes and time.monotonic() - self._last_autosave >= minutes * 60:
-            self._last_autosave = time.monotonic()
-            self._save("autosave", f"autosave_step_{self.global_step}", overwrite=True, on_saved=self._retain)
-
-    def _after_main_validation(self):
-        c = self.config
-        if self.last_val["loss"] < self.best_val_loss:
-            self.best_val_loss = self.last_val["loss"]
-            self._save("best", "best_model", overwrite=True)
-        if c.keep_best_k:
-            self._keep_top_k()
         epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
-        if epoch_done and c.checkpoint_every_epochs and self.epoch % c.checkpoint_every_epochs == 0:
-            self._save("periodic", f"checkpoint_epoch_{self.epoch}", overwrite=True, on_saved=self._retain)
+        self.manager.after_validation(self.last_val, self.epoch, epoch_done, self.global_step)
 
-    def _top_k(self):
-        """The keep_best_k checkpoints on disk, best first, as (score, name); the folder is the memory across resumes."""
-        c, key = self.config, self.config.monitor[len("val_"):]
-        ranked = []
-        for meta in ckpt.list_checkpoints(self.checkpoint_dir):
-            value = (meta.get("metrics") or {}).get("val", {}).get(key)
-            if meta.get("name", "").startswith("best_k_step_") and not meta.get("damaged") and value is not None:
-                ranked.append((value if c.monitor_mode == "min" else -value, meta["name"]))
-        return sorted(ranked)
-
-    def _keep_top_k(self):
-        value = self.last_val.get(self.config.monitor[len("val_"):])
-        if value is None:
-            return
-        score, ranked = (value if self.config.monitor_mode == "min" else -value), self._top_k()
-        if len(ranked) < self.config.keep_best_k or score < ranked[-1][0]:
-            self._save("best", f"best_k_step_{self.global_step}", overwrite=True, on_saved=self._retain_top_k)
-
-    def _retain_top_k(self, saved):
-        """After a new top-k checkpoint is durable, delete those that fell out of the top k."""
-        for _, name in self._top_k()[self.config.keep_best_k:]:
-            self._delete_for_retention(name, f"retention: not among the {self.config.keep_best_k} best by "
-                                             f"{self.config.monitor} ({self.config.monitor_mode})")
-
-    def _delete_for_retention(self, name, reason):
-        try:
-            ckpt.delete_checkpoint(self.checkpoint_dir, name)
-        except (OSError, ValueError) as e:
-            logger.warning("retention could not delete %s: %s", name, e)
-            return
-        self.publish({"type": "checkpoint_deleted", "name": name, "reason": reason})
-
-    def _retain(self, saved):
-        """Keep the newest keep_last periodic/autosave checkpoints; never touch manual, best or pretrained ones."""
-        keep = self.config.keep_last
-        if not keep:
-            return
-        automatic = [m for m in ckpt.list_checkpoints(self.checkpoint_dir)
-                     if m.get("kind") in ("periodic", "autosave") and not m.get("damaged")]
-        automatic.sort(key=lambda m: (m.get("global_step", 0), m.get("created_at", "")), reverse=True)
-        for old in automatic[keep:]:
-            self._delete_for_retention(old["name"], f"retention: keep_last={keep} periodic/autosave checkpoints "
-                                                    f"(newest is {saved['name']})")
-
-    def _run(self, phase, body):
-        """Common frame: writer up, started/stopped/finished events, writer drained however the run ends."""
+    def _run(self, phase, policy, body):
+        """Common frame: the run's folder and checkpoint manager up, started/stopped/finished events, the manager's
+        writer drained however the run ends."""
         self.phase = phase
         self.stop_requested.clear()
-        ckpt.recover(self.checkpoint_dir)
-        self.writer = ckpt.CheckpointWriter(self.checkpoint_dir, self.publish)
+        catalogue.recover(self.checkpoint_dir)
+        self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot)
+        self.manager.load_state_dict(self._manager_state)
+        self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
+                            "started_at": ckpt.utc_now(), "parent": self.parent,
+                            "project_version": ckpt.PROJECT_VERSION})
         outcome = "training_finished"
         try:
             body()
         except StopTraining:
             outcome = "training_stopped"
         finally:
-            self.writer.close()
+            self.manager.close()
+            self._manager_state = self.manager.state_dict()
         self.publish({"type": outcome, "phase": phase, "epoch": self.epoch, "batch": self.batch,
                       "global_step": self.global_step, "best_val_loss": _finite_or_none(self.best_val_loss),
                       "val": self.last_val})
@@ -706,17 +669,19 @@ class Trainer:
 
         def body():
             self.publish({"type": "training_started", "phase": "training", "config": self.config.to_dict(),
+                          "run_id": self.run_id, "parent": self.parent,
+                          "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
                           "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                           "batches_per_epoch": len(self.train_batches),
                           "checkpoint_estimate_bytes": self.checkpoint_estimate()})
-            self._run_epochs(self.model, self.train_batches, LOSSES[self.config.task_type],
-                             self._after_main_validation)
+            self._run_epochs(self.model, self.train_batches, LOSSES[self.config.task_type])
 
-        return self._run("training", body)
+        return self._run("training", CheckpointPolicy.for_training(self.config), body)
 
     def pretrain(self, mode):
         """Encoder pretraining; keeps pretrained_encoder_{mode}.pth whenever validation accuracy improves."""
-        assert mode in PRETRAIN_MODES, f"mode must be one of {PRETRAIN_MODES}"
+        if mode not in PRETRAIN_MODES:
+            raise ValueError(f"pretrain mode must be one of {', '.join(PRETRAIN_MODES)}, got {mode!r}")
         c, self.pretrain_mode = self.config, mode
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
@@ -730,21 +695,15 @@ class Trainer:
         self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=5, **common)
         loss_fn = LOSSES["binary" if mode == "binary" else "selection"]
         self.epoch = self.batch = self.global_step = 0
-        best_acc = -1.0
-
-        def keep_best():
-            nonlocal best_acc
-            if self.last_val["acc"] > best_acc:
-                best_acc = self.last_val["acc"]
-                self._save("pretrained", f"pretrained_encoder_{mode}", overwrite=True)
 
         def body():
-            self.publish({"type": "training_started", "phase": "pretraining", "mode": mode,
+            self.publish({"type": "training_started", "phase": "pretraining", "mode": mode, "run_id": self.run_id,
+                          "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
                           "config": c.to_dict(), "epoch": 0, "batch": 0, "global_step": 0,
                           "batches_per_epoch": len(self.train_batches)})
-            self._run_epochs(self.model, self.train_batches, loss_fn, keep_best)
+            self._run_epochs(self.model, self.train_batches, loss_fn)
 
-        return self._run("pretraining", body)
+        return self._run("pretraining", CheckpointPolicy.for_pretraining(c, mode), body)
 
     def test(self):
         """Metrics on the held-out test split (never used for model selection)."""
@@ -756,8 +715,28 @@ def _finite_or_none(x):
     return x if math.isfinite(x) else None
 
 
-def run_stamp():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+def _score_of(entry):
+    return entry.get("score") if isinstance(entry, dict) else None
+
+
+def lineage(path, record, relation):
+    """The parent a run records when it starts from a checkpoint: relation (resume, fine-tune), run, name, step."""
+    run_id = catalogue.run_of_path(path)
+    if run_id is None and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), catalogue.RUNS)):
+        run_id = catalogue.LEGACY_RUN  # a file at the top of a checkpoint root: the flat folder of older versions
+    name = os.path.splitext(os.path.basename(path))[0]
+    return {"relation": relation, "run_id": run_id, "name": name,
+            "id": catalogue.checkpoint_id(run_id, name) if run_id else None,
+            "global_step": record.get("global_step"), "path": os.path.abspath(path)}
+
+
+def _policy_state_before(record, parent):
+    """A record written before the CheckpointManager kept its state (0.6.0): the best score its trainer kept."""
+    best = (record.get("trainer") or {}).get("best_val_loss")
+    if not isinstance(best, (int, float)) or not math.isfinite(best):
+        return None
+    return {"best": {"score": best, "run_id": parent["run_id"] or catalogue.LEGACY_RUN, "name": "best_model",
+                     "global_step": record.get("global_step", 0)}}
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -789,17 +768,20 @@ def build_parser():
                             if f.type is not bool else "BOOL", help=f.metadata["help"],
                             choices=f.metadata["choices"])
     parser.add_argument("--phase", choices=("train", "pretrain"), default="train", help="main training or encoder pretraining")
-    parser.add_argument("--resume", default="", metavar="PATH", help="resume exactly from this checkpoint")
+    parser.add_argument("--resume", default="", metavar="PATH", help="resume exactly from this checkpoint (a .pth, "
+                        "or an id RUN_ID:NAME or a name in --checkpoint-dir); the resumed run is a new run")
     parser.add_argument("--skip-verify", action="store_true", help="resume from a file that fails verification (salvage)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, epoch summaries only")
     return parser
 
 
 class ConsoleProgress:
-    """A tqdm bar per epoch plus one summary line per validation; the CLI's publish()."""
+    """A tqdm bar per epoch plus one summary line per validation; the CLI's publish(). It keeps what was saved and
+    what failed, so an interrupted run can say exactly that."""
 
     def __init__(self, enabled=True):
         self.enabled, self.bar = enabled, None
+        self.saved, self.failed = {}, {}  # checkpoint id -> global step / error
 
     def __call__(self, event):
         from tqdm import tqdm
@@ -817,10 +799,30 @@ class ConsoleProgress:
             print(f"epoch {event['epoch']}: step {event['global_step']} " +
                   " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
         elif kind in ("checkpoint_saved", "checkpoint_error", "checkpoint_deleted"):
+            if kind == "checkpoint_saved":
+                self.saved[event["id"]] = event["global_step"]
+                self.failed.pop(event["id"], None)
+            elif kind == "checkpoint_error":
+                self.failed[event.get("id")] = event.get("error")
+            else:
+                self.saved.pop(event.get("id"), None)
             detail = event.get("path") or event.get("error") or event.get("reason")
             print(f"{kind}: {event.get('name')} {detail}", flush=True)
+        elif kind == "training_started":
+            parent = event.get("parent")
+            origin = f", {parent['relation']} of {parent['id'] or parent['path']}" if parent else ""
+            print(f"run {event['run_id']}{origin}: checkpoints go to {event['checkpoint_folder']}", flush=True)
         elif kind in ("training_finished", "training_stopped"):
             self._close_bar()
+
+    def interrupted_summary(self, trainer):
+        """What an interrupted run leaves on disk, exactly: the checkpoints it wrote that are still there."""
+        where = f"interrupted at epoch {trainer.epoch}, batch {trainer.batch}, step {trainer.global_step}"
+        lines = [f"{where}: " + (f"this run wrote {len(self.saved)} checkpoint(s), still on disk: " +
+                                 ", ".join(f"{i} (step {s})" for i, s in self.saved.items())
+                                 if self.saved else "this run wrote no checkpoint")]
+        lines += [f"not saved: {i}: {error}" for i, error in self.failed.items()]
+        return "\n".join(lines)
 
     def _close_bar(self):
         if self.bar is not None:
@@ -831,14 +833,18 @@ class ConsoleProgress:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if args.resume:  # train on the data the checkpoint was trained on, whatever the flags say
-        saved = (ckpt.read_metadata(args.resume).get("config") or {}) if os.path.isfile(args.resume) else {}
-        values.update({k: saved[k] for k in ("dataset", "data_dir") if k in saved})
     try:
+        if args.resume:
+            args.resume = checkpoint_argument(args.resume, args.checkpoint_dir)
+        if values["pretrained_encoder"]:
+            values["pretrained_encoder"] = checkpoint_argument(values["pretrained_encoder"], args.checkpoint_dir)
+        if args.resume:  # train on the data the checkpoint was trained on, whatever the flags say
+            saved = ckpt.read_metadata(args.resume).get("config") or {}
+            values.update({k: saved[k] for k in ("dataset", "data_dir") if isinstance(saved.get(k), str)})
         config = TrainConfig.from_dict(values)
         device = resolve_device(config.device)
         data = load_data(config.dataset, config.data_dir or None)
-    except (ValueError, DataError) as e:
+    except (ValueError, DataError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     progress = ConsoleProgress(enabled=not args.no_progress)
@@ -858,10 +864,18 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; pending checkpoints were written", file=sys.stderr)
+        print(progress.interrupted_summary(trainer), file=sys.stderr)
         return 130
     print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return 0
+
+
+def checkpoint_argument(value, root):
+    """A --resume or --pretrained-encoder value as a path: a file as given, or an id (RUN_ID:NAME, or a bare name:
+    the newest run's) in the checkpoint root."""
+    if os.path.isfile(value) or value.endswith(".pth"):
+        return value
+    return catalogue.locate(root, value).path
 
 
 if __name__ == "__main__":

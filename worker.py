@@ -2,9 +2,9 @@
 
 Request handlers call start/stop/pause/request_save and read status(); they never touch tensors. The worker
 thread alone builds and drives the Trainer. Events from the trainer (and its checkpoint writer) pass through
-publish(), which keeps the status snapshot, throttles chart points and appends the run's metric history to disk.
+publish(), which keeps the status snapshot, throttles chart points and appends the run's metric history to disk,
+in the run's own folder (catalogue.py), beside its checkpoints.
 """
-import json
 import logging
 import os
 import queue
@@ -13,9 +13,10 @@ import threading
 import time
 import uuid
 
+import catalogue
 import checkpoint as ckpt
 from data import load_data
-from train import Trainer, TrainConfig, resolve_device, run_stamp
+from train import Trainer, TrainConfig, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class TrainingWorker:
         self._history_file = None
         self._thread = None
         os.makedirs(checkpoint_dir, exist_ok=True)
-        ckpt.recover(checkpoint_dir)
+        removed, problems = catalogue.recover(checkpoint_dir)
+        for problem in problems:
+            logger.warning("checkpoint folder: %s", problem)
 
     # ---- lifecycle
 
@@ -70,7 +73,7 @@ class TrainingWorker:
     def _execute(self, run):
         try:
             trainer = Trainer(run["config"], self._data_for(run["config"]), resolve_device(run["config"].device),
-                              self.checkpoint_dir, self.publish, self.commands)
+                              self.checkpoint_dir, self.publish, self.commands, run_id=run["run_id"])
             if run["phase"] == "pretraining":
                 trainer.pretrain(run["mode"])
             else:
@@ -128,8 +131,8 @@ class TrainingWorker:
             if self._status["phase"] in ACTIVE_PHASES:
                 raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
             resolve_device(config.device)
-            run_id = f"{run_stamp()}-{uuid.uuid4().hex[:6]}"
-            self._open_history(run_id, phase, config, mode)
+            run_id = catalogue.new_run_id()
+            self._open_history(run_id)
             self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,
                             "config": config.to_dict(), "epochs": config.epochs}
             self._runs.put({"run_id": run_id, "phase": phase, "config": config, "mode": mode,
@@ -179,7 +182,9 @@ class TrainingWorker:
         return request_id, name
 
     def _name_taken(self, name):
-        return name in self._pending_names.values() or os.path.exists(ckpt.checkpoint_path(self.checkpoint_dir, name))
+        """Taken in the current run: saved there, or being saved. Other runs' names are theirs."""
+        entry = catalogue.entry_for(self.checkpoint_dir, self._status["run_id"], name)
+        return name in self._pending_names.values() or os.path.lexists(entry.path)
 
     def _unique_name(self, base):
         name, n = base, 2
@@ -197,7 +202,7 @@ class TrainingWorker:
         """Called from the training and checkpoint-writer threads; the lock keeps status and points consistent."""
         kind = event["type"]
         with self._lock:
-            event = {**event, "run_id": self._status["run_id"]}
+            event = {"run_id": self._status["run_id"], **event}
             self._update_status(event)
             if kind in ("checkpoint_saved", "checkpoint_error"):
                 self._pending_names.pop(event.get("request_id"), None)
@@ -252,19 +257,15 @@ class TrainingWorker:
             status["disk_free_bytes"] = None
         self.bus.publish("status", status)
 
-    # ---- metric history on disk: runs/RUN_ID/metrics.jsonl beside the checkpoints
+    # ---- metric history on disk: runs/RUN_ID/metrics.jsonl, beside the run.json its trainer writes
 
-    def runs_dir(self):
-        return os.path.join(self.checkpoint_dir, "runs")
-
-    def _open_history(self, run_id, phase, config, mode):
-        folder = os.path.join(self.runs_dir(), run_id)
+    def _open_history(self, run_id):
+        folder = catalogue.run_folder(self.checkpoint_dir, run_id)
         try:
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "run.json"), "w", encoding="utf-8") as f:
-                json.dump({"run_id": run_id, "phase": phase, "mode": mode, "config": config.to_dict(),
-                           "started_at": run_stamp()}, f)
-            self._history_file = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+            fd = os.open(os.path.join(folder, catalogue.METRICS_FILE),
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            self._history_file = os.fdopen(fd, "a", encoding="utf-8")
         except OSError as e:  # history is a convenience: training goes on without it
             logger.warning("cannot keep metric history in %s: %s", folder, e)
             self._history_file = None
@@ -273,7 +274,7 @@ class TrainingWorker:
         if self._history_file is None:
             return
         try:
-            self._history_file.write("".join(json.dumps(p, default=str) + "\n" for p in points))
+            self._history_file.write("".join(ckpt.dumps_strict(p) + "\n" for p in points))
             self._history_file.flush()
         except (OSError, ValueError) as e:
             logger.warning("metric history write failed: %s", e)
@@ -288,33 +289,3 @@ class TrainingWorker:
 def _train_point(event):
     skip = ("type", "phase", "batches_per_epoch", "epochs", "run_id")
     return {k: v for k, v in event.items() if k not in skip}
-
-
-def read_run(runs_dir, run_id):
-    """A past run's description and metric points, or None if unknown."""
-    folder = os.path.join(runs_dir, run_id)
-    try:
-        with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
-            run = json.load(f)
-        points = []
-        with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    points.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by a crash
-    except (OSError, ValueError):
-        return None
-    return {**run, "train": [p for p in points if "loss" in p], "val": [p for p in points if "val_loss" in p]}
-
-
-def list_runs(runs_dir):
-    runs = []
-    if os.path.isdir(runs_dir):
-        for entry in sorted(os.listdir(runs_dir), reverse=True):
-            try:
-                with open(os.path.join(runs_dir, entry, "run.json"), encoding="utf-8") as f:
-                    runs.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-    return runs

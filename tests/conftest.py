@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import catalogue
 from data import PAD, load_data
 from train import TrainConfig
 
@@ -26,6 +27,20 @@ def tiny_config(checkpoint_dir, **changes):
                   max_steps=4, checkpoint_dir=str(checkpoint_dir), checkpoint_every_epochs=1, device="cpu")
     values.update(changes)
     return TrainConfig.from_dict(values)
+
+
+def checkpoints_of(trainer):
+    """The folder a trainer's run writes its checkpoints into (ROOT/runs/RUN_ID/checkpoints)."""
+    import pathlib
+    return pathlib.Path(catalogue.checkpoint_folder(trainer.checkpoint_dir, trainer.run_id))
+
+
+def newest_run_checkpoints(root):
+    """The checkpoint folder of the newest run under a root."""
+    import pathlib
+    runs = [r for r in catalogue.list_runs(str(root)) if not r.get("legacy") and not r.get("refused")]
+    assert runs, f"no run under {root}"
+    return pathlib.Path(catalogue.checkpoint_folder(str(root), runs[0]["run_id"]))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 import checkpoint as ckpt
 import worker as worker_module
-from conftest import build_app, tiny_config, wait_for
+from conftest import build_app, checkpoints_of, tiny_config, wait_for
 from train import Trainer
 
 JSON = {"Content-Type": "application/json"}
@@ -39,6 +39,7 @@ def folder_with_checkpoints(tmp_path, arc_data):
 
     trainer.publish = on_batch
     trainer.train()
+    folder = checkpoints_of(trainer)  # the run's own folder under the app's root
     assert os.path.exists(folder / "step 2.pth") and os.path.exists(folder / "step 5.pth")
     return folder
 
@@ -263,7 +264,7 @@ def test_runs_history_routes(client, app):
 # ---------------------------------------------------------------------------------------------- access token
 
 def test_token_guards_changes_and_downloads(tmp_path, arc_data, folder_with_checkpoints):
-    app = build_app(folder_with_checkpoints, arc_data, TOKEN="s3cret", START_WORKER=False)
+    app = build_app(tmp_path / "checkpoints", arc_data, TOKEN="s3cret", START_WORKER=False)
     client = app.test_client()
     assert client.get("/status").get_json()["auth_required"] is True
     assert client.post("/start_training", json={}).status_code == 401

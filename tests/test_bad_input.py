@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpoint as ckpt
-from conftest import build_app, wait_for
+from conftest import build_app, newest_run_checkpoints, wait_for
 from train import TrainConfig
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -159,12 +159,13 @@ def bad_files(folder, good_path, marker):
 
 def test_bad_checkpoint_files_are_listed_as_damaged_and_refused_for_resume(tmp_path, arc_data):
     marker = tmp_path / "exploit-ran"
-    folder = tmp_path / "checkpoints"
-    app = build_app(folder, arc_data)
+    root = tmp_path / "checkpoints"
+    app = build_app(root, arc_data)
     client = app.test_client()
     try:
         assert client.post("/start_training", json={"max_steps": 2, "epochs": 1}).status_code == 202
         wait_for(lambda: client.get("/status").get_json()["phase"] == "finished", what="a good checkpoint")
+        folder = newest_run_checkpoints(root)  # the bad files go into the run's own folder, beside its best_model
         names = bad_files(folder, folder / "best_model.pth", marker)
         rows = {r["name"]: r for r in client.get("/list_checkpoints").get_json()["checkpoints"]}
         for name in ("truncated", "zero length", "not a zip"):

@@ -17,7 +17,9 @@ import weakref
 import pytest
 import torch
 
+import catalogue
 import checkpoint as ckpt
+import checkpoint_manager
 from conftest import assert_same, mount_tmpfs
 from train import TrainConfig, Trainer
 
@@ -51,7 +53,13 @@ def save(folder, name="run", **kwargs):
 
 
 def dot_files(folder):
-    return sorted(n for n in os.listdir(folder) if n.startswith("."))
+    """Hidden files but the lock files, which stay by design (each checkpoint is locked through its own)."""
+    return sorted(n for n in os.listdir(folder) if n.startswith(".") and not n.endswith(ckpt.LOCK_SUFFIX))
+
+
+def files(folder):
+    """What a user sees in a folder: every file but the hidden lock files."""
+    return sorted(n for n in os.listdir(folder) if not n.endswith(ckpt.LOCK_SUFFIX))
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -267,9 +275,10 @@ def test_sigkill_mid_write_leaves_nothing_damaged_and_recover_cleans_up(tmp_path
             _, name, step = line.split()
             announced[name] = int(step)
         temporaries_seen += bool(dot_files(folder))
-        removed = ckpt.recover(str(folder))
+        removed, problems = ckpt.recover_folder(str(folder))
+        assert problems == []
         assert dot_files(folder) == [], f"recover() left temporaries (removed {removed})"
-        listed = ckpt.list_checkpoints(str(folder))
+        listed = catalogue.list_checkpoints(str(folder))
         assert not [m for m in listed if m["damaged"]], listed
         for meta in listed:
             ok, reason = ckpt.verify(str(folder / meta["file"]))
@@ -281,14 +290,29 @@ def test_sigkill_mid_write_leaves_nothing_damaged_and_recover_cleans_up(tmp_path
     assert temporaries_seen, "no kill landed in the middle of a write; the test proved nothing"
 
 
-def test_recover_finishes_an_interrupted_sidecar_rename_and_removes_temporaries(tmp_path):
+def test_recover_finishes_a_save_cut_between_its_two_renames(tmp_path):
+    save(tmp_path, "cut", global_step=1)
+    new = tmp_path / "new"
+    save(new, "cut", global_step=2, seed=1)
+    # A kill between the renames: the new sidecar is in place, the new .pth still under its temporary name.
+    os.replace(new / "cut.json", tmp_path / "cut.json")
+    os.replace(new / "cut.pth", tmp_path / f".cut.pth{ckpt.TEMP_MARK}0123abcd")
+    assert not ckpt.verify(str(tmp_path / "cut.pth"))[0]
+    removed, problems = ckpt.recover_folder(str(tmp_path))
+    assert removed == [] and problems == []
+    assert dot_files(tmp_path) == []
+    assert ckpt.verify(str(tmp_path / "cut.pth"))[0]
+    assert ckpt.load_checkpoint(str(tmp_path / "cut.pth"))["global_step"] == 2
+
+
+def test_recover_finishes_a_version_0_6_pending_sidecar_and_removes_temporaries(tmp_path):
     save(tmp_path, "renamed")
-    # A kill between the two renames: the new .pth is in place, its sidecar still pending.
+    # 0.6.0 renamed the .pth first: a kill then left the new .pth in place, its sidecar still pending.
     os.replace(tmp_path / "renamed.json", tmp_path / f".renamed.json{ckpt.PENDING_SIDECAR}")
     (tmp_path / f".gone.pth{ckpt.TEMP_MARK}0123abcd").write_bytes(b"half a file")
     (tmp_path / f".gone.json{ckpt.PENDING_SIDECAR}").write_text("{}")
     (tmp_path / f".x.json{ckpt.TEMP_MARK}77").write_text("{")
-    removed = ckpt.recover(str(tmp_path))
+    removed, problems = ckpt.recover_folder(str(tmp_path))
     assert sorted(removed) == sorted([f".gone.pth{ckpt.TEMP_MARK}0123abcd", f".gone.json{ckpt.PENDING_SIDECAR}",
                                       f".x.json{ckpt.TEMP_MARK}77"])
     assert dot_files(tmp_path) == []
@@ -308,34 +332,45 @@ def failing_at(real, n, error):
     return wrapper
 
 
-# Where a write can fail: torch.save, the three renames (sidecar temp -> pending, .pth, pending -> sidecar) and
-# the two folder fsyncs. os.replace is patched for the whole os module, as the checkpoint code calls it.
+# Where a write can fail: torch.save, the folder fsync before the renames, the sidecar's rename, the .pth's rename
+# and the last folder fsync. os.replace is patched for the whole os module, as the checkpoint code calls it.
 FAILURES = {
     "torch.save": ("torch", "save", 1),
-    "pending sidecar rename": ("os", "replace", 1),
+    "folder fsync before the renames": ("ckpt", "_fsync_folder", 1),
+    "sidecar rename": ("os", "replace", 1),
     "pth rename": ("os", "replace", 2),
-    "folder fsync after pth rename": ("ckpt", "_fsync_folder", 1),
-    "sidecar rename": ("os", "replace", 3),
     "last folder fsync": ("ckpt", "_fsync_folder", 2),
 }
 
 
 @pytest.mark.parametrize("where", FAILURES)
-def test_a_failed_write_leaves_the_old_or_the_new_checkpoint_whole(tmp_path, monkeypatch, where):
+def test_a_failed_overwrite_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch, where):
     save(tmp_path, "keep", global_step=1)
+    before = (tmp_path / "keep.pth").read_bytes(), (tmp_path / "keep.json").read_bytes()
     module_name, attribute, n = FAILURES[where]
     module = {"torch": torch, "os": os, "ckpt": ckpt}[module_name]
     monkeypatch.setattr(module, attribute, failing_at(getattr(module, attribute), n, OSError(5, "Input/output error")))
     with pytest.raises(ckpt.CheckpointError, match="Input/output error"):
         save(tmp_path, "keep", global_step=2, seed=1, overwrite=True)
     monkeypatch.undo()
-    listed = ckpt.list_checkpoints(str(tmp_path))
+    assert dot_files(tmp_path) == []  # nothing left for recover() to find
+    assert ((tmp_path / "keep.pth").read_bytes(), (tmp_path / "keep.json").read_bytes()) == before
+    listed = catalogue.list_checkpoints(str(tmp_path))
     assert [(m["name"], m["damaged"]) for m in listed] == [("keep", False)]
-    ckpt.recover(str(tmp_path))
-    assert dot_files(tmp_path) == []
     ok, reason = ckpt.verify(str(tmp_path / "keep.pth"))
     assert ok, reason
-    assert ckpt.load_checkpoint(str(tmp_path / "keep.pth"))["global_step"] in (1, 2)
+    assert ckpt.load_checkpoint(str(tmp_path / "keep.pth"))["global_step"] == 1
+
+
+@pytest.mark.parametrize("where", FAILURES)
+def test_a_failed_save_under_a_new_name_leaves_no_checkpoint(tmp_path, monkeypatch, where):
+    module_name, attribute, n = FAILURES[where]
+    module = {"torch": torch, "os": os, "ckpt": ckpt}[module_name]
+    monkeypatch.setattr(module, attribute, failing_at(getattr(module, attribute), n, OSError(5, "Input/output error")))
+    with pytest.raises(ckpt.CheckpointError, match="Input/output error"):
+        save(tmp_path, "fresh")
+    monkeypatch.undo()
+    assert files(tmp_path) == []
 
 
 @pytest.fixture
@@ -351,19 +386,19 @@ def test_disk_full_is_a_checkpoint_error_with_no_partial_file(small_disk, monkey
     with pytest.raises(ckpt.CheckpointError, match="free") as info:
         save(small_disk, "medium", width=10_000)
     assert str(small_disk) in str(info.value)
-    assert sorted(os.listdir(small_disk)) == ["filler.bin", "small.json", "small.pth"]
+    assert files(small_disk) == ["filler.bin", "small.json", "small.pth"]
     # The write itself runs out of space (the estimate fooled): still a CheckpointError and nothing left over.
     monkeypatch.setattr(ckpt, "estimate_size", lambda record: 0)
     with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
         save(small_disk, "medium", width=10_000)
-    assert sorted(os.listdir(small_disk)) == ["filler.bin", "small.json", "small.pth"]
+    assert files(small_disk) == ["filler.bin", "small.json", "small.pth"]
     monkeypatch.undo()
     assert ckpt.verify(str(small_disk / "small.pth"))[0]
     # Free the space: the same save now works.
     filler.unlink()
     save(small_disk, "medium", width=10_000)
     assert ckpt.verify(str(small_disk / "medium.pth"))[0]
-    assert [m["name"] for m in ckpt.list_checkpoints(str(small_disk)) if not m["damaged"]] == ["medium", "small"]
+    assert [m["name"] for m in catalogue.list_checkpoints(str(small_disk)) if not m["damaged"]] == ["medium", "small"]
 
 
 PERMISSION_SCRIPT = textwrap.dedent("""
@@ -408,7 +443,7 @@ def test_permission_denied_is_a_checkpoint_error(tmp_path):
             assert "CheckpointError:" in message, result.stdout + result.stderr
             assert "Permission denied" in message
         assert "denied" in message and str(folder) in message
-        assert os.listdir(folder) == []
+        assert files(folder) == []
     finally:
         os.chmod(folder, 0o700)
     save(folder, "allowed")
@@ -495,17 +530,17 @@ def test_list_newest_first_by_stored_time(tmp_path):
     # File times say the opposite: the listing must not use them.
     for i, name in enumerate(("oldest", "middle", "newest")):
         os.utime(tmp_path / f"{name}.pth", (1000 - i, 1000 - i))
-    listed = ckpt.list_checkpoints(str(tmp_path))
+    listed = catalogue.list_checkpoints(str(tmp_path))
     assert [m["name"] for m in listed] == ["newest", "middle", "oldest"]
     assert [m["global_step"] for m in listed] == [30, 10, 50]
     assert all(m["damaged"] is False and m["size"] > 0 and m["sha256"] for m in listed)
-    assert ckpt.list_checkpoints(str(tmp_path / "no such folder")) == []
+    assert catalogue.list_checkpoints(str(tmp_path / "no such folder")) == []
 
 
 def test_list_shows_a_pth_without_sidecar_from_its_own_metadata(tmp_path):
     save(tmp_path, "bare", global_step=42)
     os.remove(tmp_path / "bare.json")
-    [meta] = ckpt.list_checkpoints(str(tmp_path))
+    [meta] = catalogue.list_checkpoints(str(tmp_path))
     assert meta["name"] == "bare" and meta["global_step"] == 42 and meta["kind"] == "manual"
     assert meta["damaged"] is False and meta["sha256"] is None
     assert meta["size"] == os.path.getsize(tmp_path / "bare.pth")
@@ -524,7 +559,7 @@ def test_list_shows_damaged_and_unreadable_files_as_damaged(tmp_path):
     (tmp_path / "bad sidecar.json").write_text("{not json")  # falls back to reading the .pth
     (tmp_path / "folder.pth").mkdir()  # not a file: not listed
     (tmp_path / ".hidden.pth").write_bytes(b"x")  # a temporary: not listed
-    listed = {m["name"]: m for m in ckpt.list_checkpoints(str(tmp_path))}
+    listed = {m["name"]: m for m in catalogue.list_checkpoints(str(tmp_path))}
     assert set(listed) == {"good", "truncated", "garbage", "empty", "foreign", "bad sidecar"}
     assert {n for n, m in listed.items() if m["damaged"]} == {"truncated", "garbage", "empty", "foreign"}
     assert all(listed[n]["error"] for n in ("truncated", "garbage", "empty", "foreign"))
@@ -534,7 +569,7 @@ def test_list_shows_damaged_and_unreadable_files_as_damaged(tmp_path):
 def test_a_file_deleted_while_listing_is_skipped_not_a_crash(tmp_path, monkeypatch):
     save(tmp_path, "stays")
     save(tmp_path, "vanishes")
-    real = ckpt.read_sidecar
+    real = ckpt.inspect_sidecar
 
     def read_then_lose(path):  # another thread deletes the checkpoint right after its sidecar is read
         sidecar = real(path)
@@ -542,8 +577,8 @@ def test_a_file_deleted_while_listing_is_skipped_not_a_crash(tmp_path, monkeypat
             os.remove(path)
         return sidecar
 
-    monkeypatch.setattr(ckpt, "read_sidecar", read_then_lose)
-    assert [m["name"] for m in ckpt.list_checkpoints(str(tmp_path))] == ["stays"]
+    monkeypatch.setattr(ckpt, "inspect_sidecar", read_then_lose)
+    assert [m["name"] for m in catalogue.list_checkpoints(str(tmp_path))] == ["stays"]
 
 
 def test_two_hundred_checkpoints_list(tmp_path, monkeypatch):
@@ -551,7 +586,7 @@ def test_two_hundred_checkpoints_list(tmp_path, monkeypatch):
     for i in range(200):
         ckpt.write_checkpoint(str(tmp_path), {"name": f"c{i:03d}", "model_state_dict": {"w": torch.zeros(4)},
                                               "global_step": i, "created_at": "2026-01-01T00:00:00.000Z"})
-    listed = ckpt.list_checkpoints(str(tmp_path))
+    listed = catalogue.list_checkpoints(str(tmp_path))
     assert len(listed) == 200
     # Same stored time: the stored step breaks the tie, newest first.
     assert [m["global_step"] for m in listed] == list(range(199, -1, -1))
@@ -560,24 +595,24 @@ def test_two_hundred_checkpoints_list(tmp_path, monkeypatch):
 def test_update_sidecar_and_delete(tmp_path):
     save(tmp_path, "noted")
     before = (tmp_path / "noted.pth").read_bytes()
-    ckpt.update_sidecar(str(tmp_path), "noted", {"notes": "good run"})
+    ckpt.update_sidecar(str(tmp_path / "noted.pth"), {"notes": "good run"})
     assert ckpt.read_sidecar(str(tmp_path / "noted.pth"))["notes"] == "good run"
     assert (tmp_path / "noted.pth").read_bytes() == before and ckpt.verify(str(tmp_path / "noted.pth"))[0]
-    ckpt.delete_checkpoint(str(tmp_path), "noted")
-    assert os.listdir(tmp_path) == []
+    ckpt.delete_checkpoint(str(tmp_path / "noted.pth"))
+    assert files(tmp_path) == []
     with pytest.raises(FileNotFoundError):
-        ckpt.delete_checkpoint(str(tmp_path), "noted")
+        ckpt.delete_checkpoint(str(tmp_path / "noted.pth"))
 
 
 # ---------------------------------------------------------------------------------------------- the writer
 
 def test_writer_serves_jobs_in_order_and_publishes_the_outcome(tmp_path):
     events, saved = [], []
-    writer = ckpt.CheckpointWriter(str(tmp_path), events.append)
+    writer = checkpoint_manager.CheckpointWriter(events.append)
     names = ["one", "two", "three", "one", "../escape", "four"]
     for i, name in enumerate(names):
         fields = record_fields(name, global_step=i, folder=tmp_path)
-        writer.submit(ckpt.SaveJob(fields, request_id=f"r{i}", on_saved=saved.append))
+        writer.submit(checkpoint_manager.SaveJob(fields, str(tmp_path), "run", request_id=f"r{i}", on_saved=saved.append))
     assert writer.flush(timeout=60)
     writer.close()
     assert not writer.busy()
@@ -595,11 +630,11 @@ def test_writer_serves_jobs_in_order_and_publishes_the_outcome(tmp_path):
 
 
 def test_writer_snapshot_is_taken_before_the_tensors_change(tmp_path):
-    writer = ckpt.CheckpointWriter(str(tmp_path), lambda event: None)
+    writer = checkpoint_manager.CheckpointWriter(lambda event: None)
     fields = record_fields("snap", folder=tmp_path)
     weight = fields["model_state_dict"]["0.weight"]
     expected = weight.clone()
-    writer.submit(ckpt.SaveJob(fields))
+    writer.submit(checkpoint_manager.SaveJob(fields, str(tmp_path), "run"))
     writer.wait_for_copies()
     weight.add_(1.0)  # what optimizer.step() does after wait_for_copies()
     writer.close()
@@ -612,16 +647,16 @@ def test_writer_frees_each_snapshot_once_written_and_close_ends_its_threads(tmp_
     the process aborts (seen: `train.py --phase pretrain` exiting 134 one run in three). So the copies go as
     soon as they are written, and close() returns only when both threads are gone."""
     copies = []
-    real_clone = ckpt.clone_tensors
+    real_clone = checkpoint_manager.clone_tensors
 
     def clone_and_watch(value):
         cloned = real_clone(value)
         copies.append(weakref.ref(cloned["model_state_dict"]["0.weight"]))
         return cloned
 
-    monkeypatch.setattr(ckpt, "clone_tensors", clone_and_watch)
-    writer = ckpt.CheckpointWriter(str(tmp_path), lambda event: None)
-    job = ckpt.SaveJob(record_fields("freed", folder=tmp_path))
+    monkeypatch.setattr(checkpoint_manager, "clone_tensors", clone_and_watch)
+    writer = checkpoint_manager.CheckpointWriter(lambda event: None)
+    job = checkpoint_manager.SaveJob(record_fields("freed", folder=tmp_path), str(tmp_path), "run")
     writer.submit(job)
     assert writer.flush(timeout=60)
     gc.collect()
@@ -634,7 +669,7 @@ def test_writer_frees_each_snapshot_once_written_and_close_ends_its_threads(tmp_
 def test_clone_tensors_keeps_shared_storage_shared():
     base = torch.arange(10.0)
     value = {"a": base, "b": [base, base[2:5]], "c": (1, "x")}
-    clone = ckpt.clone_tensors(value)
+    clone = checkpoint_manager.clone_tensors(value)
     assert clone["a"] is clone["b"][0]
     assert torch.equal(clone["b"][1], base[2:5]) and clone["c"] == (1, "x")
     base.zero_()
@@ -644,13 +679,13 @@ def test_clone_tensors_keeps_shared_storage_shared():
 def test_manual_saves_mid_run_are_never_torn(arc_data, make_config, monkeypatch):
     """Each saved weight, Adam moment and step count, epoch, batch and global_step belong to the same step,
     even when copying a snapshot is slow and training races on."""
-    real_clone = ckpt.clone_tensors
+    real_clone = checkpoint_manager.clone_tensors
 
     def slow_clone(value):
         time.sleep(0.1)
         return real_clone(value)
 
-    monkeypatch.setattr(ckpt, "clone_tensors", slow_clone)
+    monkeypatch.setattr(checkpoint_manager, "clone_tensors", slow_clone)
     config = make_config(task_type="selection", hidden_dim=32, latent_dim=32, max_steps=12)
     save_at = {2: ["at 2"], 5: ["at 5 a", "at 5 b"], 6: ["at 6"], 9: ["at 9"]}
     probes, events = {}, []

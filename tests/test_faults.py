@@ -12,8 +12,9 @@ import time
 import pytest
 import requests
 
+import catalogue
 import checkpoint as ckpt
-from conftest import EventReader, LiveServer, build_app, mount_tmpfs, wait_for
+from conftest import EventReader, LiveServer, build_app, mount_tmpfs, newest_run_checkpoints, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG_MODEL = {"latent_dim": 384, "hidden_dim": 128, "embedding_dim": 16, "num_conv_layers": 3, "batch_size": 4,
@@ -44,16 +45,21 @@ class AppProcess:
         self.proc.stdout.close()
 
 
+def temporaries(root):
+    """Hidden files anywhere under a checkpoint root, but the lock files, which stay by design."""
+    return [os.path.join(folder, n) for folder, _, names in os.walk(root) for n in names
+            if n.startswith(".") and not n.endswith(ckpt.LOCK_SUFFIX)]
+
+
 def check_folder_after_crash(folder, saved_before_kill):
     """What a restart must find: no temporaries, nothing damaged, every announced checkpoint intact."""
-    leftovers = [n for n in os.listdir(folder) if n.startswith(".")]
-    assert leftovers == [], f"temporaries left after restart: {leftovers}"
-    listed = {m["name"]: m for m in ckpt.list_checkpoints(folder)}
-    damaged = [name for name, m in listed.items() if m["damaged"]]
+    assert temporaries(folder) == [], f"temporaries left after restart: {temporaries(folder)}"
+    listed = {m["id"]: m for m in catalogue.list_checkpoints(str(folder))}
+    damaged = [ident for ident, m in listed.items() if m["damaged"]]
     assert damaged == [], f"damaged checkpoints listed: {damaged}"
-    for name in saved_before_kill:
-        assert name in listed, f"{name} was announced as saved but is missing"
-        ok, reason = ckpt.verify(os.path.join(folder, name + ".pth"))
+    for ident in saved_before_kill:
+        assert ident in listed, f"{ident} was announced as saved but is missing"
+        ok, reason = ckpt.verify(listed[ident]["path"])
         assert ok, reason
 
 
@@ -66,8 +72,8 @@ def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_
     while kills < 20:
         app = AppProcess(folder)
         check_folder_after_crash(folder, saved_before)  # the restart itself cleaned up
-        for name in saved_before[:-1]:  # keep the disk small: the checks above are done for these
-            ckpt.delete_checkpoint(str(folder), name)
+        for ident in saved_before[:-1]:  # keep the disk small: the checks above are done for these
+            ckpt.delete_checkpoint(catalogue.locate(str(folder), ident).path)
         reader = EventReader(app.url)
         try:
             assert requests.post(app.url + "/start_training", json=BIG_MODEL, timeout=10).status_code == 202
@@ -84,7 +90,7 @@ def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_
         kills += 1
         saved = reader.named("checkpoint_saved")
         sizes += [e["size"] for e in saved]
-        saved_before = [e["name"] for e in saved]
+        saved_before = [e["id"] for e in saved]
     app = AppProcess(folder)
     app.kill()
     check_folder_after_crash(folder, saved_before)
@@ -131,22 +137,22 @@ def test_disk_full_is_an_error_event_training_goes_on_and_a_later_save_succeeds(
         failures = [event for event, ok in results if not ok]
         assert failures, "the disk never filled up"
         assert any("MB free" in e["error"] or "space" in e["error"].lower() for e in failures)
-        assert not [n for n in os.listdir(folder) if n.startswith(".")], "a partial file was left behind"
-        for meta in ckpt.list_checkpoints(folder):
-            assert not meta["damaged"] and ckpt.verify(os.path.join(folder, meta["file"]))[0]
+        assert not temporaries(folder), "a partial file was left behind"
+        for meta in catalogue.list_checkpoints(str(folder)):
+            assert not meta["damaged"] and ckpt.verify(meta["path"])[0]
 
         # Past the up-front check: the disk lies about free space, so the write itself hits ENOSPC.
         monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
         event, ok = save_and_wait(server, reader, "mid-write failure")
         assert not ok and "space" in event["error"].lower()
-        assert not [n for n in os.listdir(folder) if n.startswith(".")]
-        assert not os.path.exists(folder / "mid-write failure.pth")
+        assert not temporaries(folder)
+        assert not os.path.exists(newest_run_checkpoints(folder) / "mid-write failure.pth")
         monkeypatch.undo()
 
         before = global_step(server)
         wait_for(lambda: global_step(server) > before + 2, what="training to go on")
-        for meta in ckpt.list_checkpoints(folder):
-            ckpt.delete_checkpoint(str(folder), meta["name"])
+        for meta in catalogue.list_checkpoints(str(folder)):
+            ckpt.delete_checkpoint(meta["path"])
         event, ok = save_and_wait(server, reader, "after freeing space")
         assert ok, event
     finally:
@@ -177,7 +183,7 @@ def test_permission_denied_is_an_error_event_and_training_goes_on(tmp_path, arc_
         event, ok = save_and_wait(server, reader, "denied")
         assert not ok and "Permission denied" in event["error"]
         monkeypatch.undo()
-        assert not os.path.exists(tmp_path / "checkpoints" / "denied.pth")
+        assert not os.path.exists(newest_run_checkpoints(tmp_path / "checkpoints") / "denied.pth")
         before = global_step(server)
         wait_for(lambda: global_step(server) > before + 2, what="training to go on")
         assert save_and_wait(server, reader, "allowed again")[1]
@@ -194,7 +200,7 @@ def test_checkpoint_folder_deleted_while_running(tmp_path, arc_data):
         shutil.rmtree(folder)
         event, ok = save_and_wait(server, reader, "after deletion")
         assert ok, event  # the folder is made again; nothing half-written appears
-        assert ckpt.verify(str(folder / "after deletion.pth"))[0]
+        assert ckpt.verify(event["path"])[0]
         before = global_step(server)
         wait_for(lambda: global_step(server) > before + 2, what="training to go on")
     finally:

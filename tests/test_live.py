@@ -7,6 +7,7 @@ import time
 import requests
 import torch
 
+import catalogue
 import checkpoint as ckpt
 from conftest import EventReader, wait_for
 
@@ -140,7 +141,7 @@ def test_user_script_flags_against_the_live_server(live_server):
         periodic = run_script("--url", live_server.url, "--every", "0.2", "--count", "2")
         assert periodic.returncode == 0 and periodic.stdout.count("save queued") == 2
         folder = live_server.app.extensions["trainer"].checkpoint_dir
-        wait_for(lambda: len([m for m in ckpt.list_checkpoints(folder)]) >= 3, what="three saves on disk")
+        wait_for(lambda: len(catalogue.list_checkpoints(folder)) >= 3, what="three saves on disk")
         listed = run_script("--url", live_server.url, "--list")
         assert listed.returncode == 0 and "from the script" in listed.stdout
     finally:

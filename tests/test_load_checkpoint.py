@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import catalogue
 import checkpoint as ckpt
 import load_checkpoint
 from conftest import tiny_config, write_task_folder
@@ -303,6 +304,8 @@ def test_info_only_json_verify_export_is_one_json_document(cli, saved, bad):
     assert report["verify"] == {"ok": True, "reason": "size and SHA-256 match"}
     assert report["model"] is None
     sidecar = ckpt.read_sidecar(saved["best_model"])
+    lineage = report["metadata"].pop("lineage")
+    assert [run["run_id"] for run in lineage] == [sidecar["run_id"]] and lineage[0]["parent"] is None
     assert report["metadata"] == json.loads(json.dumps(sidecar))
     assert not set(ckpt.TENSOR_KEYS) & set(report["metadata"])
     # --force replaced the file that was there with the weights.
@@ -323,9 +326,11 @@ def test_list_shows_every_checkpoint_newest_first(cli, saved):
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[0].split() == list(load_checkpoint.LISTED)
-    names = [line.split("  ")[0].strip() for line in lines[1:]]
-    expected = [m["name"] for m in ckpt.list_checkpoints(saved["folder"])]
-    assert names == expected and set(names) == {"best_model", "before training", "pretrained_encoder_binary"}
+    ids = [line.split("  ")[0].strip() for line in lines[1:] if line.strip()][:3]
+    expected = [m["id"] for m in catalogue.list_checkpoints(saved["folder"])]
+    assert ids == expected
+    assert {i.split(":")[1] for i in ids} == {"best_model", "before training", "pretrained_encoder_binary"}
+    assert "runs, newest first:" in result.stdout and "a fresh run" in result.stdout
 
 
 def test_compare_prints_each_tensor_change(cli):
@@ -376,11 +381,12 @@ def test_the_table_shows_every_metadata_field(saved, capsys):
     assert load_checkpoint.main([saved["best_model"], "--info-only"]) == 0
     out = capsys.readouterr().out.splitlines()
     info = {k: v for k, v in load_checkpoint.metadata(saved["best_model"], torch.load(saved["best_model"])).items()
-            if k not in ckpt.FLAT_CONFIG_KEYS}
+            if k not in ckpt.FLAT_CONFIG_KEYS and k != "lineage"}
     for key, value in load_checkpoint.flatten(info):
         assert any(line.split()[:1] == [key] and line.rstrip().endswith(load_checkpoint.shown(value))
                    for line in out), key
     assert "config.vocab_size" in "\n".join(out) and "rng_state" not in "\n".join(out)
+    assert any(line.strip().startswith("run ") and "a fresh run" in line for line in out)  # the lineage
 
 
 def test_the_printed_python_resumes(saved, capsys, tmp_path):
@@ -421,11 +427,11 @@ def test_list_marks_damaged_files(saved, tmp_path, capsys):
     copy_with_sidecar(saved["best_model"], folder / "cut.pth", data[:1000])
     assert load_checkpoint.main(["--list", str(folder)]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines()[1:] if not line.startswith("damaged:")}
-    assert rows["best_model"].endswith("no") and rows["cut"].endswith("yes")
-    assert "damaged: cut: size 1000 bytes" in out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("legacy:")}
+    assert rows["legacy:best_model"].endswith("no") and rows["legacy:cut"].endswith("yes")
+    assert "damaged: legacy:cut: size 1000 bytes" in out
     assert load_checkpoint.main(["--list", str(folder), "--json"]) == 0
-    listed = {m["name"]: m["damaged"] for m in json.loads(capsys.readouterr().out)}
+    listed = {m["name"]: m["damaged"] for m in json.loads(capsys.readouterr().out)["checkpoints"]}
     assert listed == {"best_model": False, "cut": True}
     (tmp_path / "empty").mkdir()
     assert load_checkpoint.main(["--list", str(tmp_path / "empty")]) == 0
@@ -434,7 +440,7 @@ def test_list_marks_damaged_files(saved, tmp_path, capsys):
 
 def test_json_output_is_strict_json(tmp_path, saved, capsys):
     record = torch.load(saved["before training"])
-    assert record["trainer"]["best_val_loss"] == float("inf")  # saved before the first validation
+    assert record["trainer"]["best_val_loss"] is None  # saved before the first validation: no Infinity in records
     assert load_checkpoint.main([saved["before training"], "--info-only", "--json"]) == 0
     report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["metadata"]["trainer"]["best_val_loss"] is None

@@ -1,6 +1,7 @@
 """Retention: keep_last periodic/autosave checkpoints and the keep_best_k best; never manual, best_model or encoders."""
+import catalogue
 import checkpoint as ckpt
-from conftest import tiny_config, write_task_folder
+from conftest import checkpoints_of, tiny_config, write_task_folder
 from data import load_data
 from train import Trainer
 
@@ -19,7 +20,7 @@ def run(tmp_path, **changes):
 
     trainer.publish = publish
     trainer.train()
-    return folder, events, {m["name"]: m for m in ckpt.list_checkpoints(folder)}
+    return checkpoints_of(trainer), events, {m["name"]: m for m in catalogue.list_checkpoints(str(folder))}
 
 
 def test_keep_last_keeps_the_newest_periodic_saves_and_never_touches_others(tmp_path):

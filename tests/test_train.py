@@ -11,9 +11,11 @@ import threading
 import pytest
 import torch
 
+import catalogue
 import checkpoint as ckpt
 import train
-from conftest import assert_same, tiny_config, wait_for, write_task_folder
+from checkpoint_manager import CheckpointManager, CheckpointPolicy, CheckpointWriter
+from conftest import assert_same, checkpoints_of, newest_run_checkpoints, tiny_config, wait_for, write_task_folder
 from data import PAD, load_data
 from model import ARCEncoder
 from train import LOSSES, TrainConfig, Trainer, reconstruction_loss
@@ -168,7 +170,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task
     trainer = Trainer(config, arc_data, "cpu", config.checkpoint_dir, lambda event: None)
     trainer.setup()
     trainer.phase = "training"
-    trainer.writer = ckpt.CheckpointWriter(config.checkpoint_dir, lambda event: None)
+    trainer.manager = CheckpointManager(config.checkpoint_dir, trainer.run_id, CheckpointPolicy(), lambda e: None,
+                                        trainer._snapshot)
+    trainer.manager.writer = CheckpointWriter(lambda event: None)
     batch = trainer.train_batches.batch(0, 0)
     loss_fn, model = LOSSES[task], trainer.model
 
@@ -182,7 +186,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(arc_data, make_config, task
     before = eval_loss()
     for _ in range(10):
         trainer._train_step(model, loss_fn, batch)
-    trainer.writer.close()
+    trainer.manager.close()
     after = eval_loss()
     assert after < 0.8 * before, f"loss went from {before:.4f} to {after:.4f}"
 
@@ -334,7 +338,7 @@ def test_save_command_writes_a_manual_checkpoint_with_its_request_id(small_data,
     assert results["again"]["type"] == "checkpoint_error" and "already exists" in results["again"]["error"]
     assert results["reserved"]["type"] == "checkpoint_error" and "reserved" in results["reserved"]["error"]
     assert results["over"]["type"] == "checkpoint_saved" and results["over"]["global_step"] == 3
-    record = ckpt.load_checkpoint(os.path.join(config.checkpoint_dir, "my save.pth"))
+    record = ckpt.load_checkpoint(str(checkpoints_of(trainer) / "my save.pth"))
     assert record["kind"] == "manual" and record["global_step"] == 3 and record["name"] == "my save"
     assert record["task_type"] == "reconstruction" and record["config"] == trainer.config.to_dict()
 
@@ -399,14 +403,14 @@ def test_saves_during_pretraining_are_refused_with_a_reason(small_data, tmp_path
     trainer.pretrain("binary")
     [error] = [e for e in of_type(events, "checkpoint_error") if e["request_id"] == "x"]
     assert "main training only" in error["error"]
-    assert not os.path.exists(os.path.join(config.checkpoint_dir, "nope.pth"))
+    assert not os.path.exists(checkpoints_of(trainer) / "nope.pth")
 
 
 def test_keep_last_retains_the_newest_periodic_checkpoints(small_data, tmp_path):
     data_dir, data = small_data
     config = tiny_config(tmp_path, data_dir=data_dir, epochs=4, max_steps=0, keep_last=2, task_type="selection")
     trainer, events = run(config, data)
-    names = {m["name"] for m in ckpt.list_checkpoints(config.checkpoint_dir)}
+    names = {m["name"] for m in catalogue.list_checkpoints(config.checkpoint_dir)}
     assert {"checkpoint_epoch_3", "checkpoint_epoch_4", "best_model"} <= names
     assert not {"checkpoint_epoch_1", "checkpoint_epoch_2"} & names
     assert {e["name"] for e in of_type(events, "checkpoint_deleted")} == {"checkpoint_epoch_1", "checkpoint_epoch_2"}
@@ -462,12 +466,12 @@ def test_resume_is_bit_identical_from_mid_epoch_and_end_of_epoch(small_data, tmp
     stopped, events = run(first, data, save_and_stop_at(MID))
     assert stopped.global_step == MID and events[-1]["type"] == "training_stopped"
     assert comparable(events) == comparable(straight_events)[:len(comparable(events))]
-    mid = os.path.join(first.checkpoint_dir, "mid.pth")
+    mid = str(checkpoints_of(stopped) / "mid.pth")
     assert (ckpt.read_sidecar(mid)["epoch"], ckpt.read_sidecar(mid)["batch"]) == divmod(MID, per_epoch)
     resume_and_compare(mid, resume_config(tmp_path / "second", data_dir, task, bottleneck, pairs, **changes),
                        data, straight, straight_events, after=MID)
     # From the periodic checkpoint the uninterrupted run wrote at the end of epoch 1.
-    end_of_epoch = os.path.join(config.checkpoint_dir, "checkpoint_epoch_1.pth")
+    end_of_epoch = str(checkpoints_of(straight) / "checkpoint_epoch_1.pth")
     assert ckpt.read_sidecar(end_of_epoch)["global_step"] == per_epoch
     assert ckpt.read_sidecar(end_of_epoch)["batch"] == 0
     third = resume_config(tmp_path / "third", data_dir, task, bottleneck, pairs, **changes)
@@ -479,16 +483,16 @@ def test_resume_on_the_full_dataset_mid_epoch(arc_data, tmp_path):
         return tiny_config(folder, task_type="selection", max_steps=7, temperature=1.5, **changes)
 
     straight, straight_events = run(config(tmp_path / "straight"), arc_data)
-    run(config(tmp_path / "first"), arc_data, save_and_stop_at(4, "four"))
-    resume_and_compare(str(tmp_path / "first" / "four.pth"), config(tmp_path / "second"), arc_data,
+    stopped, _ = run(config(tmp_path / "first"), arc_data, save_and_stop_at(4, "four"))
+    resume_and_compare(str(checkpoints_of(stopped) / "four.pth"), config(tmp_path / "second"), arc_data,
                        straight, straight_events, after=4, test_split=False)
 
 
 def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(small_data, tmp_path, arc_data):
     data_dir, data = small_data
     first = resume_config(tmp_path / "first", data_dir, "selection", "communication", False, max_steps=5)
-    run(first, data, save_and_stop_at(3))
-    path = os.path.join(first.checkpoint_dir, "mid.pth")
+    stopped, _ = run(first, data, save_and_stop_at(3))
+    path = str(checkpoints_of(stopped) / "mid.pth")
     # A config that differs in what the checkpoint fixes takes the checkpoint's values.
     other = tiny_config(tmp_path / "second", data_dir=data_dir, task_type="reconstruction", hidden_dim=32,
                         max_steps=5)
@@ -507,7 +511,7 @@ def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(smal
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "mid.pth").write_bytes(bytes(data_bytes))
-    os.link(os.path.join(first.checkpoint_dir, "mid.json"), damaged / "mid.json")
+    os.link(checkpoints_of(stopped) / "mid.json", damaged / "mid.json")
     with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
         Trainer(other, data, "cpu", str(tmp_path / "x"), lambda e: None).resume(str(damaged / "mid.pth"))
 
@@ -515,8 +519,8 @@ def test_resume_takes_the_checkpoint_settings_and_refuses_what_does_not_fit(smal
 def test_weights_from_an_older_project_version_are_refused_saying_so(small_data, tmp_path):
     data_dir, data = small_data
     first = resume_config(tmp_path / "first", data_dir, "reconstruction", "autoencoder", False, max_steps=3)
-    run(first, data, save_and_stop_at(2))
-    record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
+    stopped, _ = run(first, data, save_and_stop_at(2))
+    record = ckpt.load_checkpoint(str(checkpoints_of(stopped) / "mid.pth"))
     # What a 0.1.0 reconstruction checkpoint holds: the decoder's layers under their old names.
     record["model_state_dict"] = {k.replace("decoder.refine_8.", "decoder.refine.0."): v
                                   for k, v in record["model_state_dict"].items()}
@@ -560,11 +564,11 @@ def test_a_checkpoint_from_before_a_setting_resumes_exactly_as_it_was(small_data
 
     straight, straight_events = run(config("straight", **before), data)
     first = config("first", **before)
-    run(first, data, save_and_stop_at(MID))
+    stopped, _ = run(first, data, save_and_stop_at(MID))
     # What such a file holds: none of the settings, and the parts they add missing from its weights (0.2.0: no
     # normalisation buffers in the sender, a classifier with a bias; 0.3.0: no cell code; 0.4.0: no pattern bag;
     # 0.5.0: a bag of the same shape as today's, which read exact colour windows).
-    record = ckpt.load_checkpoint(os.path.join(first.checkpoint_dir, "mid.pth"))
+    record = ckpt.load_checkpoint(str(checkpoints_of(stopped) / "mid.pth"))
     weights = record["model_state_dict"]
     assert any(k.startswith("sender.norm.") for k in weights) == ("message_norm" not in before)
     assert ("classifier.bias" in weights) == (task == "puzzle_classification" and "scoring" in before)
@@ -593,10 +597,10 @@ def test_a_snapshot_holds_the_running_figures_of_its_own_step(small_data, make_c
     trainer = Trainer(make_config(task_type="selection", bottleneck_type="communication"), data, "cpu",
                       "unused", lambda e: None)
     trainer.setup()
-    submitted = []
-    trainer.writer = type("Writer", (), {"submit": lambda self, job: submitted.append(job)})()
-    trainer._save("manual", "snap")
-    running_mean = submitted[0].fields["model_state_dict"]["sender.norm.running_mean"]
+    trainer.manager = CheckpointManager("unused", trainer.run_id, CheckpointPolicy(), lambda e: None,
+                                        trainer._snapshot)
+    fields = trainer._snapshot("manual", "snap")
+    running_mean = fields["model_state_dict"]["sender.norm.running_mean"]
     before = running_mean.clone()
     trainer.model.train()
     trainer._forward(trainer.model, trainer.train_batches.batch(0, 0))
@@ -619,7 +623,8 @@ def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_p
     base = ["--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", "1", "--no-progress"]
     common = base + TINY_ARGS
     assert train.main(["--phase", "pretrain", "--pretrain-mode", mode, *common]) == 0
-    path = os.path.join(folder, f"pretrained_encoder_{mode}.pth")
+    pretraining_run = newest_run_checkpoints(folder)
+    path = str(pretraining_run / f"pretrained_encoder_{mode}.pth")
     record = ckpt.load_checkpoint(path)
     assert record["kind"] == "pretrained" and record["pretrain_mode"] == mode
     encoder = ARCEncoder(10, 4, 16, 16, 2)
@@ -633,6 +638,7 @@ def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_p
     trainer.train()
     assert_same(record["encoder_state_dict"], trainer.model.encoder.state_dict(), "frozen encoder")
     assert train.main(["--pretrained-encoder", path, "--max-steps", "2", *common]) == 0
+    best = str(newest_run_checkpoints(folder) / "best_model.pth")
     # ...but only with the same encoder shape, and only from a pretrained checkpoint.
     wider = TINY_ARGS[:2] + ["--hidden-dim", "32"] + TINY_ARGS[4:]
     assert train.main(["--pretrained-encoder", path, *base, *wider]) == 1
@@ -642,7 +648,6 @@ def test_cli_pretrain_writes_the_encoder_and_training_loads_it(small_data, tmp_p
                        "--max-steps", "2", *common]) == 1
     err = capsys.readouterr().err
     assert "pattern_buckets must be the same" in err and "reads other patterns" not in err
-    best = os.path.join(folder, "best_model.pth")
     assert train.main(["--pretrained-encoder", best, *common]) == 1
     assert "not a pretrained encoder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pretrained encoder"):
@@ -654,7 +659,7 @@ def test_a_pretrained_encoder_with_a_pattern_bag_needs_one_to_load_into_and_insp
     folder = str(tmp_path / "checkpoints")
     common = ["--data-dir", data_dir, "--checkpoint-dir", folder, "--epochs", "1", "--no-progress", *TINY_ARGS]
     assert train.main(["--phase", "pretrain", "--pattern-buckets", "64", *common]) == 0
-    path = os.path.join(folder, "pretrained_encoder_binary.pth")
+    path = str(newest_run_checkpoints(folder) / "pretrained_encoder_binary.pth")
     weights = ckpt.load_checkpoint(path)["encoder_state_dict"]
     assert weights["patterns.embedding.weight"].shape == (64, 16)
     assert train.main(["--pretrained-encoder", path, "--pattern-buckets", "64", "--max-steps", "2", *common]) == 0
@@ -687,9 +692,10 @@ def test_cli_end_to_end(small_data, tmp_path):
     assert any(summary.match(line) for line in lines), result.stdout
     assert any(line.startswith("test: loss=") for line in lines), result.stdout
     assert any(line.startswith("validation: loss=") and "acc=" in line for line in lines), result.stdout
+    run_folder = newest_run_checkpoints(folder)
     for name in ("best_model", "checkpoint_epoch_1"):
-        assert (folder / f"{name}.pth").is_file() and (folder / f"{name}.json").is_file()
-        assert ckpt.verify(str(folder / f"{name}.pth"))[0]
+        assert (run_folder / f"{name}.pth").is_file() and (run_folder / f"{name}.json").is_file()
+        assert ckpt.verify(str(run_folder / f"{name}.pth"))[0]
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"], "the CLI wrote outside its checkpoint folder"
 
 
@@ -700,7 +706,7 @@ def test_cli_on_the_bundled_dataset_with_a_progress_bar(tmp_path):
     assert "epoch 0: step 2 val_loss=" in result.stdout and "val_acc=" in result.stdout
     assert "it/s" in result.stderr or "s/it" in result.stderr, "no progress bar"
     assert "test: " in result.stdout
-    assert ckpt.verify(str(tmp_path / "c" / "best_model.pth"))[0]
+    assert ckpt.verify(str(newest_run_checkpoints(tmp_path / "c") / "best_model.pth"))[0]
 
 
 def test_cli_help_lists_every_option_with_its_default(tmp_path):
@@ -758,42 +764,44 @@ def test_cli_resume_continues_exactly(small_data, tmp_path, capsys):
     straight_lines = [line for line in straight_out.splitlines() if line.startswith(("epoch 2:", "test:",
                                                                                       "validation:"))]
     assert len(straight_lines) == 3
+    straight_run = str(newest_run_checkpoints(straight))
     # Only what says where: the rest of the settings come from the checkpoint.
     resumed = tmp_path / "resumed"
-    result = cli("--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), "--data-dir", data_dir,
+    result = cli("--resume", os.path.join(straight_run, "checkpoint_epoch_1.pth"), "--data-dir", data_dir,
                  "--checkpoint-dir", str(resumed), "--epochs", "2", "--checkpoint-every-epochs", "1", "--device", "cpu",
                  "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not any(line.startswith("epoch 1:") for line in result.stdout.splitlines())
     resumed_lines = [line for line in result.stdout.splitlines() if line.startswith(("epoch", "test:", "validation:"))]
     assert resumed_lines == straight_lines
-    a = ckpt.load_checkpoint(os.path.join(straight, "checkpoint_epoch_2.pth"))
-    b = ckpt.load_checkpoint(str(resumed / "checkpoint_epoch_2.pth"))
+    a = ckpt.load_checkpoint(os.path.join(straight_run, "checkpoint_epoch_2.pth"))
+    b = ckpt.load_checkpoint(str(newest_run_checkpoints(resumed) / "checkpoint_epoch_2.pth"))
     assert_same(a["model_state_dict"], b["model_state_dict"], "model")
     assert_same(a["optimizer_state_dict"], b["optimizer_state_dict"], "optimizer")
     assert a["global_step"] == b["global_step"] == 2 * BATCHES_PER_EPOCH
     # A file that fails verification is refused (exit 1); --skip-verify salvages one that still loads.
-    with open(os.path.join(straight, "checkpoint_epoch_2.pth"), "r+b") as f:
+    with open(os.path.join(straight_run, "checkpoint_epoch_2.pth"), "r+b") as f:
         f.seek(-3000, os.SEEK_END)
         byte = f.read(1)
         f.seek(-3000, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0x01]))
     salvage = ["--data-dir", data_dir, "--checkpoint-dir", str(tmp_path / "salvage"), "--device", "cpu",
                "--no-progress", "--epochs", "2"]
-    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_2.pth"), *salvage]) == 1
+    assert train.main(["--resume", os.path.join(straight_run, "checkpoint_epoch_2.pth"), *salvage]) == 1
     assert "Refusing to load" in capsys.readouterr().err
-    os.remove(os.path.join(straight, "checkpoint_epoch_1.json"))
-    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), *salvage]) == 1
+    os.remove(os.path.join(straight_run, "checkpoint_epoch_1.json"))
+    assert train.main(["--resume", os.path.join(straight_run, "checkpoint_epoch_1.pth"), *salvage]) == 1
     assert "no sidecar" in capsys.readouterr().err
-    assert train.main(["--resume", os.path.join(straight, "checkpoint_epoch_1.pth"), "--skip-verify", *salvage]) == 0
+    assert train.main(["--resume", os.path.join(straight_run, "checkpoint_epoch_1.pth"), "--skip-verify", *salvage]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == straight_lines[-1]
 
 
 def test_a_run_with_a_frozen_pretrained_encoder_resumes_exactly_and_stays_frozen(small_data, tmp_path):
     data_dir, data = small_data
     pre = tiny_config(tmp_path / "pre", data_dir=data_dir, epochs=1, max_steps=3)
-    Trainer(pre, data, "cpu", pre.checkpoint_dir, lambda e: None).pretrain("binary")
-    encoder_file = os.path.join(pre.checkpoint_dir, "pretrained_encoder_binary.pth")
+    pretrainer = Trainer(pre, data, "cpu", pre.checkpoint_dir, lambda e: None)
+    pretrainer.pretrain("binary")
+    encoder_file = str(checkpoints_of(pretrainer) / "pretrained_encoder_binary.pth")
 
     def config(folder):
         return resume_config(folder, data_dir, "reconstruction", "communication", False,
@@ -803,7 +811,7 @@ def test_a_run_with_a_frozen_pretrained_encoder_resumes_exactly_and_stays_frozen
     frozen = ckpt.load_checkpoint(encoder_file)["encoder_state_dict"]
     for name, value in straight.model.encoder.state_dict().items():
         assert torch.equal(value, frozen[name]), f"frozen encoder weight {name} changed"
-    run(config(tmp_path / "first"), data, save_and_stop_at(MID))
+    stopped, _ = run(config(tmp_path / "first"), data, save_and_stop_at(MID))
     # Resume with neither flag given: the checkpoint's freeze_encoder holds, the optimizer state fits.
     plain = resume_config(tmp_path / "second", data_dir, "reconstruction", "communication", False)
-    resume_and_compare(str(tmp_path / "first" / "mid.pth"), plain, data, straight, straight_events, after=MID)
+    resume_and_compare(str(checkpoints_of(stopped) / "mid.pth"), plain, data, straight, straight_events, after=MID)
