@@ -167,7 +167,8 @@ class ARCEncoder(nn.Module):
     def __init__(self, num_colors=10, embedding_dim=16, hidden_dim=128, latent_dim=256, num_conv_layers=3,
                  pattern_buckets=0, pattern_kinds="shapes"):
         super().__init__()
-        assert num_conv_layers >= 1, "num_conv_layers must be at least 1"
+        if num_conv_layers < 1:
+            raise ValueError(f"num_conv_layers must be at least 1, got {num_conv_layers!r}")
         self.num_colors = num_colors
         self.latent_dim = latent_dim
         self.color_embedding = nn.Embedding(num_colors + 1, embedding_dim, padding_idx=num_colors)
@@ -287,7 +288,8 @@ class Sender(nn.Module):
 
     def __init__(self, latent_dim, vocab_size, max_length, hidden_dim, logit_norm="batch"):
         super().__init__()
-        assert logit_norm in MESSAGE_NORMS, f"logit_norm must be one of {MESSAGE_NORMS}"
+        if logit_norm not in MESSAGE_NORMS:
+            raise ValueError(f"logit_norm must be one of {MESSAGE_NORMS}, got {logit_norm!r}")
         self.vocab_size, self.max_length = vocab_size, max_length
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, max_length * vocab_size))
         self.norm = nn.BatchNorm1d(max_length * vocab_size, affine=False) if logit_norm == "batch" else None
@@ -399,10 +401,12 @@ class ARCAutoencoder(nn.Module):
                  temperature=1.0, hidden_dim=None, num_classes=0, batch_negatives=False, message_norm="batch",
                  scoring="cosine", cell_channels=0):
         super().__init__()
-        assert bottleneck_type in BOTTLENECK_TYPES, f"bottleneck_type must be one of {BOTTLENECK_TYPES}"
-        assert task_type in TASK_TYPES, f"task_type must be one of {TASK_TYPES}"
-        assert task_type != "puzzle_classification" or num_classes > 0, "puzzle_classification needs num_classes"
-        assert scoring in SCORINGS, f"scoring must be one of {SCORINGS}"
+        for what, value, allowed in (("bottleneck_type", bottleneck_type, BOTTLENECK_TYPES),
+                                     ("task_type", task_type, TASK_TYPES), ("scoring", scoring, SCORINGS)):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        if task_type == "puzzle_classification" and num_classes <= 0:
+            raise ValueError(f"puzzle_classification needs num_classes above 0, got {num_classes!r}")
         hidden_dim = hidden_dim or max(encoder.latent_dim, 128)
         self.bottleneck_type, self.task_type = bottleneck_type, task_type
         self.num_distractors, self.use_input_output_pairs = num_distractors, use_input_output_pairs
@@ -425,7 +429,8 @@ class ARCAutoencoder(nn.Module):
         # Reconstruction with cell_channels: each grid's 15x15 map also crosses the bottleneck, as a cell code.
         self.cell_code = None
         if task_type == "reconstruction" and cell_channels:
-            assert encoder.map_channels, "a cell code needs an encoder of at least two conv layers"
+            if not encoder.map_channels:
+                raise ValueError("a cell code needs an encoder of at least two conv layers; set cell_channels=0")
             cell_vocab = vocab_size if bottleneck_type == "communication" else None  # None: floats
             self.cell_code = CellCode(encoder.map_channels, cell_channels, cell_vocab, message_norm)
         if task_type == "reconstruction":
@@ -491,7 +496,8 @@ class EncoderPretrainer(nn.Module):
 
     def __init__(self, encoder, mode, hidden_dim=128):
         super().__init__()
-        assert mode in PRETRAIN_MODES, f"mode must be one of {PRETRAIN_MODES}"
+        if mode not in PRETRAIN_MODES:
+            raise ValueError(f"mode must be one of {PRETRAIN_MODES}, got {mode!r}")
         self.encoder, self.mode = encoder, mode
         latent = encoder.latent_dim
         if mode == "binary":
