@@ -23,6 +23,8 @@ const state = {
   status: { phase: "idle" },
   fields: [],
   checkpoints: [],
+  runs: [], // from /runs: newest first, the legacy flat folder last
+  shownRun: null, // the current run the table was last grouped for
   compare: { a: null, b: null },
   samples: { train: null, val: null },
 };
@@ -87,13 +89,14 @@ function readForm() {
   return config;
 }
 
+/** Pretrained encoders by id; the label names the run, since two runs may each hold one of the same name. */
 function fillPretrainedSelect(checkpoints) {
   const select = $("cfg-pretrained_encoder");
   if (!select) return;
   const current = select.value;
-  const names = checkpoints.filter((c) => c.kind === "pretrained" && !c.damaged).map((c) => c.name);
+  const encoders = checkpoints.filter((c) => c.kind === "pretrained" && usable(c) && !c.damaged);
   select.replaceChildren(el("option", { value: "" }, "none"),
-    ...names.map((n) => el("option", { value: n, selected: n === current }, n)));
+    ...encoders.map((c) => el("option", { value: c.id, selected: c.id === current }, `${c.name} · run ${c.run_id}`)));
 }
 
 // ---------------------------------------------------------------------------------------------- run controls
@@ -217,6 +220,7 @@ function applyStatus(s) {
   const error = $("status-error");
   error.hidden = !(s.phase === "error" && s.error);
   error.textContent = s.error || "";
+  if ((s.run_id || null) !== state.shownRun) renderCheckpoints(); // another run is current: regroup
   if (s.checkpoint_dir) {
     $("checkpoint-dir").textContent = s.checkpoint_dir;
     const input = $("cfg-checkpoint_dir");
@@ -242,37 +246,51 @@ function refreshCheckpointsSoon() {
   refreshTimer = setTimeout(refreshCheckpoints, 200);
 }
 
+/** The checkpoints and the runs they belong to, fetched together so the groups and their rows agree. */
 async function refreshCheckpoints() {
-  const data = await load("/list_checkpoints");
-  if (!data) return;
-  state.checkpoints = data.checkpoints;
-  const names = new Set(data.checkpoints.map((c) => c.name));
-  for (const side of ["a", "b"]) if (!names.has(state.compare[side])) state.compare[side] = null;
+  const [listing, runs] = await Promise.all([load("/list_checkpoints"), load("/runs")]);
+  if (runs) {
+    state.runs = runs.runs;
+    fillOverlaySelect(runs.runs);
+  }
+  if (!listing) return;
+  state.checkpoints = listing.checkpoints;
+  const ids = new Set(listing.checkpoints.filter(usable).map((c) => c.id));
+  for (const side of ["a", "b"]) if (!ids.has(state.compare[side])) state.compare[side] = null;
   renderCheckpoints();
-  fillPretrainedSelect(data.checkpoints);
+  fillPretrainedSelect(listing.checkpoints);
 }
 
-function pickRadio(side, name) {
-  return el("input", { type: "radio", name: `compare-${side}`, value: name, checked: state.compare[side] === name,
-    "aria-label": `compare ${side.toUpperCase()}: ${name}`, "data-side": side });
+/** A checkpoint the page may act on: it has an id, and the server did not refuse it (a link, a bad name). */
+const usable = (c) => Boolean(c.id) && !c.refused;
+
+const byId = (id) => state.checkpoints.find((c) => c.id === id);
+
+/** How a checkpoint is named in messages: its name and run. */
+const describe = (c) => `“${c.name}” (run ${c.run_id})`;
+
+function pickRadio(side, c) {
+  if (!usable(c)) return "";
+  return el("input", { type: "radio", name: `compare-${side}`, value: c.id, checked: state.compare[side] === c.id,
+    "aria-label": `compare ${side.toUpperCase()}: ${c.id}`, "data-side": side });
 }
 
-function actionButton(action, name, label, extra = {}) {
-  return el("button", { type: "button", className: "btn btn-small", "data-action": action, "data-name": name,
-    ...extra }, label);
+function actionButton(action, c, label, extra = {}) {
+  return el("button", { type: "button", className: "btn btn-small", "data-action": action, "data-id": c.id,
+    "data-name": c.name, ...extra }, label);
 }
 
 function checkpointActions(c) {
-  const url = `/checkpoints/${encodeURIComponent(c.name)}/download`;
+  if (!usable(c)) return el("td", { className: "actions muted" }, "no actions: fix or remove the file by hand");
   const busy = ACTIVE_PHASES.includes(state.status.phase);
   const trainable = c.kind !== "pretrained" && !c.damaged;
   return el("td", { className: "actions" }, el("div", { className: "action-buttons" },
-    trainable ? actionButton("resume", c.name, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
-    trainable ? actionButton("fine-tune", c.name, "Fine-tune from", { "data-needs-idle": true, disabled: busy }) : null,
-    actionButton("verify", c.name, "Verify"),
-    el("a", { className: "btn btn-small", href: url, "data-action": "download", "data-name": c.name,
-      download: c.file || `${c.name}.pth` }, "Download"),
-    actionButton("delete", c.name, "Delete", { className: "btn btn-small btn-danger" })));
+    trainable ? actionButton("resume", c, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
+    trainable ? actionButton("fine-tune", c, "Fine-tune from", { "data-needs-idle": true, disabled: busy }) : null,
+    actionButton("verify", c, "Verify"),
+    el("a", { className: "btn btn-small", href: `${checkpointUrl(c.id)}/download`, "data-action": "download",
+      "data-id": c.id, "data-name": c.name, download: c.file || `${c.name}.pth` }, "Download"),
+    actionButton("delete", c, "Delete", { className: "btn btn-small btn-danger" })));
 }
 
 /** A table cell; data-label names the column when narrow screens show rows as cards. */
@@ -281,22 +299,100 @@ const cell = (label, content, props = {}) => el("td", { "data-label": label, ...
 function checkpointRow(c) {
   const verified = c.verified_at
     ? el("span", { className: "verified", title: `verified ${formatDate(c.verified_at, true)}` }, "✓") : "";
+  const refused = !usable(c);
   const name = el("td", { className: "name" }, c.name,
-    c.damaged ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null);
-  return el("tr", { "data-name": c.name, className: c.damaged ? "is-damaged" : "" },
-    cell("A", pickRadio("a", c.name), { className: "pick" }), cell("B", pickRadio("b", c.name), { className: "pick" }),
+    c.damaged && !refused ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null,
+    refused ? el("span", { className: "damaged" }, " refused") : null,
+    refused ? el("div", { className: "row-error" }, c.error || "refused by the server") : null);
+  return el("tr", { "data-id": c.id, "data-name": c.name, "data-run-id": c.run_id,
+    className: c.damaged || refused ? "is-damaged" : "" },
+    cell("A", pickRadio("a", c), { className: "pick" }), cell("B", pickRadio("b", c), { className: "pick" }),
     name, cell("kind", c.kind || "–"), cell("epoch", formatNumber(c.epoch)), cell("batch", formatNumber(c.batch)),
     cell("step", formatNumber(c.global_step)), cell("val_loss", formatNumber(c.val_loss)),
-    cell("val_acc", formatNumber(c.val_acc)), cell("size", formatBytes(c.size)),
+    cell("val_acc", formatNumber(c.val_acc)), cell("size", typeof c.size === "number" ? formatBytes(c.size) : "–"),
     cell("created", formatDate(c.created_at), { className: "created", title: c.created_at }),
     cell("verified", verified), checkpointActions(c));
 }
 
+// ---------------------------------------------------------------------------------------------- run groups
+
+const COLUMNS = 13;
+const LEGACY_RUN = "legacy";
+
+/** What a run trained: task/bottleneck, or the pretraining mode. */
+function runWhat(run) {
+  const c = run.config || {};
+  if (run.phase === "pretraining") return `pretrain ${run.mode || c.pretrain_mode || ""}`.trim();
+  return c.task_type ? `${c.task_type}/${c.bottleneck_type}` : "";
+}
+
+/** Where a run came from: "resumed from RUN:NAME at step S", "fine-tuned from …", or "fresh run". */
+function lineage(run) {
+  if (run.legacy) return run.description || "flat folder of version 0.6.0 and before";
+  if (run.refused) return run.error || "refused";
+  const parent = run.parent;
+  if (!parent) return "fresh run";
+  const verb = { resume: "resumed from", "fine-tune": "fine-tuned from" }[parent.relation] || `${parent.relation} of`;
+  const step = typeof parent.global_step === "number" ? ` at step ${formatNumber(parent.global_step)}` : "";
+  return `${verb} ${parent.id || parent.path || parent.name}${step}`;
+}
+
+/** The groups to show, in order: the current run first, then the others newest first (as /runs lists them), the
+ * legacy flat folder last. A run without checkpoints is shown only when it is the current one or refused. */
+function runGroups(runs, checkpoints, currentRun) {
+  const byRun = new Map();
+  for (const c of checkpoints) {
+    if (!byRun.has(c.run_id)) byRun.set(c.run_id, []);
+    byRun.get(c.run_id).push(c);
+  }
+  const known = new Map(runs.map((r) => [r.run_id, r]));
+  for (const runId of byRun.keys()) { // listed since /runs was read: a bare group until the next refresh
+    if (!known.has(runId)) known.set(runId, { run_id: runId, legacy: runId === LEGACY_RUN });
+  }
+  if (currentRun && !known.has(currentRun)) known.set(currentRun, { run_id: currentRun });
+  const rank = (r) => (r.run_id === currentRun ? 0 : r.legacy ? 2 : 1);
+  return [...known.values()]
+    .filter((r) => r.run_id === currentRun || r.refused || byRun.has(r.run_id))
+    .map((r, order) => ({ run: r, order, checkpoints: byRun.get(r.run_id) || [] }))
+    .sort((x, y) => rank(x.run) - rank(y.run) || x.order - y.order);
+}
+
+function runHeader(run, count, current) {
+  const parts = [
+    el("span", { className: "run-id" }, run.run_id),
+    current ? el("span", { className: "run-current" }, "current") : null,
+    run.phase ? el("span", { className: "run-phase" }, run.phase) : null,
+    runWhat(run) ? el("span", { className: "run-what" }, runWhat(run)) : null,
+    run.started_at ? el("span", { className: "run-started", title: run.started_at }, formatDate(run.started_at)) : null,
+    el("span", { className: "run-lineage", title: run.parent?.path || "" }, lineage(run)),
+    el("span", { className: "run-count muted" }, `${count} checkpoint${count === 1 ? "" : "s"}`),
+  ];
+  const problems = run.problems?.length
+    ? el("div", { className: "run-problems" }, run.problems.join("; ")) : null;
+  return el("tr", { className: `run-header${run.refused ? " is-damaged" : ""}` },
+    el("th", { colspan: COLUMNS, scope: "rowgroup" }, el("div", { className: "run-summary" }, ...parts), problems));
+}
+
+function runGroup({ run, checkpoints }, currentRun) {
+  const current = run.run_id === currentRun;
+  const rows = checkpoints.map(checkpointRow);
+  if (!rows.length && !run.refused) {
+    rows.push(el("tr", {}, el("td", { colspan: COLUMNS, className: "muted" }, "No checkpoints in this run yet.")));
+  }
+  return el("tbody", { className: `run-group${current ? " is-current" : ""}`, "data-run-id": run.run_id },
+    runHeader(run, checkpoints.length, current), ...rows);
+}
+
 function renderCheckpoints() {
-  const body = $("checkpoints-table").tBodies[0];
-  const rows = state.checkpoints.map(checkpointRow);
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 13, className: "muted" }, "No checkpoints yet.")));
-  body.replaceChildren(...rows);
+  const table = $("checkpoints-table");
+  const currentRun = state.status.run_id || null;
+  state.shownRun = currentRun;
+  const groups = runGroups(state.runs, state.checkpoints, currentRun).map((g) => runGroup(g, currentRun));
+  if (!groups.length) {
+    groups.push(el("tbody", {}, el("tr", {}, el("td", { colspan: COLUMNS, className: "muted" }, "No checkpoints yet."))));
+  }
+  for (const body of [...table.tBodies]) body.remove();
+  table.append(...groups);
   updateCompareButton();
 }
 
@@ -305,35 +401,36 @@ function updateCompareButton() {
   $("compare").disabled = !(a && b && a !== b);
 }
 
-const checkpointUrl = (name) => `/checkpoints/${encodeURIComponent(name)}`;
+const checkpointUrl = (id) => `/checkpoints/${encodeURIComponent(id)}`;
 
-async function verifyCheckpoint(name) {
-  const result = await send("POST", `${checkpointUrl(name)}/verify`);
+async function verifyCheckpoint(c) {
+  const result = await send("POST", `${checkpointUrl(c.id)}/verify`);
   if (!result.ok) return;
-  if (result.data.ok) toast(`“${name}” verified: ${result.data.reason || "ok"}`, "success");
-  else toast(`“${name}” failed verification: ${result.data.reason}`, "error");
+  if (result.data.ok) toast(`${describe(c)} verified: ${result.data.reason || "ok"}`, "success");
+  else toast(`${describe(c)} failed verification: ${result.data.reason}`, "error");
   refreshCheckpointsSoon();
 }
 
-async function deleteCheckpoint(name) {
-  if (!window.confirm(`Delete checkpoint “${name}”? This cannot be undone.`)) return;
-  const result = await send("DELETE", checkpointUrl(name));
+async function deleteCheckpoint(c) {
+  if (!window.confirm(`Delete checkpoint ${describe(c)}? This cannot be undone.`)) return;
+  const result = await send("DELETE", checkpointUrl(c.id));
   if (result.ok) refreshCheckpointsSoon();
 }
 
 function onTableClick(event) {
   const target = event.target.closest("[data-action]");
   if (!target) return;
-  const name = target.dataset.name;
+  const c = byId(target.dataset.id);
+  if (!c || !usable(c)) return; // gone since the table was drawn: the next refresh removes the row
   const action = target.dataset.action;
   if (action === "download") {
     if (!authIsRequired()) return; // the plain link downloads
     event.preventDefault(); // a link cannot send the token: fetch the file and save the blob
     download(target.getAttribute("href"), target.getAttribute("download"));
-  } else if (action === "resume") startTraining({ resume_from: name }, `Resuming from “${name}”`);
-  else if (action === "fine-tune") startTraining({ fine_tune_from: name }, `Fine-tuning from “${name}”`);
-  else if (action === "verify") verifyCheckpoint(name);
-  else if (action === "delete") deleteCheckpoint(name);
+  } else if (action === "resume") startTraining({ resume_from: c.id }, `Resuming from ${describe(c)}`);
+  else if (action === "fine-tune") startTraining({ fine_tune_from: c.id }, `Fine-tuning from ${describe(c)}`);
+  else if (action === "verify") verifyCheckpoint(c);
+  else if (action === "delete") deleteCheckpoint(c);
 }
 
 function onTableChange(event) {
@@ -375,7 +472,7 @@ function compareTables(data) {
   const tensors = [...data.tensor_changes].sort((x, y) => y.l2_diff - x.l2_diff).map((t) => [t.name,
     t.shape.join("×"), formatNumber(t.l2_diff), formatNumber(t.l2_a), t.l2_a ? pct(t.l2_diff / t.l2_a) : "–"]);
   return [
-    el("h3", {}, `A: ${data.a}  ↔  B: ${data.b}`),
+    el("h3", {}, `A: ${data.a_id}  ↔  B: ${data.b_id}`),
     simpleTable("compare-params", ["", "A", "B"], [["parameters", formatNumber(data.parameters.a),
       formatNumber(data.parameters.b)]]),
     el("h4", {}, "Metrics"),
@@ -402,15 +499,13 @@ async function compareCheckpoints() {
 
 // ---------------------------------------------------------------------------------------------- runs and curves
 
-async function refreshRuns() {
-  const data = await load("/runs");
-  if (!data) return;
+/** The overlay choices: runs with a metric history (the legacy flat folder and refused runs have none). */
+function fillOverlaySelect(runs) {
   const select = $("overlay-run");
   const current = select.value;
-  const options = data.runs.map((r) => {
-    const c = r.config || {};
-    const what = r.phase === "pretraining" ? `pretrain ${r.mode || c.pretrain_mode || ""}` : `${c.task_type}/${c.bottleneck_type}`;
-    return el("option", { value: r.run_id, selected: r.run_id === current }, `${r.run_id} · ${what}`);
+  const options = runs.filter((r) => !r.legacy && !r.refused).map((r) => {
+    const what = runWhat(r);
+    return el("option", { value: r.run_id, selected: r.run_id === current }, what ? `${r.run_id} · ${what}` : r.run_id);
   });
   select.replaceChildren(el("option", { value: "" }, "none"), ...options);
 }
@@ -444,16 +539,19 @@ function onMetrics(data) {
 
 // ---------------------------------------------------------------------------------------------- events
 
+/** " in run RUN" for a toast, when the event names its run. */
+const inRun = (d) => (d.run_id ? ` in run ${d.run_id}` : "");
+
 function onCheckpointSaved(d) {
   if (d.request_id) { // asked for by someone; automatic saves (best, periodic, autosave) only refresh the table
-    toast(`Saved “${d.name}” to ${d.path} (epoch ${d.epoch}, batch ${d.batch}` +
+    toast(`Saved “${d.name}”${inRun(d)} to ${d.path} (epoch ${d.epoch}, batch ${d.batch}` +
       `${d.verified ? ", verified" : ""})`, "success");
   }
   refreshCheckpointsSoon();
 }
 
 function onCheckpointDeleted(d) {
-  if (d.reason) toast(`Deleted “${d.name}”: ${d.reason}`, "info");
+  if (d.reason) toast(`Deleted “${d.name}”${inRun(d)}: ${d.reason}`, "info");
   refreshCheckpointsSoon();
 }
 
@@ -461,13 +559,12 @@ function onTrainingStarted(d) {
   if (d.run_id !== charts.live.runId) charts.resetLive(d.run_id);
   state.samples = { train: null, val: null };
   $("samples").replaceChildren(el("p", { className: "muted" }, "Waiting for the first samples…"));
-  refreshRuns();
+  refreshCheckpointsSoon(); // a new run: its group goes first
 }
 
 function onTrainingEnded(kind, d) {
   const best = typeof d.best_val_loss === "number" ? `, best val loss ${formatNumber(d.best_val_loss)}` : "";
   toast(`${d.phase || "run"} ${kind} at step ${d.global_step}${best}`, kind === "finished" ? "success" : "info");
-  refreshRuns();
   refreshCheckpointsSoon();
 }
 
@@ -476,7 +573,10 @@ const HANDLERS = {
   metrics: onMetrics,
   samples: showSample,
   checkpoint_saved: onCheckpointSaved,
-  checkpoint_error: (d) => toast(`Checkpoint “${d.name}” failed: ${d.error}`, "error"),
+  checkpoint_error: (d) => {
+    toast(`Checkpoint “${d.name}”${inRun(d)} failed: ${d.error}`, "error");
+    refreshCheckpointsSoon();
+  },
   checkpoint_deleted: onCheckpointDeleted,
   training_started: onTrainingStarted,
   training_stopped: (d) => onTrainingEnded("stopped", d),
@@ -529,7 +629,7 @@ async function init() {
   const config = await load("/config");
   if (config) buildForm(config.fields, config.defaults);
   applyStatus(status);
-  await Promise.all([refreshCheckpoints(), refreshRuns()]);
+  await refreshCheckpoints();
   if (status.run_id) { // history first; the event stream then continues from the status's last event id
     const history = await runMetrics(status.run_id);
     charts.resetLive(status.run_id);

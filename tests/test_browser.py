@@ -1,11 +1,12 @@
 """The page in headless Chromium against a real server: form, run controls, live status and charts, samples,
-saving, the checkpoints table (compare, delete, resume). One server and one browser for the module; the tests
-run in file order and share the run they start."""
+saving, the checkpoints table grouped by run (compare, delete, resume, by checkpoint id RUN_ID:NAME). One server
+and one browser for the module; the tests run in file order and share the run they start."""
 import contextlib
 import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -96,6 +97,30 @@ def status_value(page, key):
     return page.locator(f'#status-list dd[data-key="{key}"]')
 
 
+def current_run(page):
+    """The run the status panel shows (status.run_id)."""
+    return status_value(page, "run_id").text_content()
+
+
+def row(page, ident):
+    """A checkpoint's row, found by its id RUN_ID:NAME."""
+    return page.locator(f'#checkpoints-table tr[data-id="{ident}"]')
+
+
+def group_ids(page):
+    """The run ids of the table's groups, top to bottom."""
+    return page.eval_on_selector_all("#checkpoints-table tbody.run-group", "bs => bs.map((b) => b.dataset.runId)")
+
+
+def group(page, run_id):
+    return page.locator(f'#checkpoints-table tbody.run-group[data-run-id="{run_id}"]')
+
+
+def encoded(ident):
+    """What encodeURIComponent makes of an id: the colon and spaces escaped."""
+    return quote(ident, safe="")
+
+
 def wait_until_stopped(page):
     expect(phase(page)).to_have_text("finished")
     expect(page.locator("#start-training")).to_be_enabled()
@@ -145,6 +170,7 @@ def test_save_button_disabled_during_pretraining(ui):
     page.select_option("#cfg-pretrain_mode", "selection")
     page.click("#start-pretraining")
     expect(phase(page)).to_have_text("pretraining")
+    ui.pretraining_run = current_run(page)
     body = next(b for m, u, b in ui.posts if u.endswith("/start_pretraining"))
     assert '"mode":"selection"' in body and "checkpoint_dir" not in body
     expect(status_value(page, "mode")).to_have_text("selection")
@@ -196,9 +222,17 @@ def test_save_checkpoint_from_the_prompt(ui):
     assert seen["default"].startswith("checkpoint_epoch_1_batch_")
     assert "Estimated size" in seen["message"] and "free disk space" in seen["message"]
     expect(page.locator(".toast.toast-success", has_text="my save")).to_be_visible()
-    row = page.locator('#checkpoints-table tr[data-name="my save"]')
-    expect(row).to_be_visible()
-    expect(row.locator("td").nth(3)).to_have_text("manual")
+    ui.training_run = current_run(page)
+    saved = row(page, f"{ui.training_run}:my save")
+    expect(saved).to_be_visible()
+    expect(saved).to_have_attribute("data-name", "my save")
+    expect(saved.locator("td").nth(3)).to_have_text("manual")
+    first = page.locator("#checkpoints-table tbody.run-group").first  # the current run's group, on top
+    expect(first).to_have_attribute("data-run-id", ui.training_run)
+    expect(first.locator(".run-header .run-current")).to_have_text("current")
+    expect(first.locator(".run-header .run-lineage")).to_have_text("fresh run")
+    expect(first.locator(".run-header .run-what")).to_have_text("reconstruction/communication")
+    assert first.locator(f'tr[data-id="{ui.training_run}:my save"]').count() == 1
 
 
 def test_duplicate_name_shows_red_toast(ui):
@@ -242,11 +276,15 @@ def test_a_save_that_would_not_fit_is_refused_up_front(ui, monkeypatch):
 def test_compare_two_checkpoints(ui):
     page = ui.page
     save_via_prompt(ui, "other save")
-    expect(page.locator('#checkpoints-table tr[data-name="other save"]')).to_be_visible()
-    page.check('input[name="compare-a"][value="my save"]')
-    page.check('input[name="compare-b"][value="other save"]')
-    page.click("#compare")
+    a, b = f"{ui.training_run}:my save", f"{ui.training_run}:other save"
+    expect(row(page, b)).to_be_visible()
+    page.check(f'input[name="compare-a"][value="{a}"]')
+    page.check(f'input[name="compare-b"][value="{b}"]')
+    with page.expect_response(lambda r: "/compare?" in r.url) as response:
+        page.click("#compare")
+    assert response.value.url.endswith(f"/compare?a={encoded(a)}&b={encoded(b)}")
     result = page.locator("#compare-result")
+    expect(result.locator("h3")).to_have_text(re.compile(rf"^A: {re.escape(a)}\s+↔\s+B: {re.escape(b)}$"))
     expect(result.locator("table.compare-params")).to_contain_text("parameters")
     expect(result.locator("table.compare-metrics tbody tr").first).to_be_visible()
     assert result.locator("table.compare-tensors tbody tr").count() > 3
@@ -254,13 +292,17 @@ def test_compare_two_checkpoints(ui):
 
 def test_verify_and_download_from_a_row(ui):
     page = ui.page
-    row = page.locator('#checkpoints-table tr[data-name="my save"]')
-    row.locator('[data-action="verify"]').click()
+    ident = f"{ui.training_run}:my save"
+    saved = row(page, ident)
+    with page.expect_response(lambda r: r.url.endswith("/verify")) as response:
+        saved.locator('[data-action="verify"]').click()
+    assert response.value.url.endswith(f"/checkpoints/{encoded(ident)}/verify")
     expect(page.locator(".toast.toast-success", has_text="verified")).to_be_visible()
-    expect(row.locator(".verified")).to_have_text("✓")
-    assert row.locator('[data-action="download"]').get_attribute("href") == "/checkpoints/my%20save/download"
+    expect(saved.locator(".verified")).to_have_text("✓")
+    href = saved.locator('[data-action="download"]').get_attribute("href")
+    assert href == f"/checkpoints/{ui.training_run}%3Amy%20save/download" == f"/checkpoints/{encoded(ident)}/download"
     with page.expect_download() as download:
-        row.locator('[data-action="download"]').click()
+        saved.locator('[data-action="download"]').click()
     assert download.value.suggested_filename == "my save.pth"
     assert os.path.getsize(download.value.path()) > 1000
 
@@ -293,27 +335,39 @@ def test_screenshots(ui):
 
 def test_delete_asks_first(ui):
     page = ui.page
-    row = page.locator('#checkpoints-table tr[data-name="other save"]')
+    ident = f"{ui.training_run}:other save"
+    doomed = row(page, ident)
     page.once("dialog", lambda d: d.dismiss())
-    row.locator('[data-action="delete"]').click()
+    doomed.locator('[data-action="delete"]').click()
     page.wait_for_timeout(300)
-    expect(row).to_be_visible()
+    expect(doomed).to_be_visible()
     page.once("dialog", lambda d: d.accept())
-    row.locator('[data-action="delete"]').click()
-    expect(row).to_have_count(0)
+    doomed.locator('[data-action="delete"]').click()
+    expect(doomed).to_have_count(0)
     expect(page.locator(".toast.toast-info", has_text="deleted by the user")).to_be_visible()
+    assert ("DELETE", f"/checkpoints/{encoded(ident)}") in [(m, u[u.index("/checkpoints/"):]) for m, u, _ in ui.posts
+                                                             if "/checkpoints/" in u]
 
 
 def test_resume_from_a_row(ui):
     page = ui.page
-    run_before = status_value(page, "run_id").text_content()
+    run_before = current_run(page)
     page.click("#stop")
     wait_until_stopped(page)
-    row = page.locator('#checkpoints-table tr[data-name="my save"]')
-    row.locator('[data-action="resume"]').click()
+    ident = f"{run_before}:my save"
+    step = row(page, ident).locator('td[data-label="step"]').text_content()
+    row(page, ident).locator('[data-action="resume"]').click()
     expect(phase(page)).to_have_text("training")
     expect(status_value(page, "run_id")).not_to_have_text(run_before)
-    assert any(b and '"resume_from":"my save"' in b for _, u, b in ui.posts if u.endswith("/start_training"))
+    assert any(b and f'"resume_from":"{ident}"' in b for _, u, b in ui.posts if u.endswith("/start_training"))
+    resumed = current_run(page)
+    # The new run's group goes on top with its lineage; the run it came from keeps its rows below it.
+    header = group(page, resumed).locator(".run-header")
+    expect(header.locator(".run-lineage")).to_have_text(f"resumed from {ident} at step {step}")
+    expect(header.locator(".run-current")).to_have_text("current")
+    expect(group(page, run_before).locator(".run-header .run-current")).to_have_count(0)
+    assert group_ids(page)[:2] == [resumed, run_before]
+    assert group(page, run_before).locator(f'tr[data-id="{ident}"]').count() == 1
     page.click("#stop")
     wait_until_stopped(page)
 
@@ -341,4 +395,118 @@ def test_access_token_is_asked_once_and_sent(chromium, tmp_path, arc_data):
         assert third.value.status == 400
         starts = [r for r in ui.requests if r.url.endswith("/start_training")]
         assert [r.headers.get("authorization") for r in starts] == ["Bearer wrong", "Bearer s3cret", "Bearer s3cret"]
+        page.close()
+
+
+def test_two_runs_with_the_same_name_are_grouped_and_deleted_apart(chromium, tmp_path, arc_data):
+    """A run saved "same"; the page resumes from it into a second run that saves "same" too. The table shows two
+    groups, the current run first, each header with its lineage; deleting the older run's row (which a bare name
+    would not reach: it means the current run's) removes that run's file only."""
+    from conftest import checkpoints_of, tiny_config
+    from train import Trainer
+
+    root = tmp_path / "checkpoints"
+    first = Trainer(tiny_config(root, max_steps=3, checkpoint_every_epochs=0), arc_data, "cpu", str(root),
+                    lambda event: None)
+
+    def save_at_step_2(event):
+        if event["type"] == "batch" and event["global_step"] == 2:
+            first.commands.put({"type": "save", "name": "same", "request_id": "r"})
+
+    first.publish = save_at_step_2
+    first.train()
+    older, older_folder = first.run_id, checkpoints_of(first)
+    assert (older_folder / "same.pth").exists()
+    # Two files the server refuses: a link, and a name outside the naming rules (it has no id).
+    os.symlink(older_folder / "same.pth", older_folder / "linked.pth")
+    (older_folder / "bad.name.pth").write_bytes((older_folder / "same.pth").read_bytes())
+
+    with serve(root, arc_data) as url:
+        ui = open_page(chromium, url)
+        page = ui.page
+        expect(row(page, f"{older}:same")).to_be_visible()
+        assert group_ids(page) == [older]  # no run is current yet: the server has run nothing
+        expect(group(page, older).locator(".run-lineage")).to_have_text("fresh run")
+        # Refused files show why, and offer nothing to click: no radio, no action, no link.
+        for refused, why in ((f'tr[data-id="{older}:linked"]', "symbolic link"),
+                             ('tr[data-name="bad.name"]', "naming rules")):
+            refused_row = page.locator(f"#checkpoints-table {refused}")
+            expect(refused_row.locator(".row-error")).to_contain_text(why)
+            expect(refused_row.locator("td.actions")).to_have_text(re.compile("^no actions"))
+            assert refused_row.locator("[data-action], input, a").count() == 0
+        assert page.locator('#checkpoints-table tr[data-name="bad.name"]').get_attribute("data-id") is None
+
+        row(page, f"{older}:same").locator('[data-action="resume"]').click()
+        expect(phase(page)).to_have_text("training")
+        expect(page.locator("#save-checkpoint")).to_be_enabled()
+        newer = current_run(page)
+        assert newer != older
+        save_via_prompt(ui, "same")  # the name is taken in the older run only: this run may use it
+        expect(row(page, f"{newer}:same")).to_be_visible()
+        page.click("#stop")
+        wait_until_stopped(page)
+        newer_folder = root / "runs" / newer / "checkpoints"
+        assert (older_folder / "same.pth").exists() and (newer_folder / "same.pth").exists()
+
+        # Two groups, the current run's on top, each with a header that says where the run came from.
+        expect(page.locator("#checkpoints-table tbody.run-group")).to_have_count(2)
+        assert group_ids(page) == [newer, older]
+        headers = page.locator("#checkpoints-table tr.run-header")
+        expect(headers.nth(0).locator(".run-id")).to_have_text(newer)
+        expect(headers.nth(0).locator(".run-current")).to_have_text("current")
+        expect(headers.nth(0).locator(".run-phase")).to_have_text("training")
+        expect(headers.nth(0).locator(".run-lineage")).to_have_text(f"resumed from {older}:same at step 2")
+        expect(headers.nth(1).locator(".run-id")).to_have_text(older)
+        expect(headers.nth(1).locator(".run-current")).to_have_count(0)
+        expect(headers.nth(1).locator(".run-what")).to_have_text("reconstruction/communication")
+        expect(headers.nth(1).locator(".run-lineage")).to_have_text("fresh run")
+        # Geometry: each "same" row sits under its own run's header, the newer run's group above the older's.
+        # (one snapshot in the page: a refresh may redraw the table between two separate reads)
+        boxes = page.evaluate("""ids => {
+            const box = (e) => { const r = e.getBoundingClientRect(); return {y: r.y, height: r.height, width: r.width}; };
+            const rows = ids.map((id) => document.querySelector(`#checkpoints-table tr[data-id="${id}"]`));
+            return {headers: [...document.querySelectorAll('#checkpoints-table tr.run-header')].map(box),
+                    rows: rows.map(box), table: box(document.getElementById('checkpoints-table'))};
+        }""", [f"{newer}:same", f"{older}:same"])
+        top, (newer_row, older_row) = boxes["headers"], boxes["rows"]
+        assert top[0]["y"] + top[0]["height"] <= newer_row["y"] < top[1]["y"] <= older_row["y"] - top[1]["height"]
+        for box in (*top, newer_row, older_row):
+            assert box["width"] == pytest.approx(boxes["table"]["width"], abs=2)  # a header spans the table
+        for r in (newer, older):
+            expect(row(page, f"{r}:same").locator("td.name")).to_have_text("same")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("() => document.querySelectorAll('.toast').forEach((toast) => toast.click())")
+        page.locator(".checkpoints-panel").screenshot(path=str(ARTIFACTS / "checkpoint-groups.png"))
+        page.set_viewport_size({"width": 420, "height": 900})  # narrow: rows become cards, headers stay whole
+        # nothing sticks out sideways, once the charts have redrawn for the new width
+        page.wait_for_function("() => document.documentElement.scrollWidth <= 420")
+        narrow = page.evaluate("""() => [...document.querySelectorAll('#checkpoints-table tr.run-header')].map((h) => {
+            const r = h.getBoundingClientRect(); return {x: r.x, width: r.width}; })""")
+        assert all(0 <= h["x"] and h["x"] + h["width"] <= 420 for h in narrow), narrow
+        page.locator(".checkpoints-panel").screenshot(path=str(ARTIFACTS / "checkpoint-groups-narrow.png"))
+        page.set_viewport_size({"width": 1280, "height": 800})
+
+        # Delete the older run's "same": the confirmation names its run, the request its id.
+        messages = []
+
+        def accept(dialog):
+            messages.append(dialog.message)
+            dialog.accept()
+
+        page.once("dialog", accept)
+        row(page, f"{older}:same").locator('[data-action="delete"]').click()
+        expect(row(page, f"{older}:same")).to_have_count(0)
+        assert messages and older in messages[0]
+        deletes = [u for m, u, _ in ui.posts if m == "DELETE"]
+        assert deletes == [f"{url}/checkpoints/{encoded(older + ':same')}"]
+        assert not (older_folder / "same.pth").exists() and not (older_folder / "same.json").exists()
+        assert (newer_folder / "same.pth").exists() and (newer_folder / "same.json").exists()
+        expect(row(page, f"{newer}:same")).to_be_visible()
+        # The older run keeps its other files (best_model, the two refused ones), and its group shows them all.
+        left = sorted(p.name[:-len(".pth")] for p in older_folder.glob("*.pth"))
+        assert "linked" in left and "bad.name" in left
+        shown = group(page, older).locator("tr[data-name]")
+        expect(shown).to_have_count(len(left))
+        assert sorted(shown.evaluate_all("rs => rs.map((r) => r.dataset.name)")) == left
+        assert ui.page_errors == []
         page.close()

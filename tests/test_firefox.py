@@ -65,8 +65,21 @@ def test_save_from_the_prompt_shows_a_green_toast_and_a_row(firefox):
     assert "Estimated size" in prompt["message"]
     firefox.wait_for("[...document.querySelectorAll('.toast.toast-success')]"
                      ".some(t => t.textContent.includes('firefox save'))", what="the green toast")
-    firefox.wait_for("document.querySelector('#checkpoints-table tr[data-name=\"firefox save\"]') !== null",
+    run = firefox.evaluate(text_of('#status-list dd[data-key="run_id"]'))
+    ident = json.dumps(f"{run}:firefox save")  # rows are found by id, RUN_ID:NAME
+    firefox.wait_for(f"document.querySelector(`#checkpoints-table tr[data-id=${{CSS.escape({ident})}}]`) !== null",
                      what="the new row")
+    # It sits in the current run's group, on top, under a header that names the run and its lineage.
+    group = json.loads(firefox.evaluate(
+        "(() => { const g = document.querySelector('#checkpoints-table tbody.run-group');"
+        " return JSON.stringify({run: g.dataset.runId, current: !!g.querySelector('.run-current'),"
+        " lineage: g.querySelector('.run-lineage').textContent,"
+        " rows: [...g.querySelectorAll('tr[data-id]')].map((r) => r.dataset.id)}); })()"))
+    assert group["run"] == run and group["current"] and group["lineage"] == "fresh run"
+    assert f"{run}:firefox save" in group["rows"]
+    href = firefox.evaluate(f"document.querySelector(`tr[data-id=${{CSS.escape({ident})}}] [data-action=download]`)"
+                            ".getAttribute('href')")
+    assert href == f"/checkpoints/{run}%3Afirefox%20save/download"
 
 
 def test_duplicate_name_shows_a_red_toast(firefox):
