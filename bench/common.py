@@ -18,6 +18,8 @@ logging.disable(logging.CRITICAL)  # the benches print their own figures; librar
 
 import torch  # noqa: E402  (after the sys.path insertion on purpose)
 
+from checkpoint_manager import CheckpointManager, CheckpointPolicy  # noqa: E402
+
 
 def header(title, argv=None):
     """Print the bench title, the exact command line and the machine it runs on."""
@@ -110,19 +112,14 @@ def fmt_ms(seconds):
     return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-class _Capture:
-    """Stands in for a CheckpointWriter: keeps the job Trainer._save submits instead of writing it."""
-
-    def submit(self, job):
-        self.job = job
-
-
-def capture_fields(trainer, kind, name, save=None):
-    """The save_full_checkpoint keyword arguments Trainer._save builds for this step (tensors still live)."""
-    real, capture = trainer.writer, _Capture()
-    trainer.writer = capture
+def capture_fields(trainer, kind, name):
+    """The save_full_checkpoint keyword arguments Trainer._snapshot builds for this step (tensors still live)."""
+    if trainer.manager is not None:  # during a run: the record carries the run's own policy state
+        return trainer._snapshot(kind, name)
+    # Outside a run the snapshot still needs a manager's state; this one is never started, so it writes nothing.
+    trainer.manager = CheckpointManager(trainer.checkpoint_dir, trainer.run_id, CheckpointPolicy(),
+                                        trainer.publish, trainer._snapshot)
     try:
-        (save or type(trainer)._save)(trainer, kind, name, overwrite=True)
+        return trainer._snapshot(kind, name)
     finally:
-        trainer.writer = real
-    return capture.job.fields
+        trainer.manager = None

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
 from data import PAD, Batches, load_data  # noqa: E402
 from model import CELL_SIDE  # noqa: E402
@@ -112,7 +113,7 @@ def train_for(config, data, budget_seconds, checkpoint_dir, eval_units=None):
     trainer.train_seconds = time.monotonic() - started
     loss_fn = LOSSES[config.task_type]
     final_val, _ = trainer.evaluate(trainer.model, trainer.val_batches, loss_fn)
-    best_path = os.path.join(checkpoint_dir, "best_model.pth")
+    best_path = os.path.join(catalogue.checkpoint_folder(checkpoint_dir, trainer.run_id), "best_model.pth")
     trainer.weights, trainer.chosen_val = "final", final_val
     if os.path.exists(best_path) and trainer.best_val_loss < final_val["loss"]:
         record = ckpt.load_checkpoint(best_path)

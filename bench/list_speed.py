@@ -1,10 +1,13 @@
-"""How long checkpoint.list_checkpoints takes for a folder of 200 checkpoints, with and without sidecars.
+"""How long catalogue.list_checkpoints takes for 200 checkpoints in 10 runs, with and without sidecars.
 
     python bench/list_speed.py           # 200 checkpoints, 20 timed listings (+ 5 without sidecars)
     python bench/list_speed.py --quick   # 200 checkpoints, 5 timed listings (+ 3 without sidecars)
 
-The checkpoints are real records of a tiny selection model, written by checkpoint.save_full_checkpoint with the
-fields Trainer._save builds. Without sidecars, listing falls back to torch.load(mmap=True) of every file.
+The checkpoint root holds RUNS runs, each a folder made by catalogue.create_run (its run.json) with PER_RUN
+checkpoints in ROOT/runs/RUN_ID/checkpoints/: real records of a tiny selection model, written by
+checkpoint.save_full_checkpoint with the fields Trainer._snapshot builds. Each listing is one
+catalogue.list_checkpoints(root) over every run. Without sidecars, listing falls back to torch.load(mmap=True)
+of every file.
 """
 import argparse
 import os
@@ -14,47 +17,70 @@ import time
 
 from common import LoadWatch, capture_fields, caveat, header, idle_check, percentile, verdict
 
+import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
 from data import load_data  # noqa: E402
 from model import count_parameters  # noqa: E402
 from train import TrainConfig, Trainer  # noqa: E402
 
-COUNT = 200
+RUNS, PER_RUN = 10, 20
+COUNT = RUNS * PER_RUN
 TARGET = 0.100  # seconds to list 200 checkpoints with sidecars
 TINY = dict(task_type="selection", embedding_dim=4, hidden_dim=8, latent_dim=8, num_conv_layers=3, vocab_size=4,
             max_message_length=2)
 
 
-def make_folder(folder, data):
-    """COUNT checkpoints of a tiny model, with sidecars; returns (parameters, bytes per .pth)."""
-    trainer = Trainer(TrainConfig(**TINY), data, "cpu", folder, publish=lambda e: None)
+def make_root(root, data):
+    """RUNS run folders of PER_RUN checkpoints each, with sidecars; returns (run ids, parameters, bytes per .pth)."""
+    config = TrainConfig(**TINY)
+    trainer = Trainer(config, data, "cpu", root, publish=lambda e: None)
     trainer.setup()
     fields = capture_fields(trainer, "manual", "x")
-    for i in range(COUNT):
-        kind = ("manual", "periodic", "autosave", "best")[i % 4]
-        name = {"manual": f"run {i}", "periodic": f"checkpoint_epoch_{i}", "autosave": f"autosave_step_{i}",
-                "best": f"best {i}"}[kind]
-        progress = {**fields["progress"], "global_step": i, "epoch": i // 10}
-        sidecar = ckpt.save_full_checkpoint(folder, **{**fields, "name": name, "kind": kind, "progress": progress})
-    return count_parameters(trainer.model), sidecar["size"]
+    run_ids = []
+    for r in range(RUNS):
+        run_id = catalogue.new_run_id()
+        catalogue.create_run(root, run_id, {"phase": "training", "mode": None, "config": config.to_dict(),
+                                            "started_at": ckpt.utc_now(), "parent": None,
+                                            "project_version": ckpt.PROJECT_VERSION})
+        folder = catalogue.checkpoint_folder(root, run_id)
+        for j in range(PER_RUN):
+            i = r * PER_RUN + j  # global_step grows across runs too, so newest first is one order by step
+            kind = ("manual", "periodic", "autosave", "best")[i % 4]
+            name = {"manual": f"run {i}", "periodic": f"checkpoint_epoch_{i}", "autosave": f"autosave_step_{i}",
+                    "best": f"best {i}"}[kind]
+            progress = {**fields["progress"], "global_step": i, "epoch": i // 10}
+            extra = {**fields["extra"], "run_id": run_id}
+            sidecar = ckpt.save_full_checkpoint(folder, **{**fields, "name": name, "kind": kind,
+                                                           "progress": progress, "extra": extra})
+        run_ids.append(run_id)
+    return run_ids, count_parameters(trainer.model), sidecar["size"]
 
 
-def time_listing(folder, repeats):
+def remove_sidecars(root, run_ids):
+    """Delete every checkpoint's NAME.json (run.json sits one folder up and stays)."""
+    for run_id in run_ids:
+        for entry in os.scandir(catalogue.checkpoint_folder(root, run_id)):
+            if entry.name.endswith(".json"):
+                os.remove(entry.path)
+
+
+def time_listing(root, repeats):
     times, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
-        result = ckpt.list_checkpoints(folder)
+        result = catalogue.list_checkpoints(root)
         times.append(time.perf_counter() - started)
     return times, result
 
 
 def show(label, times, metas):
     damaged = sum(1 for m in metas if m.get("damaged"))
+    runs = len({m["run_id"] for m in metas})
     steps = [m["global_step"] for m in metas]
     newest_first = steps == sorted(steps, reverse=True)
-    print(f"  {label:<38} {len(metas)} listed, {damaged} damaged, newest first: {newest_first}; "
+    print(f"  {label:<38} {len(metas)} listed in {runs} runs, {damaged} damaged, newest first: {newest_first}; "
           f"min {min(times) * 1000:.1f} ms  median {percentile(times, 50) * 1000:.1f} ms  "
-          f"max {max(times) * 1000:.1f} ms  ({len(times)} runs; {percentile(times, 50) / len(metas) * 1e6:.0f} us "
+          f"max {max(times) * 1000:.1f} ms  ({len(times)} listings; {percentile(times, 50) / len(metas) * 1e6:.0f} us "
           f"per checkpoint)")
 
 
@@ -63,25 +89,24 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer timed listings: under a minute")
     args = parser.parse_args()
     repeats, fallback_repeats = (5, 3) if args.quick else (20, 5)
-    header("checkpoint.list_checkpoints on 200 checkpoints")
-    print(f"target: list {COUNT} checkpoints with sidecars in under {TARGET * 1000:.0f} ms (median of the timed runs)")
+    header(f"catalogue.list_checkpoints on {COUNT} checkpoints in {RUNS} runs")
+    print(f"target: list {COUNT} checkpoints ({RUNS} runs x {PER_RUN}) with sidecars in under {TARGET * 1000:.0f} ms "
+          f"(median of the timed listings)")
     print(f"before start: other processes kept {idle_check():.2f} cores busy")
     started = time.perf_counter()
     data = load_data("arcagi")
     watch = LoadWatch()
-    folder = tempfile.mkdtemp(prefix="bench-list-")
+    root = tempfile.mkdtemp(prefix="bench-list-")
     try:
         t0 = time.perf_counter()
-        params, size = make_folder(folder, data)
-        print(f"wrote {COUNT} checkpoints + sidecars ({params:,}-parameter selection model, {size / 1e3:.0f} kB "
-              f"per .pth) in {time.perf_counter() - t0:.1f} s, folder {folder}")
-        with_sidecars, metas = time_listing(folder, repeats)
-        for entry in os.scandir(folder):
-            if entry.name.endswith(".json"):
-                os.remove(entry.path)
-        without, bare = time_listing(folder, fallback_repeats)
+        run_ids, params, size = make_root(root, data)
+        print(f"wrote {COUNT} checkpoints + sidecars in {RUNS} runs of {PER_RUN} ({params:,}-parameter selection "
+              f"model, {size / 1e3:.0f} kB per .pth) in {time.perf_counter() - t0:.1f} s, root {root}")
+        with_sidecars, metas = time_listing(root, repeats)
+        remove_sidecars(root, run_ids)
+        without, bare = time_listing(root, fallback_repeats)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     print("list_checkpoints:")
     show("with sidecars (reads NAME.json)", with_sidecars, metas)
     show("sidecars removed (torch.load mmap)", without, bare)

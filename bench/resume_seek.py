@@ -17,6 +17,7 @@ import time
 
 from common import LoadWatch, header, idle_check, percentile, verdict
 
+import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
 from data import load_data  # noqa: E402
 from train import TrainConfig, Trainer  # noqa: E402
@@ -37,14 +38,15 @@ def early_checkpoint(folder, data):
 
     trainer.publish = publish
     trainer.train()
-    return os.path.join(folder, "early.pth")
+    return os.path.join(catalogue.checkpoint_folder(folder, trainer.run_id), "early.pth")
 
 
-def late_copy(folder, early_path, batches_per_epoch):
-    """The early checkpoint as if taken LATE_EPOCH epochs later."""
+def late_copy(early_path, batches_per_epoch):
+    """The early checkpoint as if taken LATE_EPOCH epochs later, beside it in its run's folder."""
     record = copy.deepcopy(ckpt.load_checkpoint(early_path))
     record.update(name="late", epoch=LATE_EPOCH, global_step=LATE_EPOCH * batches_per_epoch + record["batch"])
     record["rng_state"]["sampler"]["epoch"] = LATE_EPOCH
+    folder = os.path.dirname(early_path)
     ckpt.write_checkpoint(folder, record)
     return os.path.join(folder, "late.pth")
 
@@ -72,7 +74,7 @@ def main():
                              epochs=LATE_EPOCH + 10)
         probe = Trainer(config, data, "cpu", folder, publish=lambda e: None)
         probe.setup()
-        late = late_copy(folder, early, len(probe.train_batches))
+        late = late_copy(early, len(probe.train_batches))
         times = {"early": [], "late": []}
         watch = LoadWatch()
         timed_resume(early, config, data, folder)  # warm-up: caches, first allocations

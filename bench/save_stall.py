@@ -21,14 +21,16 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 
 from common import (LoadWatch, add_wait_option, capture_fields, caveat, fmt_ms, header, idle_check, percentile,
                     verdict, wait_for_idle)
 
 import torch  # noqa: E402
 
+import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
+import checkpoint_manager  # noqa: E402
+from checkpoint_manager import CheckpointManager, CheckpointPolicy  # noqa: E402
 from data import load_data  # noqa: E402
 from model import count_parameters  # noqa: E402
 from train import TrainConfig, Trainer  # noqa: E402
@@ -37,10 +39,10 @@ BIG = {"latent_dim": 640}  # parameters + two Adam moments: about 134 MB of floa
 STALL_RATIO_TARGET, THROUGHPUT_TARGET, WRITE_SPEED_TARGET, DEFAULT_STALL_TARGET = 0.05, 0.95, 0.7, 0.020
 CHUNK = 4 << 20
 
-_original = {"_Crc32Off": ckpt._Crc32Off, "_HashingFile": ckpt._HashingFile,
-             "clone_tensors": ckpt.clone_tensors, "save_full_checkpoint": ckpt.save_full_checkpoint,
-             "write_checkpoint": ckpt.write_checkpoint, "CheckpointWriter": ckpt.CheckpointWriter,
-             "open_for_checkpoint": ckpt.open_for_checkpoint}
+# What install() replaces, by the module the writer threads look each name up in.
+_PATCHED = {ckpt: ("_Crc32Off", "_HashingFile", "save_full_checkpoint", "write_checkpoint", "open_for_checkpoint"),
+            checkpoint_manager: ("clone_tensors", "CheckpointWriter")}
+_original = {name: getattr(module, name) for module, names in _PATCHED.items() for name in names}
 
 
 class Log:
@@ -104,8 +106,8 @@ def install(log, variant):
         return sidecar
 
     _, write, nice = VARIANTS[variant]
-    ckpt.clone_tensors, ckpt.save_full_checkpoint = clone_tensors, save_full_checkpoint
-    ckpt.CheckpointWriter = timed_writer_class(log, nice)
+    checkpoint_manager.clone_tensors, ckpt.save_full_checkpoint = clone_tensors, save_full_checkpoint
+    checkpoint_manager.CheckpointWriter = timed_writer_class(log, nice)
     ckpt.write_checkpoint = {"path": write_checkpoint_via_path}.get(write, _original["write_checkpoint"])
     if write in ("buffered", "before"):  # through the page cache, as the module wrote before O_DIRECT
         ckpt.open_for_checkpoint = lambda path: ckpt._BufferedFile(open(path, "wb"))
@@ -115,42 +117,40 @@ def install(log, variant):
 
 
 def uninstall():
-    for name, value in _original.items():
-        setattr(ckpt, name, value)
+    for module, names in _PATCHED.items():
+        for name in names:
+            setattr(module, name, _original[name])
 
 
 # ---------------------------------------------------------------------------------------------- prototypes
 
-def write_checkpoint_via_path(checkpoint_dir, record, overwrite=False, verify_after_save=False):
-    """Prototype: torch.save to a path (C++ file writer, no Python per write), then hash the file from page cache."""
+def write_checkpoint_via_path(folder, record, overwrite=False, verify_after_save=False):
+    """Prototype: torch.save to a path (C++ file writer, no Python per write), then hash the file from page cache;
+    the module's lock and commit (sidecar, then .pth) around it."""
     name = record["name"]
-    path = ckpt.checkpoint_path(checkpoint_dir, name)
-    folder = os.path.dirname(path)
-    if os.path.exists(path) and not overwrite:
-        raise ckpt.CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
-    temp = os.path.join(folder, f".{name}.pth{ckpt.TEMP_MARK}{uuid.uuid4().hex[:8]}")
-    pending = os.path.join(folder, f".{name}.json{ckpt.PENDING_SIDECAR}")
-    try:
+    os.makedirs(folder, exist_ok=True)
+    path = ckpt.checkpoint_path(folder, name)
+    with ckpt.checkpoint_lock(path):
+        had_old = os.path.lexists(path)
+        if had_old and not overwrite:
+            raise ckpt.CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
         needed = ckpt.estimate_size(record) * ckpt.SPACE_MARGIN
         if shutil.disk_usage(folder).free < needed:
             raise OSError(errno.ENOSPC, "no space")
-        torch.save(record, temp)
-        fd = os.open(temp, os.O_RDONLY)
+        temp = ckpt._temp_path(path)
         try:
-            os.fsync(fd)
+            torch.save(record, temp)
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            old_raw, _ = ckpt._old_sidecar(path)
+            sidecar = {**ckpt.metadata_of(record), "file": os.path.basename(path), "size": os.path.getsize(temp),
+                       "sha256": ckpt.file_sha256(temp), "verified_at": None}
+            ckpt._commit(path, temp, sidecar, had_old, old_raw)
         finally:
-            os.close(fd)
-        sidecar = {**ckpt.metadata_of(record), "file": os.path.basename(path), "size": os.path.getsize(temp),
-                   "sha256": ckpt.file_sha256(temp), "verified_at": None}
-        ckpt._write_json_atomic(pending, sidecar)
-        os.replace(temp, path)
-        ckpt._fsync_folder(folder)
-        os.replace(pending, ckpt.sidecar_path(path))
-        ckpt._fsync_folder(folder)
-    finally:
-        for leftover in (temp, pending):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+            ckpt._remove_quietly(temp)
     return sidecar
 
 
@@ -169,11 +169,11 @@ def raw_write(path, buffer):
 
 
 def capture_record(trainer, name):
-    """The exact record the writer would save for this step (fields from Trainer._save, built by the module)."""
-    fields = capture_fields(trainer, "manual", name, save=Trainer._save)
-    ckpt.write_checkpoint = lambda checkpoint_dir, record, **kwargs: record
+    """The exact record the writer would save for this step (fields from Trainer._snapshot, built by the module)."""
+    fields = capture_fields(trainer, "manual", name)
+    ckpt.write_checkpoint = lambda folder, record, **kwargs: record
     try:
-        return _original["save_full_checkpoint"](trainer.checkpoint_dir, **fields, overwrite=True)
+        return _original["save_full_checkpoint"](trainer.manager.folder, **fields, overwrite=True)
     finally:
         ckpt.write_checkpoint = current_write[0]
 
@@ -184,17 +184,19 @@ current_write = [None]  # the write_checkpoint a scenario installed, put back af
 # ---------------------------------------------------------------------------------------------- one scenario
 
 class BenchTrainer(Trainer):
-    """The real Trainer with _save timed and validation off (this bench times steps and saves only)."""
+    """The real Trainer with save commands timed and validation off (this bench times steps and saves only)."""
 
     log = None
 
-    def _save(self, kind, name, request_id=None, overwrite=False, on_saved=None):
+    def _handle(self, command):
+        if command.get("type") != "save":
+            return super()._handle(command)
         self.log.current_save = len(self.log.saves)
         started = time.perf_counter()
-        super()._save(kind, name, request_id, overwrite, on_saved)
+        super()._handle(command)  # CheckpointManager.on_request: Trainer._snapshot, then submit to the writer
         self.log.saves.append((started, time.perf_counter()))
 
-    def _validate(self, model, loss_fn, after_validation):
+    def _validate(self, model, loss_fn):
         pass
 
 
@@ -208,6 +210,7 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
     folder = tempfile.mkdtemp(prefix="bench-save-")
     trainer = BenchTrainer(config, data, "cpu", folder, publish=lambda e: None)
     trainer.log = log
+    checkpoints = catalogue.checkpoint_folder(folder, trainer.run_id)  # the baselines' files go beside its saves
     stamps = []
 
     def script():
@@ -220,30 +223,30 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
             start, n0 = stamps[-1], len(stamps)
             for i in range(saves_per_round):
                 trainer.commands.put({"type": "save", "name": f"stall-{i % 2}", "overwrite": True})
-                yield  # the next step serves the command: _save, then the copy overlaps its forward/backward
-                while trainer.writer.busy():
+                yield  # the next step serves the command: snapshot, then the copy overlaps its forward/backward
+                while trainer.manager.writer.busy():
                     yield
             log.blocks.append(("async", start, stamps[-1], len(stamps) - n0))
             for i in range(saves_per_round if sync else 0):
                 started = time.perf_counter()
                 record = capture_record(trainer, "sync")
-                with open(os.path.join(folder, "sync.pth"), "wb") as f:
+                with open(os.path.join(checkpoints, "sync.pth"), "wb") as f:
                     torch.save(record, f)
                     f.flush()
                     os.fsync(f.fileno())
                 log.sync.append((started, time.perf_counter()))
                 del record
                 yield
-            with open(os.path.join(folder, "stall-0.pth"), "rb") as f:
+            with open(os.path.join(checkpoints, "stall-0.pth"), "rb") as f:
                 buffer = f.read()  # the checkpoint's own bytes: a virtual disk may treat zeros specially
             size = len(buffer)
             for _ in range(2 if sync else 0):
-                log.raw_fg.append((raw_write(os.path.join(folder, "raw-fg"), buffer), size))
+                log.raw_fg.append((raw_write(os.path.join(checkpoints, "raw-fg"), buffer), size))
                 yield
             start, n0 = stamps[-1], len(stamps)
             for _ in range(saves_per_round):
                 done = []
-                thread = threading.Thread(target=lambda: done.append(raw_write(os.path.join(folder, "raw-bg"),
+                thread = threading.Thread(target=lambda: done.append(raw_write(os.path.join(checkpoints, "raw-bg"),
                                                                                buffer)))
                 thread.start()
                 while thread.is_alive():
@@ -311,10 +314,11 @@ def print_summary(title, log, s):
     print(f"-- {title}: {log.params:,} parameters, state with Adam {log.state_bytes / 1e6:.1f} MB, "
           f"checkpoint file {s['size'] / 1e6:.1f} MB, {len(s['stall'])} async + {len(s['sync'])} sync saves; "
           f"other processes used {log.others:.2f} cores meanwhile")
-    print(f"   training-thread stall per async save (Trainer._save incl. submit + wait_for_copies): "
+    print(f"   training-thread stall per async save (save command incl. snapshot, submit + wait_for_copies): "
           f"p50 {fmt_ms(p(s['stall'], 50))}  p95 {fmt_ms(p(s['stall'], 95))}  max {fmt_ms(max(s['stall']))}")
-    print(f"     of which Trainer._save (state_dict, rng state, submit): p50 {fmt_ms(p(s['save_call'], 50))}  "
-          f"p95 {fmt_ms(p(s['save_call'], 95))};  wait_for_copies: p50 {fmt_ms(p(s['wait'], 50))}  "
+    print(f"     of which the save command (Trainer._snapshot: state_dict, rng state; submit): "
+          f"p50 {fmt_ms(p(s['save_call'], 50))}  p95 {fmt_ms(p(s['save_call'], 95))};  "
+          f"wait_for_copies: p50 {fmt_ms(p(s['wait'], 50))}  "
           f"p95 {fmt_ms(p(s['wait'], 95))}")
     print(f"   synchronous torch.save + fsync of the same record in the training thread: "
           f"p50 {fmt_ms(p(s['sync'], 50))}  p95 {fmt_ms(p(s['sync'], 95))}")
@@ -361,7 +365,10 @@ def gil_probe(data, seconds):
     process's is GIL waiting. No training runs: idle, then the writer saving the big record back to back."""
     trainer = Trainer(TrainConfig(**BIG), data, "cpu", tempfile.mkdtemp(prefix="bench-gil-"), lambda e: None)
     trainer.setup()
-    trainer.writer = _original["CheckpointWriter"](trainer.checkpoint_dir, lambda e: None)
+    manager = CheckpointManager(trainer.checkpoint_dir, trainer.run_id, CheckpointPolicy(), lambda e: None,
+                                trainer._snapshot)
+    trainer.manager = manager
+    manager.start({"phase": "training", "config": trainer.config.to_dict(), "started_at": ckpt.utc_now()})
     results = {}
     for label, write in (("idle", None), ("writer: current", _original["write_checkpoint"]),
                          ("writer: torch.save to path", write_checkpoint_via_path)):
@@ -372,14 +379,14 @@ def gil_probe(data, seconds):
         thread.start()
         while thread.is_alive():
             if write:
-                trainer._save("manual", "gil", overwrite=True)
-                trainer.writer.flush()
+                manager.on_request("gil", overwrite=True)
+                manager.writer.flush()
             else:
                 time.sleep(0.05)
         thread.join()
         results[label] = (lags, json.loads(other.communicate()[0]))
     ckpt.write_checkpoint = _original["write_checkpoint"]
-    trainer.writer.close()
+    manager.close()
     shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     return results
 
