@@ -1,8 +1,10 @@
 """CHECKPOINT_GUIDE.md is true: every example runs as written against a folder made by tiny headless runs.
 
 Blocks fenced ```python or ```bash run here, all at once (each run pays about 1.7 s of importing torch), each in
-its own working folder holding a copy of checkpoints/ (best_model, checkpoint_epoch_1, checkpoint_epoch_2,
-pretrained_encoder_binary), so the examples' relative paths resolve there. Blocks whose info string has the word
+its own working folder holding a copy of checkpoints/, so the examples' relative paths resolve there. That root
+holds the two runs the guide names: TRAINING_RUN (best_model, checkpoint_epoch_1, checkpoint_epoch_2) and, started
+after it, PRETRAINING_RUN (pretrained_encoder_binary), each in checkpoints/runs/RUN_ID/checkpoints/. Their ids are
+fixed (Trainer's run_id) so that the guide can show real ids and paths. Blocks whose info string has the word
 `server` need the web server and are run elsewhere. In bash blocks, `python train.py` gets tiny settings and the
 test's task folder in front of the example's own flags (argparse keeps the last value), so each command takes
 seconds. The guide's key table and its troubleshooting messages are checked against real records and the source.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import catalogue
 import checkpoint as ckpt
 from conftest import tiny_config, write_task_folder
 from data import load_data
@@ -29,6 +32,8 @@ FENCE = re.compile(r"^```(\S*)[ \t]*([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 COMMAND = re.compile(r"\bpython (train\.py|load_checkpoint\.py)\b")
 SERVER = "127.0.0.1:5002"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds overhead on 2 cores
+TRAINING_RUN = "20261201-191154-9b17c5"
+PRETRAINING_RUN = "20261201-191502-4e0a7d"
 
 
 def read_blocks():
@@ -67,7 +72,7 @@ def shell_script(code, tasks):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """checkpoints/ of a 2-epoch tiny run and a short encoder pretraining, and the task folder they used."""
+    """checkpoints/ of a 2-epoch tiny run and a short encoder pretraining (two runs), and their task folder."""
     root = tmp_path_factory.mktemp("guide")
     tasks = write_task_folder(str(root / "tasks"))
     folder = root / "work" / "checkpoints"
@@ -75,17 +80,19 @@ def workdir(tmp_path_factory):
     # The records say checkpoint_dir "checkpoints", as a run started in its working folder would: an example that
     # resumes with the saved config then writes into its own copy, never into the folder the others copy from.
     Trainer(tiny_config("checkpoints", data_dir=tasks, epochs=2, max_steps=0), data, "cpu", str(folder),
-            events.append).train()
+            events.append, run_id=TRAINING_RUN).train()
     pretraining = Trainer(tiny_config("checkpoints", data_dir=tasks, max_steps=2), data, "cpu", str(folder),
-                          events.append)
+                          events.append, run_id=PRETRAINING_RUN)
     pretraining.pretrain("binary")
-    saved = {e["name"] for e in events if e["type"] == "checkpoint_saved"}
-    assert saved == {"best_model", "checkpoint_epoch_1", "checkpoint_epoch_2", "pretrained_encoder_binary"}, saved
+    saved = {e["id"] for e in events if e["type"] == "checkpoint_saved"}
+    assert saved == {f"{TRAINING_RUN}:best_model", f"{TRAINING_RUN}:checkpoint_epoch_1",
+                     f"{TRAINING_RUN}:checkpoint_epoch_2", f"{PRETRAINING_RUN}:pretrained_encoder_binary"}, saved
+    assert [r["run_id"] for r in catalogue.list_runs(str(folder))] == [PRETRAINING_RUN, TRAINING_RUN]
     return {"work": root / "work", "tasks": tasks}
 
 
 def run_block(lang, code, workdir, cwd):
-    shutil.copytree(workdir["work"] / "checkpoints", cwd / "checkpoints")
+    shutil.copytree(workdir["work"] / "checkpoints", cwd / "checkpoints")  # the hidden lock files too
     if lang == "python":
         command = [sys.executable, "-c", code]
     else:
@@ -121,19 +128,31 @@ def test_example_runs(results, lang, code, line):
     assert "Traceback" not in result.stderr
 
 
+def path_of(workdir, ident):
+    return catalogue.locate(str(workdir["work"] / "checkpoints"), ident).path
+
+
+def test_the_guide_names_the_runs_the_examples_see():
+    text = GUIDE.read_text(encoding="utf-8")
+    assert TRAINING_RUN in text and PRETRAINING_RUN in text
+    assert set(re.findall(r"\b\d{8}-\d{6}-[0-9a-f]{6}\b", text)) == {TRAINING_RUN, PRETRAINING_RUN}
+
+
 def test_the_key_table_lists_exactly_the_keys_of_real_records(workdir):
     table = [row for row in section("What is inside").splitlines() if row.startswith("| `")]
     documented = {key for row in table for key in re.findall(r"`(\w+)`", row.split("|")[1])}
-    main = ckpt.load_checkpoint(str(workdir["work"] / "checkpoints" / "checkpoint_epoch_1.pth"))
-    pretrained = ckpt.load_checkpoint(str(workdir["work"] / "checkpoints" / "pretrained_encoder_binary.pth"))
+    main = ckpt.load_checkpoint(path_of(workdir, f"{TRAINING_RUN}:checkpoint_epoch_1"))
+    pretrained = ckpt.load_checkpoint(path_of(workdir, f"{PRETRAINING_RUN}:pretrained_encoder_binary"))
     assert documented == set(main) | set(pretrained)
     assert set(ckpt.FLAT_CONFIG_KEYS) <= documented and set(ckpt.TENSOR_KEYS) <= documented
+    kind_row = next(row for row in table if row.startswith("| `kind`"))
+    assert set(re.findall(r"`(\w+)`", kind_row.split("|")[2])) == set(ckpt.KINDS)
     rng_row = next(row for row in table if row.startswith("| `rng_state`"))
     assert set(re.findall(r"`(\w+)`", rng_row.split("|")[2])) == set(main["rng_state"])
 
 
 def test_the_sidecar_fields_beyond_the_record_are_documented(workdir):
-    path = str(workdir["work"] / "checkpoints" / "best_model.pth")
+    path = path_of(workdir, f"{TRAINING_RUN}:best_model")
     sidecar = ckpt.read_sidecar(path)
     extra = set(sidecar) - set(ckpt.metadata_of(ckpt.load_checkpoint(path)))
     text = section("What is inside").split("### The sidecar", 1)[1]
@@ -143,7 +162,8 @@ def test_the_sidecar_fields_beyond_the_record_are_documented(workdir):
 
 def test_each_troubleshooting_message_is_one_the_code_gives():
     sources = "".join((ROOT / name).read_text(encoding="utf-8")
-                      for name in ("checkpoint.py", "train.py", "load_checkpoint.py", "worker.py", "app.py"))
+                      for name in ("checkpoint.py", "catalogue.py", "checkpoint_manager.py", "train.py",
+                                   "load_checkpoint.py", "worker.py", "app.py"))
     messages = re.findall(r"^- `([^`]+)`", section("Troubleshooting"), re.M)
     assert len(messages) >= 15
     missing = [m for m in messages if m not in sources]
