@@ -129,13 +129,7 @@ def read_run_file(root, run_id):
         return {"run_id": run_id, "problems": [f"{RUN_FILE} unreadable: {_reason(e)}"]}
     if not isinstance(value, dict):
         return {"run_id": run_id, "problems": [f"{RUN_FILE} holds {ckpt.json_kind(value)}, not an object"]}
-    run, problems = {}, []
-    for key, field_value in value.items():
-        expected = RUN_TYPES.get(key)
-        if field_value is None or expected is None or isinstance(field_value, expected):
-            run[key] = field_value
-        else:
-            problems.append(f"{key}: expected {expected.__name__}, found {ckpt.json_kind(field_value)}; ignored")
+    run, problems = ckpt.check_types(value, RUN_TYPES)
     return {**run, "run_id": run_id, "problems": problems}  # the folder's name is the run's id
 
 

@@ -703,15 +703,22 @@ def _has_type(value, expected):
     return isinstance(value, expected)
 
 
-def check_sidecar(value):
-    """(the fields of the right type, problems): a field of the wrong type is dropped and named in problems."""
+def check_types(value, types):
+    """(the fields of value of the right type, problems): a field whose type differs from types[key] is dropped
+    and named in problems; None and fields types does not name are kept."""
     clean, problems = {}, []
     for key, field_value in value.items():
-        expected = SIDECAR_TYPES.get(key)
+        expected = types.get(key)
         if field_value is None or expected is None or _has_type(field_value, expected):
             clean[key] = field_value
         else:
             problems.append(f"{key}: expected {_TYPE_WORDS[expected]}, found {json_kind(field_value)}; ignored")
+    return clean, problems
+
+
+def check_sidecar(value):
+    """(the fields of the right type, problems): a field of the wrong type is dropped and named in problems."""
+    clean, problems = check_types(value, SIDECAR_TYPES)
     checks = (("kind", lambda k: k in KINDS, f"one of {', '.join(KINDS)}"),
               ("sha256", lambda s: _SHA256.fullmatch(s), "64 hexadecimal digits"),
               ("tags", lambda tags: all(isinstance(t, str) for t in tags), "a list of text"))
