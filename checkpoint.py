@@ -146,15 +146,20 @@ def json_depth(text):
     return deepest
 
 
-def loads_bounded(text, what="JSON"):
-    """json.loads that never recurses past JSON_DEPTH; NaN and Infinity read as None. UnreadableFile otherwise."""
+def loads_bounded(text, what="JSON", strict=False):
+    """json.loads that never recurses past JSON_DEPTH; NaN and Infinity read as None, or are refused when strict.
+    UnreadableFile otherwise."""
     depth = json_depth(text)
     if depth > JSON_DEPTH:
         raise UnreadableFile(f"{what} nests {depth} levels deep (at most {JSON_DEPTH} are read)")
     try:
-        return json.loads(text, parse_constant=lambda constant: None)
+        return json.loads(text, parse_constant=_refuse_constant if strict else lambda constant: None)
     except ValueError as e:
         raise UnreadableFile(f"{what} is not valid JSON ({str(e)[:80]})") from None
+
+
+def _refuse_constant(constant):
+    raise ValueError(f"{constant} is not a number JSON allows")
 
 
 def read_bytes(path, limit):
@@ -195,12 +200,13 @@ def dumps_strict(value, **options):
 # ---------------------------------------------------------------------------------------------- locks
 
 @contextlib.contextmanager
-def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True):
+def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True, cancel=None):
     """Hold the checkpoint's lock: saves, edits, verification and deletion of one checkpoint never overlap.
 
     flock on ".NAME.lock" through an open file description of its own, so it excludes other threads of this
     process as well as other processes (the app, train.py, load_checkpoint.py). With required=False, a folder we
     cannot create the lock file in (read-only) is read unlocked: nobody with our rights can write there either.
+    cancel (a threading.Event): a save abandoned while it waits stops waiting (OSError ECANCELED).
     """
     try:
         fd = os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -210,7 +216,7 @@ def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True):
         yield
         return
     try:
-        _flock(fd, pth_path, timeout)
+        _flock(fd, pth_path, timeout, cancel)
         yield
     finally:
         os.close(fd)  # closing the description releases the lock
@@ -230,13 +236,14 @@ def try_lock(pth_path):
     return fd
 
 
-def _flock(fd, pth_path, timeout):
+def _flock(fd, pth_path, timeout, cancel=None):
     deadline, pause = time.monotonic() + timeout, 0.001
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
+            check_cancel(cancel)
             if time.monotonic() > deadline:
                 raise CheckpointBusy(f"checkpoint {os.path.basename(pth_path)} is busy (another save, edit or "
                                      f"verification held it for {timeout:.0f} s); try again") from None
@@ -262,11 +269,11 @@ def utc_now():
 
 def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encoder_state_dict,
                          optimizer_state_dict, progress, rng_state, dataset, metrics, extra=None,
-                         overwrite=False, verify_after_save=False):
+                         overwrite=False, verify_after_save=False, cancel=None):
     """Build the one checkpoint record and write it atomically with its sidecar; return the sidecar dict.
 
     progress: epoch, batch, global_step, val_loss, val_acc. extra: further plain fields (run_id, num_classes,
-    trainer, checkpoint_manager).
+    trainer, checkpoint_manager). cancel: see write_checkpoint.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -282,7 +289,7 @@ def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encode
         "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
         **(extra or {}),
     }
-    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save)
+    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save, cancel=cancel)
 
 
 def estimate_size(record):
@@ -314,21 +321,43 @@ def metadata_of(record):
 
 # ---------------------------------------------------------------------------------------------- writing
 
+def check_cancel(cancel):
+    """OSError ECANCELED once a save's cancel event is set: the write stops, and its cleanup removes what it wrote."""
+    if cancel is not None and cancel.is_set():
+        raise OSError(errno.ECANCELED, "the save was abandoned")
+
+
 class _HashingFile:
     """File wrapper that hashes and counts what torch.save writes, so the file is never read back to hash it.
 
     Large chunks (the tensors) are hashed in a helper thread while this thread writes them: hashlib and file
     writes both release the GIL, so the hash costs no extra wall time. Each hash finishes before write() returns,
-    so the chunks are hashed in order.
+    so the chunks are hashed in order. A tensor is written in pieces of at most PIECE bytes, and a set cancel event
+    stops the write before the next piece.
     """
 
     PARALLEL_FROM = 1 << 20
+    PIECE = 8 << 20
 
-    def __init__(self, f, hasher):
+    def __init__(self, f, hasher, cancel=None):
         self.f, self.hasher, self.sha256, self.size = f, hasher, hashlib.sha256(), 0
+        self.cancel = cancel
         self.error = None  # torch's zip writer hides the OSError behind a vague RuntimeError; keep it
 
     def write(self, data):
+        if len(data) <= self.PIECE:
+            return self._write_piece(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.PIECE):
+            self._write_piece(view[start:start + self.PIECE])
+        return len(view)
+
+    def _write_piece(self, data):
+        try:
+            check_cancel(self.cancel)
+        except OSError as e:
+            self.error = e
+            raise
         self.size += len(data)
         hashed = None
         if len(data) >= self.PARALLEL_FROM:
@@ -531,21 +560,23 @@ def _remove_quietly(path):
         pass
 
 
-def write_checkpoint(folder, record, overwrite=False, verify_after_save=False):
+def write_checkpoint(folder, record, overwrite=False, verify_after_save=False, cancel=None):
     """Write record as NAME.pth + NAME.json, atomically, holding the checkpoint's lock throughout.
 
-    CheckpointError on any failure, with the previous pair (if any) intact and nothing left behind."""
+    CheckpointError on any failure, with the previous pair (if any) intact and nothing left behind. cancel (a
+    threading.Event) abandons the save when set while the lock is awaited or the .pth is written (a failure like
+    any other); once the file is whole, the save is finished."""
     name = record["name"]
     try:
         os.makedirs(folder, exist_ok=True)
         path = checkpoint_path(folder, name)
-        with checkpoint_lock(path):
-            return _write_locked(path, record, overwrite, verify_after_save)
+        with checkpoint_lock(path, cancel=cancel):
+            return _write_locked(path, record, overwrite, verify_after_save, cancel)
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {name!r}: {e.strerror or e} ({folder})") from e
 
 
-def _write_locked(path, record, overwrite, verify_after_save):
+def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
     name, folder = record["name"], os.path.dirname(path)
     had_old = os.path.lexists(path)
     if had_old and not overwrite:
@@ -556,7 +587,7 @@ def _write_locked(path, record, overwrite, verify_after_save):
                                     f"{free / 1e6:.1f} MB free")
     temp = _temp_path(path)
     try:
-        size, sha256 = _write_record(temp, record)
+        size, sha256 = _write_record(temp, record, cancel)
         old_raw, old_sidecar = _old_sidecar(path)
         carried = {k: old_sidecar[k] for k in USER_FIELDS if k in old_sidecar}
         sidecar = {**metadata_of(record), **carried, "file": os.path.basename(path), "size": size,
@@ -573,13 +604,13 @@ def _write_locked(path, record, overwrite, verify_after_save):
     return sidecar
 
 
-def _write_record(temp, record):
+def _write_record(temp, record, cancel=None):
     """torch.save the record into temp, durable on return; (size, SHA-256) of what was written."""
     hashing = None
     try:
         with contextlib.closing(open_for_checkpoint(temp)) as raw, _Crc32Off(), \
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
-            hashing = _HashingFile(raw, hasher)
+            hashing = _HashingFile(raw, hasher, cancel)
             torch.save(record, hashing)
             raw.finish()
     except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError

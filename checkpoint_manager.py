@@ -7,7 +7,9 @@ memory and in every record it saves, and never lists the folder to rediscover it
 hooks (after_step, after_validation, on_request, close) and hands it a snapshot(kind, name) callable.
 
 CheckpointWriter copies each snapshot while the next step computes and writes it in the background, in order;
-whatever a job raises becomes a checkpoint_error event, and the writer goes on serving.
+whatever a job raises becomes a checkpoint_error event, and the writer goes on serving. At shutdown, close() can
+be given a deadline: the saves not written by then are abandoned (nothing partial stays, the previous checkpoint
+of the name is kept) and each gets a checkpoint_error saying so.
 """
 import dataclasses
 import logging
@@ -21,6 +23,8 @@ import catalogue
 import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
+
+ABANDON_GRACE = 10.0  # seconds an abandoned save gets to stop and clean up (it stops within one 8 MB piece)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +81,10 @@ class CheckpointManager:
         self.writer = CheckpointWriter(self.publish)
         self._autosave_clock = time.monotonic()
 
-    def close(self):
-        """Write what is pending, then stop the writer's threads."""
+    def close(self, deadline=None, timeout=None):
+        """Write what is pending, then stop the writer's threads; with a deadline, see CheckpointWriter.close."""
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(deadline=deadline, timeout=timeout)
             self.writer = None
 
     def wait_for_copies(self):
@@ -241,6 +245,13 @@ class SaveJob:
         self.on_failed = on_failed  # called in the writer thread when the save failed
         self.copy_error = None
         self.copied = threading.Event()
+        self.cancel = threading.Event()  # set when the save is abandoned: its write stops and cleans up
+        self.abandoned = None  # why, once abandoned
+
+    def abandon(self, reason):
+        """Give this save up: its write stops at the next piece, or it is never written."""
+        self.abandoned = reason  # before the event: whoever sees it set finds the reason
+        self.cancel.set()
 
 
 class CheckpointWriter:
@@ -257,7 +268,8 @@ class CheckpointWriter:
         self._pending = []  # jobs submitted and not yet copied, oldest first
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._unfinished = 0
+        self._unfinished = []  # jobs submitted and not yet written or failed, oldest first
+        self._abandon_reason = None  # once set, every job, running, waiting or submitted later, is abandoned
         self._threads = [
             threading.Thread(target=self._copy_loop, name="checkpoint-copy", daemon=True),
             threading.Thread(target=self._write_loop, name="checkpoint-write", daemon=True),
@@ -267,8 +279,10 @@ class CheckpointWriter:
 
     def submit(self, job):
         with self._lock:
+            if self._abandon_reason is not None:
+                job.abandon(self._abandon_reason)
             self._pending.append(job)
-            self._unfinished += 1
+            self._unfinished.append(job)
         self._to_copy.put(job)
 
     def wait_for_copies(self):
@@ -280,25 +294,45 @@ class CheckpointWriter:
 
     def busy(self):
         with self._lock:
-            return self._unfinished > 0
+            return bool(self._unfinished)
 
     def flush(self, timeout=None):
         """Wait until every submitted job is written (or failed)."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+            return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
-    def close(self):
+    def abandon(self, reason):
+        """Give up every save not yet written, and those submitted later: a write in progress stops at its next
+        piece and removes its temporary file (the previous checkpoint of the name stays whole), one not started is
+        never written; each gets a checkpoint_error with reason."""
+        with self._lock:
+            self._abandon_reason = reason
+            jobs = list(self._unfinished)
+        for job in jobs:
+            job.abandon(reason)
+
+    def close(self, deadline=None, timeout=None):
         """Write what is pending, then end both threads. They must be gone before the interpreter exits: a daemon
-        thread still freeing a snapshot's tensors then is killed inside torch, which aborts the process."""
-        self.flush()
+        thread still freeing a snapshot's tensors then is killed inside torch, which aborts the process.
+
+        deadline (a time.monotonic() value): what is not written by then is abandoned; timeout, the seconds the
+        deadline allowed, goes into the reason each abandoned save is given."""
+        grace = None
+        if not self.flush(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            allowed = f"within {timeout:g} s" if timeout is not None else "by the deadline"
+            self.abandon(f"abandoned at shutdown: did not finish {allowed}")
+            grace = ABANDON_GRACE
+            if not self.flush(grace):
+                logger.error("checkpoint writer: abandoned saves did not stop within %g s", grace)
         self._to_copy.put(None)
         for thread in self._threads:
-            thread.join()
+            thread.join(grace)
 
     def _copy_loop(self):
         while (job := self._to_copy.get()) is not None:
             try:
-                job.fields = clone_tensors(job.fields)
+                if not job.cancel.is_set():  # an abandoned save is never written: no need to copy it
+                    job.fields = clone_tensors(job.fields)
             except Exception as e:  # out of memory, say: this save fails, the next ones are still served
                 job.copy_error = e
             finally:
@@ -317,17 +351,19 @@ class CheckpointWriter:
             finally:
                 job.fields = None  # the snapshot's copies are written: free them now, not when the next job comes
                 with self._idle:
-                    self._unfinished -= 1
+                    self._unfinished.remove(job)
                     self._idle.notify_all()
 
     def _serve(self, job):
         try:
+            if job.cancel.is_set():
+                raise ckpt.CheckpointError(job.abandoned or "abandoned")
             if job.copy_error is not None:
                 raise job.copy_error
             sidecar = ckpt.save_full_checkpoint(job.folder, **job.fields, overwrite=job.overwrite,
-                                                verify_after_save=job.verify_after_save)
+                                                verify_after_save=job.verify_after_save, cancel=job.cancel)
         except Exception as e:  # every failure becomes this request's checkpoint_error
-            self._failed(job, e)
+            self._failed(job, ckpt.CheckpointError(job.abandoned or "abandoned") if job.cancel.is_set() else e)
             return
         path = os.path.join(job.folder, sidecar["file"])
         self.publish({"type": "checkpoint_saved", "request_id": job.request_id, "id": catalogue.checkpoint_id(

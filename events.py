@@ -1,6 +1,7 @@
 """Server-sent events: a formatter, a broadcaster that gives every client every event, and the stream generator."""
 import collections
 import itertools
+import json
 import queue
 import threading
 
@@ -19,6 +20,13 @@ def format_sse(data, event=None, id=None):
         lines.append(f"event: {event}")
     lines.append("data: " + dumps_strict(data, separators=(",", ":")))  # strict: the page's JSON.parse
     return "\n".join(lines) + "\n\n"
+
+
+def parse_sse(message):
+    """(id, event, data) of one message format_sse wrote."""
+    fields = dict(line.split(": ", 1) for line in message.strip("\n").split("\n") if ": " in line)
+    event_id = fields.get("id")
+    return int(event_id) if event_id else None, fields.get("event"), json.loads(fields["data"])
 
 
 class Subscription:
