@@ -12,13 +12,15 @@ import logging
 import os
 import shutil
 import sys
+import urllib.parse
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_file
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import HTTPException
 
 import catalogue
 import checkpoint as ckpt
+import shutdown
 from events import EventBus
 from train import TrainConfig
 from worker import Busy, Conflict, TrainingWorker
@@ -26,7 +28,12 @@ from worker import Busy, Conflict, TrainingWorker
 logger = logging.getLogger(__name__)
 bp = Blueprint("lab", __name__)
 
-CSP = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+STATE_CHANGING = ("POST", "PATCH", "PUT", "DELETE")
+OPEN_ENDPOINTS = ("lab.index", "lab.vendor_plotly", "lab.login", "static")  # the page shell asks for the token
+TOKEN_COOKIE = "arc_lab_token"  # set by POST /login: EventSource cannot send an Authorization header
 PATCHABLE = {"notes": str, "tags": list}
 # An OSError of the machine, not of the request: the status that fits it.
 OS_ERROR_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 403, errno.EPERM: 403, errno.EROFS: 403,
@@ -41,18 +48,21 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 
 def create_app(config=None, trainer=None):
-    """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER."""
+    """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER,
+    BIND_HOST and ALLOWED_HOSTS (the Host names answered besides loopback's), MAX_MEMORY_GB, SHUTDOWN_TIMEOUT."""
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(CHECKPOINT_DIR="checkpoints", DATASET="arcagi", DATA_DIR="", DEVICE="auto", TOKEN=None,
-                            TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20)
+                            TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20,
+                            BIND_HOST=None, ALLOWED_HOSTS=(), MAX_MEMORY_GB=None, SHUTDOWN_TIMEOUT=30.0)
     app.config.update(config or {})
     defaults = {"dataset": app.config["DATASET"], "data_dir": app.config["DATA_DIR"], **app.config["TRAIN_DEFAULTS"]}
     TrainConfig.from_dict(defaults)  # bad server defaults fail at start-up, not at the first request
     if trainer is None:
         trainer = TrainingWorker(app.config["CHECKPOINT_DIR"], EventBus(), device=app.config["DEVICE"],
                                  dataset=app.config["DATASET"], data_dir=app.config["DATA_DIR"],
-                                 train_defaults=defaults, data=app.config["DATA"])
+                                 train_defaults=defaults, data=app.config["DATA"],
+                                 max_memory_gb=app.config.get("MAX_MEMORY_GB"))
         if app.config["START_WORKER"]:
             trainer.start_thread()
     app.extensions["trainer"] = trainer
@@ -100,35 +110,73 @@ def _error_response(error):
 
 
 def _check_request():
-    """Token for anything that changes state or returns a file; JSON bodies only, so no cross-site form can post."""
+    """Every request: a Host this server answers to (DNS rebinding), the token where one is set; every state
+    change: proof that it comes from this server's own page (JSON content type, same origin)."""
+    return _check_host() or _check_token() or (_check_same_origin() if request.method in STATE_CHANGING else None)
+
+
+def _check_host():
+    host = request.host
+    name = (urllib.parse.urlsplit("//" + host).hostname or "") if host else ""
+    allowed = {*LOOPBACK_NAMES, current_app.config["BIND_HOST"], *current_app.config["ALLOWED_HOSTS"]}
+    if name in {h.lower().strip("[]") for h in allowed if h}:
+        return None
+    return jsonify(error=f"this server does not answer to the host {host[:100]!r} (a guard against DNS "
+                         f"rebinding); if you reach it by that name, start it with --allowed-host "
+                         f"{name[:100] or 'NAME'}"), 403
+
+
+def _check_token():
     token = current_app.config["TOKEN"]
-    needs_token = request.method in ("POST", "PATCH", "DELETE", "PUT") or request.path.endswith("/download")
-    if token and needs_token:
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return jsonify(error="missing or wrong access token: send Authorization: Bearer TOKEN"), 401
-    if request.method in ("POST", "PATCH", "PUT", "DELETE"):
-        has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
-        if (has_body or request.mimetype) and request.mimetype != "application/json":
-            return jsonify(error="send the body as JSON with Content-Type: application/json"), 415
+    if not token or request.endpoint in OPEN_ENDPOINTS:
+        return None
+    sent = request.headers.get("Authorization", "")
+    cookie = request.cookies.get(TOKEN_COOKIE, "")
+    if hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()) or \
+            hmac.compare_digest(cookie.encode(), token.encode()):
+        return None
+    return jsonify(error="missing or wrong access token: send Authorization: Bearer TOKEN, or POST /login "
+                         "{\"token\": TOKEN} once for a cookie"), 401
+
+
+def _check_same_origin():
+    """A browser sends a cross-site POST without asking only for form and text content types: demanding JSON
+    forces a preflight this server never approves. Origin and Sec-Fetch-Site then name the page that sent it."""
+    if request.mimetype != "application/json":
+        return jsonify(error="send Content-Type: application/json with every POST, PATCH and DELETE, with or "
+                             "without a body (it shows the request comes from this server's own page)"), 415
+    own = f"{request.scheme}://{request.host}".lower()
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != own:
+        return jsonify(error=f"cross-site request refused: it came from {origin[:100]!r}, not from this "
+                             f"server's own page ({own})"), 403
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return jsonify(error=f"cross-site request refused (Sec-Fetch-Site: {fetch_site[:40]}): use this "
+                             "server's own page"), 403
     return None
 
 
 def _secure_headers(response):
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
     response.headers.setdefault("Cache-Control", "no-store")
     return response
 
 
 def _body():
-    """The JSON object sent, {} when there is no body; 400 otherwise."""
-    if not request.get_data(cache=True):
+    """The JSON object sent, {} when there is no body; 400 for anything else, however deep or malformed."""
+    data = request.get_data(cache=True)
+    if not data:
         return {}
     try:
-        body = request.get_json(force=True)
-    except BadRequest:
-        raise ValueError("the body is not valid JSON") from None
+        body = ckpt.loads_bounded(data.decode("utf-8"), "the body", strict=True)
+    except UnicodeDecodeError:
+        raise ValueError("the body is not UTF-8 text") from None
+    except ckpt.UnreadableFile as e:
+        raise ValueError(str(e)) from None
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     return body
@@ -165,6 +213,20 @@ def vendor_plotly():
     path = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
     response = send_file(path, mimetype="text/javascript", max_age=86400)
     response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+@bp.post("/login")
+def login():
+    """Trade the token for a cookie the page's requests and its event stream then carry (HttpOnly, same site)."""
+    token = current_app.config["TOKEN"]
+    sent = _body().get("token")
+    if not token:
+        return jsonify(ok=True, auth_required=False)
+    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), token.encode()):
+        return jsonify(error="wrong access token"), 401
+    response = jsonify(ok=True, auth_required=True)
+    response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=request.is_secure)
     return response
 
 
@@ -369,6 +431,17 @@ def is_loopback(host):
         return False
 
 
+def positive_gb(text):
+    """argparse type of --max-memory-gb: a positive, finite number of gigabytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB, got {text!r}")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="ARC Autoencoder Lab web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
@@ -380,6 +453,13 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--token", default=os.environ.get("ARC_LAB_TOKEN"),
                    help="access token required for changes and downloads (or ARC_LAB_TOKEN)")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="a host name the server answers to, besides its own address (repeatable; default: none)")
+    p.add_argument("--max-memory-gb", type=positive_gb, default=None, metavar="GB",
+                   help="refuse runs estimated to need more memory than this (default: what is free)")
+    p.add_argument("--shutdown-timeout", type=shutdown.seconds, default=shutdown.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT, the saves in flight get this long to finish; those still unwritten "
+                        "then are abandoned (nothing partial is left)")
     return p
 
 
@@ -392,16 +472,30 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app({"CHECKPOINT_DIR": args.checkpoint_dir, "DATASET": args.dataset, "DATA_DIR": args.data_dir,
-                      "DEVICE": args.device, "TOKEN": args.token})
+                      "DEVICE": args.device, "TOKEN": args.token, "BIND_HOST": args.host,
+                      "ALLOWED_HOSTS": tuple(args.allowed_hosts),
+                      "MAX_MEMORY_GB": args.max_memory_gb, "SHUTDOWN_TIMEOUT": args.shutdown_timeout})
     # Werkzeug's threaded server (no debugger, no reloader): a thread per connection, so streams never starve.
     server = make_server(args.host, args.port, app, threaded=True)
+    worker, timeout = app.extensions["trainer"], app.config["SHUTDOWN_TIMEOUT"]
+    since = []  # the last event id when the signal came: the save outcomes after it are reported
+
+    def stop():  # in the signal watcher's thread, as server.shutdown() must be (serve_forever runs in this one)
+        since.append(worker.bus.last_id)
+        server.shutdown()
+
+    doing = f"stopping the server, and training at the next step; the saves in flight get up to {timeout:g} s to finish"
     print(f"ARC Autoencoder Lab: http://{args.host}:{server.server_port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        app.extensions["trainer"].shutdown()
+    with shutdown.SignalWatcher("app.py", doing, stop) as signals:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # where signals could not be watched (main() run outside the main thread)
+            pass
+        finally:
+            worker.shutdown(timeout)
+        if signals.received:
+            for line in shutdown.save_lines(worker.save_outcomes(since[0] if since else worker.bus.last_id)):
+                print(line, file=sys.stderr, flush=True)
     return 0
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import catalogue
 import checkpoint as ckpt
+import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
 from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
@@ -317,15 +318,77 @@ def make_optimizer(params, config):
                             decoupled_weight_decay=True, fused=True)
 
 
+# What one grid costs in activations kept for the backward pass, per pixel of the padded 30x30 (an upper bound:
+# the encoder crops most grids): the embedding, then about two maps of hidden_dim channels per conv layer, in the
+# encoder and, for reconstruction, in the decoder.
+GRID_PIXELS = 30 * 30
+
+
+def memory_estimate(config, num_classes):
+    """Bytes a run needs, by part: weights with their gradients and Adam's two moments, and activations for one
+    batch at the configured sizes. The model is built on the meta device: no memory, no live tensor touched."""
+    with torch.device("meta"):
+        model = build_model(config.to_dict(), num_classes) if num_classes is not None else build_encoder(
+            config.to_dict())
+    parameters = sum(p.numel() for p in model.parameters())
+    bag = config.pattern_buckets * config.latent_dim
+    grids = config.batch_size * (2 if config.use_input_output_pairs else 1)
+    if config.task_type == "selection":
+        grids *= config.num_distractors + 1
+    per_pixel = config.embedding_dim + 2 * config.num_conv_layers * config.hidden_dim
+    if config.task_type == "reconstruction":
+        per_pixel *= 2
+    return {"parameters": parameters, "pattern_bag": bag * 16, "weights_and_adam": (parameters - bag) * 16,
+            "activations": grids * GRID_PIXELS * per_pixel * 4}
+
+
+def free_memory_bytes(device):
+    """What the device has free now: MemAvailable on the CPU, the free GPU memory on CUDA; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(config, num_classes, device, limit_gb=None):
+    """ValueError, with the estimate and what to lower, for a run that cannot fit in what is free (or limit_gb)."""
+    estimate = memory_estimate(config, num_classes)
+    needed = estimate["pattern_bag"] + estimate["weights_and_adam"] + estimate["activations"]
+    free, limit = free_memory_bytes(device), limit_gb * 1e9 if limit_gb else None
+    bounds = [x for x in (free, limit) if x is not None]
+    if not bounds or needed <= min(bounds):
+        return estimate
+    where = f"the {limit_gb:g} GB limit (--max-memory-gb)" if limit is not None and limit <= (free or limit) else \
+        f"the {free / 1e9:.1f} GB free on {device.type}"
+    raise ValueError(f"this run needs about {needed / 1e9:.1f} GB: {estimate['parameters'] / 1e6:,.0f} M parameters "
+                     f"take {(estimate['weights_and_adam'] + estimate['pattern_bag']) / 1e9:.1f} GB with their "
+                     f"gradients and Adam's two moments (the pattern bag {estimate['pattern_bag'] / 1e9:.1f} GB), "
+                     f"and one batch's activations about {estimate['activations'] / 1e9:.1f} GB; that is more than "
+                     f"{where}. Lower hidden_dim, latent_dim, pattern_buckets or batch_size")
+
+
 class StopTraining(Exception):
     """Raised between batches when a stop was asked for."""
+
+
+def stop_command(timeout):
+    """The stop a shutdown sends: stop at the next step, then abandon the saves still unwritten `timeout` seconds
+    from now (at once, if that has passed by then); a plain {"type": "stop"} waits for every save."""
+    return {"type": "stop", "saves_deadline": time.monotonic() + timeout, "saves_timeout": timeout}
 
 
 class Trainer:
     """Owns the model, optimizer and data position; talks to the world through publish() and a command queue.
 
     Commands (dicts on `commands`): {"type": "save", "name", "request_id", "overwrite"}, {"type": "pause"},
-    {"type": "resume"}, {"type": "stop"}. Events go out through publish(dict) from this thread and the writer's.
+    {"type": "resume"}, {"type": "stop"} (stop_command() adds a deadline for the saves in flight). Events go out
+    through publish(dict) from this thread and the writer's.
     Checkpoints go into this run's own folder under checkpoint_dir (the root), through a CheckpointManager.
     """
 
@@ -338,6 +401,7 @@ class Trainer:
         self.manager = None
         self._manager_state = None  # the policy state a resumed checkpoint carried (best score, top-k)
         self.stop_requested = threading.Event()
+        self.saves_deadline = None  # (time.monotonic() deadline, its seconds) a shutdown's stop gave the saves
         self.phase = "idle"
         self.model = self.optimizer = None
         self.num_classes, self.pretrain_mode = 0, None
@@ -353,6 +417,7 @@ class Trainer:
         """Build the main-training model, optimizer and batches (deterministic in the seed)."""
         c = self.config
         self.num_classes = len(self.data.puzzle_ids) if c.task_type == "puzzle_classification" else 0
+        check_memory(c, self.num_classes, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self.model = build_model(c.to_dict(), self.num_classes).to(self.device)
@@ -525,6 +590,8 @@ class Trainer:
             if self.paused:  # nothing to overlap with: finish the copy now
                 self.manager.wait_for_copies()
         elif kind == "stop":
+            if command.get("saves_deadline") is not None:
+                self.saves_deadline = (command["saves_deadline"], command.get("saves_timeout"))
             self.stop_requested.set()
         elif kind in ("pause", "resume"):
             self.paused = kind == "pause"
@@ -642,6 +709,7 @@ class Trainer:
         writer drained however the run ends."""
         self.phase = phase
         self.stop_requested.clear()
+        self.saves_deadline = None
         catalogue.recover(self.checkpoint_dir)
         self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot)
         self.manager.load_state_dict(self._manager_state)
@@ -654,7 +722,8 @@ class Trainer:
         except StopTraining:
             outcome = "training_stopped"
         finally:
-            self.manager.close()
+            deadline, timeout = self.saves_deadline or (None, None)
+            self.manager.close(deadline=deadline, timeout=timeout)
             self._manager_state = self.manager.state_dict()
         self.publish({"type": outcome, "phase": phase, "epoch": self.epoch, "batch": self.batch,
                       "global_step": self.global_step, "best_val_loss": _finite_or_none(self.best_val_loss),
@@ -683,6 +752,7 @@ class Trainer:
         if mode not in PRETRAIN_MODES:
             raise ValueError(f"pretrain mode must be one of {', '.join(PRETRAIN_MODES)}, got {mode!r}")
         c, self.pretrain_mode = self.config, mode
+        check_memory(c, None, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             encoder = build_encoder(c.to_dict())
@@ -772,6 +842,9 @@ def build_parser():
                         "or an id RUN_ID:NAME or a name in --checkpoint-dir); the resumed run is a new run")
     parser.add_argument("--skip-verify", action="store_true", help="resume from a file that fails verification (salvage)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, epoch summaries only")
+    parser.add_argument("--shutdown-timeout", type=shutdown.seconds, default=shutdown.DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help="on SIGTERM or SIGINT, the saves in flight get this long to finish; "
+                        "those still unwritten then are abandoned (nothing partial is left)")
     return parser
 
 
@@ -782,6 +855,7 @@ class ConsoleProgress:
     def __init__(self, enabled=True):
         self.enabled, self.bar = enabled, None
         self.saved, self.failed = {}, {}  # checkpoint id -> global step / error
+        self.outcomes = []  # every checkpoint_saved and checkpoint_error event, in order
 
     def __call__(self, event):
         from tqdm import tqdm
@@ -799,6 +873,8 @@ class ConsoleProgress:
             print(f"epoch {event['epoch']}: step {event['global_step']} " +
                   " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
         elif kind in ("checkpoint_saved", "checkpoint_error", "checkpoint_deleted"):
+            if kind != "checkpoint_deleted":
+                self.outcomes.append(event)
             if kind == "checkpoint_saved":
                 self.saved[event["id"]] = event["global_step"]
                 self.failed.pop(event["id"], None)
@@ -849,25 +925,41 @@ def main(argv=None):
         return 2
     progress = ConsoleProgress(enabled=not args.no_progress)
     trainer = Trainer(config, data, device, config.checkpoint_dir, progress)
-    try:
-        if args.phase == "pretrain":
-            metrics = trainer.pretrain(config.pretrain_mode)
-        else:
-            if args.resume:
-                trainer.resume(args.resume, verify_file=not args.skip_verify)
-            else:
-                trainer.setup()
-            metrics = trainer.train()
-            test = trainer.test()
-            print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)))
-    except (ValueError, ckpt.CheckpointError, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(progress.interrupted_summary(trainer), file=sys.stderr)
-        return 130
+    since = []  # how many save outcomes there were when the signal came
+
+    def stop():  # in the signal watcher's thread: the trainer stops at its next step boundary
+        since.append(len(progress.outcomes))
+        trainer.commands.put(stop_command(args.shutdown_timeout))
+
+    doing = f"stopping at the next step; the saves in flight get up to {args.shutdown_timeout:g} s to finish"
+    with shutdown.SignalWatcher("train.py", doing, stop) as signals:
+        try:
+            metrics = train_or_pretrain(trainer, args, signals)
+        except (ValueError, ckpt.CheckpointError, DataError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 1
+        if signals.received:  # the run has stopped and its writer is closed: every outcome is in
+            print(progress.interrupted_summary(trainer), file=sys.stderr)
+            for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
+                print(line, file=sys.stderr)
+            return 0
     print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return 0
+
+
+def train_or_pretrain(trainer, args, signals):
+    """What main() runs: pretraining, or main training and its test unless a signal stopped it."""
+    if args.phase == "pretrain":
+        return trainer.pretrain(trainer.config.pretrain_mode)
+    if args.resume:
+        trainer.resume(args.resume, verify_file=not args.skip_verify)
+    else:
+        trainer.setup()
+    metrics = trainer.train()
+    if not signals.received:
+        test = trainer.test()
+        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)))
+    return metrics
 
 
 def checkpoint_argument(value, root):

@@ -16,13 +16,15 @@ import uuid
 import catalogue
 import checkpoint as ckpt
 from data import load_data
-from train import Trainer, TrainConfig, resolve_device
+from events import parse_sse
+from train import Trainer, TrainConfig, check_memory, resolve_device, stop_command
 
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25  # chart points and status go out about 4 times a second
 MAX_OUTSTANDING_SAVES = 16
 ACTIVE_PHASES = ("pretraining", "training", "stopping")
+SHUTDOWN_GRACE = 60.0  # seconds beyond the saves' timeout for the run to reach its next step boundary and stop
 
 
 class Conflict(Exception):
@@ -35,9 +37,10 @@ class Busy(Exception):
 
 class TrainingWorker:
     def __init__(self, checkpoint_dir, bus, device="auto", dataset="arcagi", data_dir="", train_defaults=None,
-                 data=None):
+                 data=None, max_memory_gb=None):
         self.checkpoint_dir, self.bus = checkpoint_dir, bus
         self.device, self.dataset, self.data_dir = device, dataset, data_dir
+        self.max_memory_gb = max_memory_gb
         self.train_defaults = dict(train_defaults or {})
         self._data_cache = {} if data is None else {(dataset, data_dir): data}
         self.commands = queue.Queue()
@@ -61,10 +64,27 @@ class TrainingWorker:
         self._thread.start()
 
     def shutdown(self, timeout=30):
-        self.commands.put({"type": "stop"})
+        """Stop the run at its next step, give the saves in flight `timeout` seconds to finish (those still unwritten
+        then are abandoned, leaving nothing partial), and end the worker thread."""
+        self.commands.put(stop_command(timeout))
         self._runs.put(None)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout + SHUTDOWN_GRACE)
+            if self._thread.is_alive():
+                logger.error("the training worker did not stop within %g s", timeout + SHUTDOWN_GRACE)
+
+    def save_outcomes(self, after_event_id):
+        """The checkpoint_saved and checkpoint_error events published after the event with that id, oldest first."""
+        sub = self.bus.subscribe(last_event_id=after_event_id)
+        self.bus.unsubscribe(sub)
+        outcomes = []
+        while True:
+            try:
+                _, kind, data = parse_sse(sub.messages.get_nowait())
+            except queue.Empty:
+                return outcomes
+            if kind in ("checkpoint_saved", "checkpoint_error"):
+                outcomes.append({**data, "type": kind})
 
     def _loop(self):
         while (run := self._runs.get()) is not None:
@@ -123,14 +143,41 @@ class TrainingWorker:
         """TrainConfig from the server defaults plus the request's fields; ValueError names a bad field."""
         if body.get("checkpoint_dir", self.checkpoint_dir) != self.checkpoint_dir:
             raise ValueError("checkpoint_dir is fixed by the server (app.py --checkpoint-dir); leave it out")
+        if body.get("data_dir"):
+            body = {**body, "data_dir": self._confined_data_dir(body["data_dir"])}
         return TrainConfig.from_dict({**self.train_defaults, **body, "checkpoint_dir": self.checkpoint_dir,
                                       **({"device": self.device} if "device" not in body else {})})
 
+    def _confined_data_dir(self, value):
+        """A data_dir from the web: the server's --data-dir or a folder below it, never anything else; the message
+        names no other path."""
+        if not isinstance(value, str):
+            raise ValueError("data_dir must be a string")
+        if not self.data_dir:
+            raise ValueError("data_dir: this server reads its bundled data only; start it with --data-dir DIR to let "
+                             "the page choose DIR or a folder below it")
+        base = os.path.realpath(self.data_dir)
+        path = os.path.realpath(os.path.join(base, value))
+        if os.path.commonpath([base, path]) != base:
+            raise ValueError("data_dir must be the server's data folder (app.py --data-dir) or a folder below it")
+        return path if path != base else self.data_dir
+
+    def _num_classes(self, config):
+        """Puzzle classes of the run's data if it is loaded, else a bound (ARC-AGI-2 has 1,120 puzzles)."""
+        data = self._data_cache.get((config.dataset, config.data_dir))
+        return len(data.puzzle_ids) if data is not None else 1120
+
+    def _refuse_if_active(self):
+        if self._status["phase"] in ACTIVE_PHASES:
+            raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
+
     def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None, verify_files=True):
+        self._refuse_if_active()
+        classes = None if phase == "pretraining" else \
+            self._num_classes(config) if config.task_type == "puzzle_classification" else 0
+        check_memory(config, classes, resolve_device(config.device), self.max_memory_gb)  # a 400, outside the lock
         with self._lock:
-            if self._status["phase"] in ACTIVE_PHASES:
-                raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
-            resolve_device(config.device)
+            self._refuse_if_active()
             run_id = catalogue.new_run_id()
             self._open_history(run_id)
             self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,

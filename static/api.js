@@ -1,9 +1,9 @@
 // HTTP helpers, the access token, toasts and number formatting shared by the page's modules.
 
-const TOKEN_KEY = "arc-lab-token";
 const TOAST_MS = 5000;
 
 let authRequired = false;
+let loggingIn = null; // the one login in progress: requests answered 401 together share its prompt
 
 export function setAuthRequired(required) {
   authRequired = Boolean(required);
@@ -11,29 +11,34 @@ export function setAuthRequired(required) {
 
 export const authIsRequired = () => authRequired;
 
-function token() {
-  if (!authRequired) return null;
-  let value = sessionStorage.getItem(TOKEN_KEY);
-  if (!value) {
-    value = window.prompt("This server needs its access token (app.py --token):") || "";
-    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+/** Ask for the token once and trade it for the server's cookie (HttpOnly: this page never holds it again). */
+async function login() {
+  const token = window.prompt("This server needs its access token (app.py --token):");
+  if (!token) return false;
+  let response;
+  try {
+    response = await fetch("/login", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token }) });
+  } catch (error) {
+    return false;
   }
-  return value || null;
+  if (!response.ok) toast("wrong access token; reload the page to try again", "error");
+  authRequired = true;
+  return response.ok;
 }
 
-function authHeaders() {
-  const value = token();
-  return value ? { Authorization: `Bearer ${value}` } : {};
+function loginOnce() {
+  if (!loggingIn) loggingIn = login().finally(() => { loggingIn = null; });
+  return loggingIn;
 }
 
-/** Fetch JSON; resolves to {ok, status, data}. Network failures come back as status 0. */
-async function request(method, url, body) {
-  const headers = method === "GET" ? {} : authHeaders();
-  const init = { method, headers };
-  if (method === "POST" && body === undefined) body = {}; // every POST carries a JSON body
-  if (body !== undefined) {
-    headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+/** Fetch JSON; resolves to {ok, status, data}. Network failures come back as status 0. Every other method than
+ * GET sends a JSON body and its content type, which the server requires of any state change. */
+async function request(method, url, body, retried = false) {
+  const init = { method, headers: {} };
+  if (method !== "GET") {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body === undefined ? {} : body);
   }
   let response;
   try {
@@ -41,7 +46,7 @@ async function request(method, url, body) {
   } catch (error) {
     return { ok: false, status: 0, data: { error: `network error: ${error.message}` } };
   }
-  if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY); // ask again next time
+  if (response.status === 401 && !retried && await loginOnce()) return request(method, url, body, true);
   const data = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
   return { ok: response.ok, status: response.status, data };
 }
@@ -65,11 +70,10 @@ export async function send(method, url, body) {
   return result;
 }
 
-/** Download a file with the access token: fetch it, then save the blob under filename. */
+/** Download a file through fetch (the login cookie goes with it), then save the blob under filename. */
 export async function download(url, filename) {
-  const response = await fetch(url, { headers: authHeaders() });
+  const response = await fetch(url);
   if (!response.ok) {
-    if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY);
     const data = await response.json().catch(() => ({}));
     toast(data.error || `download failed (${response.status})`, "error");
     return;

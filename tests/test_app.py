@@ -14,7 +14,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 def post(client, url, body=None, headers=JSON):
-    return client.post(url, data=None if body is None else json.dumps(body), headers=headers if body is not None else {})
+    return client.post(url, data=None if body is None else json.dumps(body), headers=headers)
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_unknown_route_and_method_answer_json(client):
 
 def test_run_control_refuses_when_idle(client):
     for url in ("/stop", "/pause", "/resume_training", "/save_checkpoint"):
-        response = client.post(url)
+        response = client.post(url, json={})
         assert response.status_code == 409, url
         assert response.get_json()["error"]
 
@@ -137,10 +137,10 @@ def test_resume_cannot_be_combined_with_fine_tuning(held_app, folder_with_checkp
 def test_save_is_queued_with_default_and_given_names(held_app):
     client = held_app.test_client()
     post(client, "/start_training", {})
-    first = client.post("/save_checkpoint")
+    first = client.post("/save_checkpoint", json={})
     assert first.status_code == 202
     assert first.get_json()["name"] == "checkpoint_epoch_1_batch_0" and first.get_json()["request_id"]
-    again = client.post("/save_checkpoint")
+    again = client.post("/save_checkpoint", json={})
     assert again.get_json()["name"] == "checkpoint_epoch_1_batch_0_2"  # made unique, not overwritten
     named = post(client, "/save_checkpoint", {"name": "before lr change"})
     assert named.status_code == 202 and named.get_json()["name"] == "before lr change"
@@ -183,7 +183,7 @@ def test_full_save_queue_answers_503_with_retry_after(held_app):
 def test_save_during_pretraining_says_why(held_app):
     client = held_app.test_client()
     post(client, "/start_pretraining", {"mode": "binary"})
-    response = client.post("/save_checkpoint")
+    response = client.post("/save_checkpoint", json={})
     assert response.status_code == 409 and "pretraining" in response.get_json()["error"]
 
 
@@ -205,7 +205,7 @@ def test_checkpoint_info_download_verify_patch_delete(client, folder_with_checkp
     download = client.get("/checkpoints/step%202/download")
     assert download.status_code == 200 and "attachment" in download.headers["Content-Disposition"]
     assert download.data == (folder_with_checkpoints / "step 2.pth").read_bytes()
-    verified = client.post("/checkpoints/step%202/verify").get_json()
+    verified = client.post("/checkpoints/step%202/verify", json={}).get_json()
     assert verified["ok"] is True
     rows = {r["name"]: r for r in client.get("/list_checkpoints").get_json()["checkpoints"]}
     assert rows["step 2"]["verified_at"] and not rows["step 5"]["verified_at"]
@@ -213,7 +213,7 @@ def test_checkpoint_info_download_verify_patch_delete(client, folder_with_checkp
     patched = client.patch("/checkpoints/step%202", json={"notes": "good one", "tags": ["keep"]})
     assert patched.status_code == 200 and patched.get_json()["notes"] == "good one"
     assert (folder_with_checkpoints / "step 2.pth").read_bytes() == pth_before  # sidecar only
-    assert client.delete("/checkpoints/step%202").status_code == 200
+    assert client.delete("/checkpoints/step%202", json={}).status_code == 200
     assert not (folder_with_checkpoints / "step 2.pth").exists()
     assert not (folder_with_checkpoints / "step 2.json").exists()
     assert client.get("/checkpoints/step%202").status_code == 404
@@ -224,7 +224,7 @@ def test_verify_reports_a_corrupted_file(client, folder_with_checkpoints):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    result = client.post("/checkpoints/step%205/verify").get_json()
+    result = client.post("/checkpoints/step%205/verify", json={}).get_json()
     assert result["ok"] is False and "SHA-256" in result["reason"]
 
 
@@ -233,7 +233,7 @@ def test_routes_never_leave_the_checkpoint_folder(client, tmp_path, name):
     (tmp_path / "secret.pth").write_bytes(b"outside")
     for method, url in (("get", f"/checkpoints/{name}"), ("get", f"/checkpoints/{name}/download"),
                         ("delete", f"/checkpoints/{name}"), ("post", f"/checkpoints/{name}/verify")):
-        response = getattr(client, method)(url)
+        response = getattr(client, method)(url, **({} if method == "get" else {"json": {}}))
         assert response.status_code in (400, 404, 405), (method, url, response.status_code)
         assert b"outside" not in response.data
     assert (tmp_path / "secret.pth").exists()
@@ -263,18 +263,31 @@ def test_runs_history_routes(client, app):
 
 # ---------------------------------------------------------------------------------------------- access token
 
-def test_token_guards_changes_and_downloads(tmp_path, arc_data, folder_with_checkpoints):
+def test_token_guards_every_route_but_the_page_shell(tmp_path, arc_data, folder_with_checkpoints):
     app = build_app(tmp_path / "checkpoints", arc_data, TOKEN="s3cret", START_WORKER=False)
     client = app.test_client()
-    assert client.get("/status").get_json()["auth_required"] is True
+    for url in ("/", "/vendor/plotly.min.js", "/static/app.js"):
+        assert client.get(url).status_code == 200, url  # the page shell, which then asks for the token
+    for url in ("/status", "/events", "/list_checkpoints", "/checkpoints/step%202", "/compare?a=step%202&b=step%202",
+                "/runs", "/config"):
+        response = client.get(url)
+        assert response.status_code == 401 and "access token" in response.get_json()["error"], url
     assert client.post("/start_training", json={}).status_code == 401
     assert client.get("/checkpoints/step%202/download").status_code == 401
-    assert client.delete("/checkpoints/step%202").status_code == 401
+    assert client.delete("/checkpoints/step%202", json={}).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
     assert client.post("/start_training", json={}, headers=wrong).status_code == 401
     good = {"Authorization": "Bearer s3cret"}
+    assert client.get("/status", headers=good).get_json()["auth_required"] is True
     assert client.get("/checkpoints/step%202/download", headers=good).status_code == 200
-    assert client.post("/start_training", json={}, headers=good).status_code == 202
+    # The page trades the token for an HttpOnly cookie once; its event stream carries it (EventSource cannot
+    # send headers).
+    assert client.post("/login", json={"token": "nope"}).status_code == 401
+    login = client.post("/login", json={"token": "s3cret"})
+    assert login.status_code == 200 and "HttpOnly" in login.headers["Set-Cookie"]
+    assert "SameSite=Strict" in login.headers["Set-Cookie"]
+    assert client.get("/list_checkpoints").status_code == 200
+    assert client.post("/start_training", json={}).status_code == 202
 
 
 def test_non_loopback_bind_without_token_refuses_to_start(capsys):

@@ -115,7 +115,8 @@ def test_checkpoint_routes_with_any_name_answer_4xx(running, name):
     app, client = running
     from urllib.parse import quote
     for method, suffix in (("get", ""), ("get", "/download"), ("delete", ""), ("post", "/verify")):
-        response = getattr(client, method)(f"/checkpoints/{quote(name, safe='')}{suffix}")
+        response = getattr(client, method)(f"/checkpoints/{quote(name, safe='')}{suffix}",
+                                           **({} if method == "get" else {"json": {}}))
         if name_is_valid(name):  # an earlier example may really have saved it
             assert response.status_code < 500, (method, name, response.status_code)
         else:
@@ -189,3 +190,17 @@ def test_bad_checkpoint_files_are_listed_as_damaged_and_refused_for_resume(tmp_p
         assert torch.load(folder / "best_model.pth")["kind"] == "best"
     finally:
         app.extensions["trainer"].shutdown()
+
+
+@SETTINGS
+@given(depth=st.integers(min_value=1, max_value=200_000), opener=st.sampled_from(["[", '{"a":']),
+       closed=st.booleans(), url=st.sampled_from(["/save_checkpoint", "/start_training", "/start_pretraining",
+                                                  "/login", "/checkpoints/anything/verify"]))
+def test_bodies_nested_to_any_depth_are_never_a_500(running, depth, opener, closed, url):
+    app, client = running
+    closer = "]" if opener == "[" else "}"
+    body = opener * depth + ("1" + closer * depth if closed else "")
+    response = client.post(url, data=body, headers=JSON)
+    assert response.status_code < 500, (url, depth, response.status_code)
+    if depth > 64 or not closed:
+        assert_clear_4xx(response)

@@ -379,23 +379,33 @@ def test_no_script_or_policy_errors(ui):
     assert unexpected == []
 
 
-def test_access_token_is_asked_once_and_sent(chromium, tmp_path, arc_data):
+def test_access_token_is_asked_once_and_kept_as_a_cookie(chromium, tmp_path, arc_data):
+    """With a token every route but the page shell needs it: the page asks once, trades it for an HttpOnly
+    cookie at POST /login, and its requests and its event stream carry that cookie."""
     with serve(tmp_path / "checkpoints", arc_data, TOKEN="s3cret") as url:
-        ui = open_page(chromium, url)
-        page = ui.page
+        page = chromium.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(WAIT_MS)
+        wrapped = Page(page)
+        prompts = []
+        page.on("dialog", lambda d: (prompts.append(d.message), d.accept("s3cret")))
+        page.goto(url)
+        expect(page.locator("#connection")).to_have_text("live")  # /events authenticated by the cookie
+        assert len(prompts) == 1 and "access token" in prompts[0]
+        cookies = {c["name"]: c for c in page.context.cookies()}
+        assert cookies["arc_lab_token"]["httpOnly"] is True and cookies["arc_lab_token"]["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie") == ""  # the page's scripts never read it back
         page.fill("#cfg-batch_size", "0")  # a refused config: the answer shows whether the token passed
-        page.once("dialog", lambda d: d.accept("wrong"))
-        page.click("#start-training")
-        expect(page.locator(".toast.toast-error", has_text="access token")).to_be_visible()
-        page.once("dialog", lambda d: d.accept("s3cret"))  # a 401 forgets the token, so it is asked again
         page.click("#start-training")
         expect(page.locator(".toast.toast-error", has_text="batch_size")).to_be_visible()
-        with page.expect_response(lambda r: r.url.endswith("/start_training")) as third:
-            page.click("#start-training")  # no third prompt (an unhandled one is dismissed: no token, a 401)
-        assert third.value.status == 400
-        starts = [r for r in ui.requests if r.url.endswith("/start_training")]
-        assert [r.headers.get("authorization") for r in starts] == ["Bearer wrong", "Bearer s3cret", "Bearer s3cret"]
+        assert len(prompts) == 1
+        starts = [r for r in wrapped.requests if r.url.endswith("/start_training")]
+        assert starts and all(r.headers.get("content-type") == "application/json" for r in starts)
         page.close()
+        wrong = chromium.new_page()
+        wrong.on("dialog", lambda d: d.accept("wrong"))
+        wrong.goto(url)
+        expect(wrong.locator(".toast.toast-error", has_text="wrong access token; reload")).to_be_visible()
+        wrong.close()
 
 
 def test_two_runs_with_the_same_name_are_grouped_and_deleted_apart(chromium, tmp_path, arc_data):

@@ -18,7 +18,7 @@ def training_server(live_server):
     assert requests.post(live_server.url + "/start_training", json={"epochs": 1000}, timeout=5).status_code == 202
     wait_for(lambda: requests.get(live_server.url + "/status", timeout=5).json()["global_step"] > 0, what="training")
     yield live_server
-    requests.post(live_server.url + "/stop", timeout=5)
+    requests.post(live_server.url + "/stop", json={}, timeout=5)
 
 
 def runnable(code):

@@ -45,7 +45,7 @@ def test_save_during_training_arrives_as_an_event_and_training_goes_on(live_serv
         assert "live save" in [row["name"] for row in listed]
     finally:
         reader.close()
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
 
 
 def test_every_client_gets_every_event_and_reconnects_catch_up(live_server):
@@ -55,7 +55,7 @@ def test_every_client_gets_every_event_and_reconnects_catch_up(live_server):
         requests.post(live_server.url + "/save_checkpoint", json={"name": "for both"}, timeout=5)
         first.wait("checkpoint_saved")
         second.wait("checkpoint_saved")
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
         first.wait("training_stopped")
         second.wait("training_stopped")
         stop_id = max(i for i, name, _ in first.events if name == "training_stopped")
@@ -91,7 +91,7 @@ def test_pause_holds_training_and_saving_while_paused_works(live_server):
     reader = EventReader(live_server.url)
     try:
         start(live_server)
-        assert requests.post(live_server.url + "/pause", timeout=5).status_code == 202
+        assert requests.post(live_server.url + "/pause", json={}, timeout=5).status_code == 202
         reader.wait("training_paused")
         held = status(live_server)["global_step"]
         time.sleep(0.5)
@@ -99,12 +99,12 @@ def test_pause_holds_training_and_saving_while_paused_works(live_server):
         response = requests.post(live_server.url + "/save_checkpoint", json={"name": "while paused"}, timeout=5)
         saved = reader.wait("checkpoint_saved", lambda d: d["request_id"] == response.json()["request_id"])
         assert saved["global_step"] == held
-        assert requests.post(live_server.url + "/pause", timeout=5).status_code == 409
-        assert requests.post(live_server.url + "/resume_training", timeout=5).status_code == 202
+        assert requests.post(live_server.url + "/pause", json={}, timeout=5).status_code == 409
+        assert requests.post(live_server.url + "/resume_training", json={}, timeout=5).status_code == 202
         wait_for(lambda: status(live_server)["global_step"] > held, what="training to go on after resume")
     finally:
         reader.close()
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
 
 
 def test_resume_from_a_checkpoint_over_http(live_server):
@@ -113,7 +113,7 @@ def test_resume_from_a_checkpoint_over_http(live_server):
         start(live_server)
         response = requests.post(live_server.url + "/save_checkpoint", json={"name": "to resume"}, timeout=5)
         saved = reader.wait("checkpoint_saved", lambda d: d["request_id"] == response.json()["request_id"])
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
         wait_for(lambda: status(live_server)["phase"] == "finished", what="stop")
         response = requests.post(live_server.url + "/start_training", json={"resume_from": "to resume"}, timeout=5)
         assert response.status_code == 202
@@ -121,7 +121,7 @@ def test_resume_from_a_checkpoint_over_http(live_server):
         assert started["global_step"] == saved["global_step"]
     finally:
         reader.close()
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
 
 
 def run_script(*args):
@@ -145,7 +145,7 @@ def test_user_script_flags_against_the_live_server(live_server):
         listed = run_script("--url", live_server.url, "--list")
         assert listed.returncode == 0 and "from the script" in listed.stdout
     finally:
-        requests.post(live_server.url + "/stop", timeout=5)
+        requests.post(live_server.url + "/stop", json={}, timeout=5)
 
 
 def test_user_script_says_so_in_one_line_when_the_server_is_down():

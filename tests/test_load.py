@@ -54,7 +54,7 @@ def test_500_save_requests_from_20_threads_each_end_in_exactly_one_event(live_se
     elapsed = time.monotonic() - started
     done.set()
     poller.join()
-    requests.post(url + "/stop", timeout=5)
+    requests.post(url + "/stop", json={}, timeout=5)
     reader.wait("training_stopped", timeout=60)
 
     def results():
@@ -104,4 +104,4 @@ def test_sse_clients_that_come_and_go_free_what_they_held(live_server):
     print(f"\n{rounds} rounds of 50 clients; threads {threads_before} -> {threads_after}; "
           f"RSS {rss_before / 1e6:.0f} -> {rss_after / 1e6:.0f} MB")
     assert rss_after - rss_before < 100e6
-    requests.post(url + "/stop", timeout=5)
+    requests.post(url + "/stop", json={}, timeout=5)
