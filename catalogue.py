@@ -265,8 +265,13 @@ def locate(root, ident, current_run=None):
 
 
 def _entry(root, run_id, name):
+    """run_id's Entry for name, or None while its folder does not exist yet; ValueError through a link."""
     if not _folder_chain_is_real(root, run_id):
         return None
+    return _entry_at(root, run_id, name)
+
+
+def _entry_at(root, run_id, name):
     path = os.path.join(os.path.realpath(checkpoint_folder(root, run_id)), name + ".pth")
     return Entry(checkpoint_id(run_id, name), run_id, name, path)
 
@@ -275,8 +280,7 @@ def entry_for(root, run_id, name):
     """The Entry of run_id's checkpoint `name`, existing or not (where a save would write it)."""
     ckpt.check_name(name, automatic=True)
     _folder_chain_is_real(root, run_id)
-    path = os.path.join(os.path.realpath(checkpoint_folder(root, run_id)), name + ".pth")
-    return Entry(checkpoint_id(run_id, name), run_id, name, path)
+    return _entry_at(root, run_id, name)
 
 
 def describe(entry):

@@ -209,7 +209,7 @@ def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True, cancel=None):
     cancel (a threading.Event): a save abandoned while it waits stops waiting (OSError ECANCELED).
     """
     try:
-        fd = os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = _open_lock_file(pth_path)
     except OSError as e:
         if required or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
             raise
@@ -222,10 +222,14 @@ def checkpoint_lock(pth_path, timeout=LOCK_TIMEOUT, required=True, cancel=None):
         os.close(fd)  # closing the description releases the lock
 
 
+def _open_lock_file(pth_path):
+    return os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 def try_lock(pth_path):
     """A locked file descriptor for the checkpoint, or None when someone holds it (close the fd to release)."""
     try:
-        fd = os.open(lock_path(pth_path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = _open_lock_file(pth_path)
     except OSError:
         return None
     try:
@@ -534,13 +538,17 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def _write_json_durable(path, value):
-    """A new file at path holding value as strict JSON, fsynced; never follows a link or replaces a file."""
+def _write_durable(path, data):
+    """A new file at path holding data (bytes), fsynced; never follows a link or replaces a file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(dumps_strict(value, indent=1))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_json_durable(path, value):
+    _write_durable(path, dumps_strict(value, indent=1).encode("utf-8"))
 
 
 def _replace_json(path, value):
@@ -684,10 +692,7 @@ def _roll_back(path, renamed, had_old, backup, old_raw):
             if old_raw is not None:
                 temp = _temp_path(side)
                 try:
-                    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644),
-                                   "wb") as f:
-                        f.write(old_raw)
-                        os.fsync(f.fileno())
+                    _write_durable(temp, old_raw)
                     os.replace(temp, side)
                 finally:
                     _remove_quietly(temp)

@@ -4,6 +4,7 @@ themselves, and web data paths confined to the server's own folder. Each test he
 first cut of the app, which accepted any Host and body-less cross-site POSTs."""
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ def small(tmp_path_factory):
 @pytest.fixture
 def saved(small, tmp_path):
     """A root with one run that holds the manual checkpoint `victim`; (root, id)."""
-    commands = __import__("queue").Queue()
+    commands = queue.Queue()
     commands.put({"type": "save", "name": "victim", "request_id": "v"})
     config = tiny_config(tmp_path / "checkpoints", data_dir=small[0], max_steps=2)
     trainer = Trainer(config, small[1], "cpu", config.checkpoint_dir, lambda e: None, commands)
@@ -145,7 +146,7 @@ def tiny_disk(tmp_path):
 
 
 def test_a_full_disk_and_an_immutable_folder_name_themselves(small, tiny_disk):
-    commands = __import__("queue").Queue()
+    commands = queue.Queue()
     commands.put({"type": "save", "name": "victim", "request_id": "v"})
     config = tiny_config(tiny_disk / "checkpoints", data_dir=small[0], max_steps=1, checkpoint_every_epochs=0)
     trainer = Trainer(config, small[1], "cpu", config.checkpoint_dir, lambda e: None, commands)
