@@ -248,6 +248,13 @@ def status():
                     "disk_free_bytes": _disk_free()})
 
 
+@bp.get("/samples")
+def samples():
+    """The latest samples of each split of the current or last run: {"train": event or null, "val": ...}."""
+    latest = _worker().samples()
+    return jsonify(train=latest.get("train"), val=latest.get("val"))
+
+
 def _disk_free():
     try:
         return shutil.disk_usage(_folder()).free
@@ -325,7 +332,7 @@ def save_checkpoint():
 
 LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
           "val_loss", "val_acc", "task_type", "bottleneck_type", "sha256", "damaged", "refused", "error", "problems",
-          "verified_at", "notes", "tags")
+          "verified_at", "notes", "tags", "resume_command")
 
 
 @bp.get("/list_checkpoints")
@@ -338,7 +345,7 @@ def list_checkpoints():
 
 @bp.get("/checkpoints/<path:ident>")
 def checkpoint_info(ident):
-    return jsonify(catalogue.describe(_entry(ident)))
+    return jsonify(catalogue.describe(_entry(ident), _folder()))
 
 
 @bp.get("/checkpoints/<path:ident>/download")

@@ -15,6 +15,7 @@ import collections
 import datetime
 import os
 import re
+import shlex
 import stat
 import uuid
 
@@ -283,10 +284,21 @@ def entry_for(root, run_id, name):
     return _entry_at(root, run_id, name)
 
 
-def describe(entry):
-    """One checkpoint's metadata, with its id, run and path; damaged or refused files say why."""
+def describe(entry, root=None):
+    """One checkpoint's metadata, with its id, run and path (and, given its root, the command that resumes it);
+    damaged or refused files say why."""
     meta = ckpt.read_metadata(entry.path)
-    return {**meta, "id": entry.id, "run_id": entry.run_id, "path": entry.path}
+    described = {**meta, "id": entry.id, "run_id": entry.run_id, "path": entry.path}
+    if root is not None and not meta.get("damaged") and not meta.get("refused"):
+        described["resume_command"] = resume_command(root, entry.id, meta.get("kind"))
+    return described
+
+
+def resume_command(root, ident, kind=None):
+    """The CLI line that continues from checkpoint `ident` in `root`: --resume, or for a pretrained encoder the
+    main training that starts from it."""
+    flag = "--pretrained-encoder" if kind == "pretrained" else "--resume"
+    return f"python train.py --checkpoint-dir {shlex.quote(str(root))} {flag} {shlex.quote(ident)}"
 
 
 def list_checkpoints(root, run=None):
@@ -331,7 +343,7 @@ def _list_run(root, run_id):
                           "error": f"its name breaks the naming rules ({ckpt.NAME_RULE}); rename the file"})
             continue
         try:
-            metas.append(describe(Entry(checkpoint_id(run_id, name), run_id, name, dir_entry.path)))
+            metas.append(describe(Entry(checkpoint_id(run_id, name), run_id, name, dir_entry.path), root))
         except FileNotFoundError:  # deleted (retention, another request) since the folder was scanned
             continue
     return metas

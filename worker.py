@@ -47,6 +47,7 @@ class TrainingWorker:
         self._runs = queue.Queue()
         self._lock = threading.RLock()
         self._status = self._idle_status()
+        self._samples = {}
         self._pending_names = {}  # request_id -> name, for saves accepted and not yet answered
         self._chart_points, self._last_flush = [], 0.0
         self._history_file = None
@@ -180,6 +181,7 @@ class TrainingWorker:
             self._refuse_if_active()
             run_id = catalogue.new_run_id()
             self._open_history(run_id)
+            self._samples = {}
             self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,
                             "config": config.to_dict(), "epochs": config.epochs}
             self._runs.put({"run_id": run_id, "phase": phase, "config": config, "mode": mode,
@@ -243,6 +245,11 @@ class TrainingWorker:
         with self._lock:
             return {**self._status, "last_event_id": self.bus.last_id}
 
+    def samples(self):
+        """The latest samples event of each split ("train", "val") of the current or last run."""
+        with self._lock:
+            return dict(self._samples)
+
     # ---- events (called from the trainer's threads)
 
     def publish(self, event):
@@ -281,6 +288,8 @@ class TrainingWorker:
             self._status = {**s, "phase": "error", "error": event["error"]}
         elif kind in ("training_paused", "training_resumed"):
             self._status = {**s, "paused": kind == "training_paused"}
+        elif kind == "samples":  # kept apart from status, which goes out 4 times a second: grids are large
+            self._samples = {**self._samples, event.get("split", "train"): event}
 
     def _flush(self, force=False):
         """Send the chart points gathered since the last flush, and a status, at most about 4 times a second."""
