@@ -42,11 +42,12 @@ FORMAT_VERSION = 1
 # 0.6.0 added the bag's kinds (config pattern_kinds, "shapes" for new runs); records without it read "exact" windows.
 # 0.7.0 put every run in its own folder (catalogue.py) and gave records run_id and checkpoint_manager.
 PROJECT_VERSION = "0.7.0"
-KINDS = ("manual", "best", "top_k", "periodic", "autosave", "pretrained")
+KINDS = ("manual", "best", "top_k", "periodic", "autosave", "pretrained", "interrupted", "error")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")
 _RESERVED_PATTERN = re.compile(
-    r"best_model|best_k_step_\d+|checkpoint_epoch_\d+|autosave_step_\d+|pretrained_encoder_(binary|selection)")
+    r"best_model|best_k_step_\d+|checkpoint_epoch_\d+|autosave_step_\d+|pretrained_encoder_(binary|selection)"
+    r"|interrupted_step_\d+|error_step_\d+")
 TEMP_MARK = ".tmp-"  # temporaries: ".NAME.pth.tmp-<random>", never listed, cleaned by catalogue.recover()
 PENDING_SIDECAR = ".pending"  # ".NAME.json.pending": version 0.6.0's sidecar of a .pth being renamed into place
 LOCK_SUFFIX = ".lock"  # ".NAME.lock": the file each checkpoint is locked through; empty, kept
@@ -70,6 +71,10 @@ class CheckpointError(Exception):
 
 class CheckpointBusy(CheckpointError):
     """Another thread or process held the checkpoint's lock for longer than the timeout."""
+
+
+class CheckpointExists(CheckpointError):
+    """A save without overwrite found a checkpoint of that name already there."""
 
 
 class UnreadableFile(Exception):
@@ -588,7 +593,7 @@ def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
     name, folder = record["name"], os.path.dirname(path)
     had_old = os.path.lexists(path)
     if had_old and not overwrite:
-        raise CheckpointError(f"a checkpoint named {name!r} already exists; choose another name")
+        raise CheckpointExists(f"a checkpoint named {name!r} already exists; choose another name")
     needed, free = estimate_size(record) * SPACE_MARGIN, shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "

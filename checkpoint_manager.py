@@ -12,6 +12,7 @@ be given a deadline: the saves not written by then are abandoned (nothing partia
 of the name is kept) and each gets a checkpoint_error saying so.
 """
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -68,6 +69,7 @@ class CheckpointManager:
         self.top_k = []  # the same, best first: this run's best_k_step_N and those of the runs it continues
         self.recent = []  # this run's periodic and autosave checkpoints, oldest first: {"name", "global_step"}
         self.last_autosave_step = None
+        self.final_checkpoint = None  # once save_final's checkpoint is durable: id, name, kind, path, resume_command
         self._autosave_clock = time.monotonic()
         self._lock = threading.Lock()  # the lists change in the training thread and after writes in the writer's
         self.writer = None
@@ -137,6 +139,25 @@ class CheckpointManager:
     def on_request(self, name, request_id=None, overwrite=False):
         """A manual save into this run."""
         self._submit("manual", name, request_id=request_id, overwrite=overwrite)
+
+    def save_final(self, kind, global_step):
+        """The last checkpoint of a run that was stopped (kind interrupted) or failed (kind error), as Lightning's
+        OnExceptionCheckpoint saves one: final_checkpoint says where it is once it is durable."""
+        name = f"{kind}_step_{global_step}"
+        entry = catalogue.entry_for(self.root, self.run_id, name)
+
+        def on_saved(sidecar):
+            self.final_checkpoint = {"id": entry.id, "name": name, "kind": kind, "path": entry.path,
+                                     "global_step": global_step,
+                                     "resume_command": catalogue.resume_command(self.root, entry.id, kind)}
+        self._submit(kind, name, after=(on_saved, None))
+
+    def unique_name(self, base):
+        """base, or base_2, base_3...: the first name no checkpoint of this run has or is being saved under."""
+        name, n = base, 2
+        while self.writer.has_job(name) or os.path.lexists(catalogue.entry_for(self.root, self.run_id, name).path):
+            name, n = f"{base}_{n}", n + 1
+        return name
 
     # ---- decisions
 
@@ -283,6 +304,7 @@ class CheckpointWriter:
                 job.abandon(self._abandon_reason)
             self._pending.append(job)
             self._unfinished.append(job)
+        self._progress(job, "copying")
         self._to_copy.put(job)
 
     def wait_for_copies(self):
@@ -295,6 +317,11 @@ class CheckpointWriter:
     def busy(self):
         with self._lock:
             return bool(self._unfinished)
+
+    def has_job(self, name):
+        """Whether a save under this name is submitted and not yet written or failed."""
+        with self._lock:
+            return any(job.name == name for job in self._unfinished)
 
     def flush(self, timeout=None):
         """Wait until every submitted job is written (or failed)."""
@@ -354,7 +381,15 @@ class CheckpointWriter:
                     self._unfinished.remove(job)
                     self._idle.notify_all()
 
+    def _progress(self, job, state):
+        """A requested save's progress, for whoever waits on it (GET /save_requests/ID)."""
+        if job.request_id is not None:
+            self.publish({"type": "checkpoint_progress", "request_id": job.request_id, "state": state,
+                          "id": catalogue.checkpoint_id(job.run_id, job.name), "run_id": job.run_id,
+                          "name": job.name})
+
     def _serve(self, job):
+        self._progress(job, "writing")
         try:
             if job.cancel.is_set():
                 raise ckpt.CheckpointError(job.abandoned or "abandoned")
@@ -385,14 +420,29 @@ class CheckpointWriter:
         else:
             logger.error("checkpoint %s failed", job.name, exc_info=error)
             message = f"{type(error).__name__}: {error}"
-        self._publish_error(job, message)
+        self._publish_error(job, message, _failure_reason(job, error))
         if job.on_failed is not None:
             try:
                 job.on_failed()
             except Exception:
                 logger.exception("checkpoint %s: undoing its retention decision failed", job.name)
 
-    def _publish_error(self, job, message):
+    def _publish_error(self, job, message, reason="failed"):
         self.publish({"type": "checkpoint_error", "request_id": job.request_id, "id": catalogue.checkpoint_id(
                           job.run_id, job.name), "run_id": job.run_id, "name": job.name, "kind": job.kind,
-                      "error": message})
+                      "error": message, "reason": reason})
+
+
+def _failure_reason(job, error):
+    """What kind of failure, for an HTTP status: abandoned, exists, busy, an errno name (ENOSPC...) or failed."""
+    if job.cancel.is_set():
+        return "abandoned"
+    if isinstance(error, ckpt.CheckpointExists):
+        return "exists"
+    if isinstance(error, ckpt.CheckpointBusy):
+        return "busy"
+    for _ in range(16):  # the chain of causes, bounded: it is short, but nothing forbids a cycle
+        if isinstance(error, OSError) and error.errno in errno.errorcode:
+            return errno.errorcode[error.errno]
+        error = error.__cause__ or error.__context__ if error is not None else None
+    return "failed"

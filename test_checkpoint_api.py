@@ -2,9 +2,10 @@
 
     python test_checkpoint_api.py                     # interactive menu
     python test_checkpoint_api.py --status
-    python test_checkpoint_api.py --save "before lr change"
-    python test_checkpoint_api.py --every 60 --count 10
-    python test_checkpoint_api.py --list
+    python test_checkpoint_api.py --save "before lr change"     # waits, then prints where it is
+    python test_checkpoint_api.py --save ""                     # named by its position when saved
+    python test_checkpoint_api.py --every 60 --count 10         # one line per save's outcome
+    python test_checkpoint_api.py --list | head
 
 This is a user script, not a pytest module (pytest collects tests/ only).
 """
@@ -16,6 +17,7 @@ import time
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:5002"
+SAVE_WAIT_SECONDS = 300.0
 
 
 class ApiError(Exception):
@@ -27,9 +29,9 @@ class LabClient:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _call(self, method, path, body=None):
+    def _call(self, method, path, body=None, timeout=10):
         try:
-            response = requests.request(method, self.url + path, json=body, headers=self.headers, timeout=10)
+            response = requests.request(method, self.url + path, json=body, headers=self.headers, timeout=timeout)
         except requests.RequestException as e:
             raise ApiError(f"cannot reach the server at {self.url} ({type(e).__name__}); is `python app.py` running?")
         try:
@@ -43,8 +45,14 @@ class LabClient:
     def status(self):
         return self._call("GET", "/status")
 
-    def save(self, name=None):
-        return self._call("POST", "/save_checkpoint", {"name": name} if name else {})
+    def save(self, name=None, wait_seconds=SAVE_WAIT_SECONDS):
+        """Ask for a save and wait until it is written: its outcome (path, size, sha256, position, seconds)."""
+        body = {"wait": True, "timeout": wait_seconds, **({"name": name} if name else {})}
+        answer = self._call("POST", "/save_checkpoint", body, timeout=wait_seconds + 10)
+        if answer.get("timed_out"):
+            raise ApiError(f"save {answer.get('name') or answer['request_id']} is still {answer['state']} after "
+                           f"{wait_seconds:g} s; ask again with GET /save_requests/{answer['request_id']}")
+        return answer
 
     def list(self):
         return self._call("GET", "/list_checkpoints")["checkpoints"]
@@ -61,7 +69,9 @@ def show_status(client):
 
 def save(client, name=None):
     answer = client.save(name)
-    print(f"save queued: {answer['name']} (request {answer['request_id']}); the result arrives as an event")
+    print(f"saved {answer['id']} at epoch {answer['epoch']}, batch {answer['batch']}, step {answer['global_step']} "
+          f"in {answer['seconds']:.2f} s: {answer['path']} ({answer['size'] / 1e6:.2f} MB, "
+          f"sha256 {answer['sha256'][:12]}...)", flush=True)
     return answer
 
 
@@ -79,10 +89,18 @@ def show_list(client):
 
 
 def save_every(client, seconds, count):
+    """count saves, one every `seconds`; each outcome is one line, a failed one does not stop the rest."""
+    failed = 0
     for i in range(count):
         if i:
             time.sleep(seconds)
-        save(client, None)
+        try:
+            save(client, None)
+        except ApiError as e:
+            failed += 1
+            print(f"save {i + 1}/{count} failed: {e}", flush=True)
+    if failed:
+        raise ApiError(f"{failed} of {count} saves failed")
 
 
 def _num(x):
@@ -120,7 +138,8 @@ def main(argv=None):
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--token", default=os.environ.get("ARC_LAB_TOKEN"), help="access token, if the server has one")
     p.add_argument("--status", action="store_true", help="print the status and exit")
-    p.add_argument("--save", metavar="NAME", help="save a checkpoint with this name")
+    p.add_argument("--save", metavar="NAME", help="save a checkpoint with this name (\"\" names it by its position) "
+                   "and wait until it is written")
     p.add_argument("--list", action="store_true", help="list checkpoints")
     p.add_argument("--every", type=float, metavar="SECONDS", help="save every SECONDS seconds (with --count)")
     p.add_argument("--count", type=int, default=1, help="how many periodic saves")
@@ -129,12 +148,22 @@ def main(argv=None):
         p.error("--every needs a positive number of seconds and --count at least 1")
     client = LabClient(args.url, args.token)
     try:
-        if not (args.status or args.save or args.list or args.every):
+        code = _run(args, client)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # `--list | head`: the reader left; nothing more to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args, client):
+    try:
+        if not (args.status or args.save is not None or args.list or args.every):
             return interactive(client)
         if args.status:
             show_status(client)
-        if args.save:
-            save(client, args.save)
+        if args.save is not None:
+            save(client, args.save or None)
         if args.every:
             save_every(client, args.every, args.count)
         if args.list:

@@ -5,6 +5,7 @@ thread alone builds and drives the Trainer. Events from the trainer (and its che
 publish(), which keeps the status snapshot, throttles chart points and appends the run's metric history to disk,
 in the run's own folder (catalogue.py), beside its checkpoints.
 """
+import collections
 import logging
 import os
 import queue
@@ -25,6 +26,9 @@ FLUSH_SECONDS = 0.25  # chart points and status go out about 4 times a second
 MAX_OUTSTANDING_SAVES = 16
 ACTIVE_PHASES = ("pretraining", "training", "stopping")
 SHUTDOWN_GRACE = 60.0  # seconds beyond the saves' timeout for the run to reach its next step boundary and stop
+SAVE_REQUESTS_KEPT = 256  # finished save requests GET /save_requests/ID still answers for
+SAVE_STATES = ("queued", "copying", "writing", "saved", "failed")
+SAVED_FIELDS = ("id", "name", "kind", "path", "size", "sha256", "epoch", "batch", "global_step", "verified")
 
 
 class Conflict(Exception):
@@ -49,6 +53,9 @@ class TrainingWorker:
         self._status = self._idle_status()
         self._samples = {}
         self._pending_names = {}  # request_id -> name, for saves accepted and not yet answered
+        self._save_requests = collections.OrderedDict()  # request_id -> its state, oldest first
+        self._save_clocks = {}  # request_id -> time.monotonic() when it was accepted
+        self._save_changed = threading.Condition(self._lock)
         self._chart_points, self._last_flush = [], 0.0
         self._history_file = None
         self._thread = None
@@ -92,6 +99,7 @@ class TrainingWorker:
             self._execute(run)
 
     def _execute(self, run):
+        trainer = None
         try:
             trainer = Trainer(run["config"], self._data_for(run["config"]), resolve_device(run["config"].device),
                               self.checkpoint_dir, self.publish, self.commands, run_id=run["run_id"])
@@ -107,7 +115,8 @@ class TrainingWorker:
                 trainer.train()
         except Exception as e:  # the one broad catch: whatever a run raises becomes an event, the server lives on
             logger.exception("run %s failed", run["run_id"])
-            self.publish({"type": "training_error", "error": f"{type(e).__name__}: {e}"})
+            self.publish({"type": "training_error", "error": f"{type(e).__name__}: {e}",
+                          "final_checkpoint": trainer.final_checkpoint if trainer is not None else None})
         finally:
             self._end_run()
 
@@ -131,7 +140,8 @@ class TrainingWorker:
         for command in leftovers:
             if command.get("type") == "save":
                 self.publish({"type": "checkpoint_error", "request_id": command["request_id"], "name": command["name"],
-                              "error": "training ended before this save was served; nothing was written"})
+                              "error": "training ended before this save was served; nothing was written",
+                              "reason": "not_served"})
         self._flush(force=True)
         self._publish_status()
         if self._history_file is not None:
@@ -208,7 +218,8 @@ class TrainingWorker:
         self.commands.put({"type": "pause" if paused else "resume"})
 
     def request_save(self, name=None, overwrite=False):
-        """Queue a manual save; returns (request_id, name). Conflict outside main training, Busy when full."""
+        """Queue a manual save; returns (request_id, name: None until the trainer names it). Conflict outside main
+        training, Busy when full."""
         with self._lock:
             status = self._status
             if status["phase"] != "training":
@@ -219,27 +230,62 @@ class TrainingWorker:
                 ckpt.check_name(name)  # a bad name is the caller's to fix, whatever the queue holds
             if len(self._pending_names) >= MAX_OUTSTANDING_SAVES:
                 raise Busy(f"{len(self._pending_names)} saves are still waiting; try again shortly")
-            if name is None:
-                name = self._unique_name(f"checkpoint_epoch_{status['epoch'] + 1}_batch_{status['batch']}")
-            else:
-                if not overwrite and self._name_taken(name):
-                    raise Conflict(f"a checkpoint named {name!r} already exists or is being saved; "
-                                   "choose another name or send overwrite: true")
+            # No name: the trainer names it by the position it saves (checkpoint_epoch_E_batch_B), known only then.
+            if name is not None and not overwrite and self._name_taken(name):
+                raise Conflict(f"a checkpoint named {name!r} already exists or is being saved; "
+                               "choose another name or send overwrite: true")
             request_id = uuid.uuid4().hex[:12]
             self._pending_names[request_id] = name
+            self._track_save(request_id, name)
             self.commands.put({"type": "save", "name": name, "request_id": request_id, "overwrite": overwrite})
         return request_id, name
+
+    def _track_save(self, request_id, name):
+        self._save_requests[request_id] = {"request_id": request_id, "state": "queued", "name": name,
+                                           "run_id": self._status["run_id"], "requested_at": ckpt.utc_now()}
+        self._save_clocks[request_id] = time.monotonic()
+        finished = [r for r, v in self._save_requests.items() if v["state"] in ("saved", "failed")]
+        for old in finished[:max(0, len(self._save_requests) - SAVE_REQUESTS_KEPT)]:
+            del self._save_requests[old]
+            self._save_clocks.pop(old, None)
+
+    def save_request(self, request_id):
+        """A save request's state (queued, copying, writing, saved, failed) and, once done, its outcome; None if
+        unknown."""
+        with self._lock:
+            state = self._save_requests.get(request_id)
+            return dict(state) if state else None
+
+    def wait_for_save(self, request_id, timeout):
+        """Block until the save is saved or failed, or `timeout` seconds pass; its state then."""
+        with self._save_changed:
+            self._save_changed.wait_for(lambda: self._save_requests[request_id]["state"] in ("saved", "failed"),
+                                        timeout)
+            return dict(self._save_requests[request_id])
+
+    def _note_save_outcome(self, event):
+        """A requested save's progress or outcome, from the trainer's and the writer's events."""
+        request_id = event.get("request_id")
+        if request_id not in self._save_requests:
+            return
+        kind, state = event["type"], self._save_requests[request_id]
+        if kind == "checkpoint_progress":
+            self._pending_names[request_id] = event["name"]  # an automatic name is known once the save is taken
+            state = {**state, "state": event["state"], "name": event["name"], "id": event["id"]}
+        elif kind == "checkpoint_saved":
+            state = {**state, "state": "saved", **{k: event.get(k) for k in SAVED_FIELDS},
+                     "seconds": round(time.monotonic() - self._save_clocks.pop(request_id), 6)}
+        else:
+            state = {**state, "state": "failed", "name": event.get("name") or state["name"], "id": event.get("id"),
+                     "error": event.get("error"), "reason": event.get("reason", "failed")}
+            self._save_clocks.pop(request_id, None)
+        self._save_requests[request_id] = state
+        self._save_changed.notify_all()
 
     def _name_taken(self, name):
         """Taken in the current run: saved there, or being saved. Other runs' names are theirs."""
         entry = catalogue.entry_for(self.checkpoint_dir, self._status["run_id"], name)
         return name in self._pending_names.values() or os.path.lexists(entry.path)
-
-    def _unique_name(self, base):
-        name, n = base, 2
-        while self._name_taken(name):
-            name, n = f"{base}_{n}", n + 1
-        return name
 
     def status(self):
         with self._lock:
@@ -258,6 +304,8 @@ class TrainingWorker:
         with self._lock:
             event = {"run_id": self._status["run_id"], **event}
             self._update_status(event)
+            if kind in ("checkpoint_progress", "checkpoint_saved", "checkpoint_error"):
+                self._note_save_outcome(event)
             if kind in ("checkpoint_saved", "checkpoint_error"):
                 self._pending_names.pop(event.get("request_id"), None)
             if kind == "batch":

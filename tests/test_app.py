@@ -139,15 +139,16 @@ def test_save_is_queued_with_default_and_given_names(held_app):
     post(client, "/start_training", {})
     first = client.post("/save_checkpoint", json={})
     assert first.status_code == 202
-    assert first.get_json()["name"] == "checkpoint_epoch_1_batch_0" and first.get_json()["request_id"]
-    again = client.post("/save_checkpoint", json={})
-    assert again.get_json()["name"] == "checkpoint_epoch_1_batch_0_2"  # made unique, not overwritten
+    # No name: the trainer names it by the position it saves at, so the answer cannot know it yet.
+    assert first.get_json()["name"] is None and first.get_json()["state"] == "queued"
+    state = client.get(f"/save_requests/{first.get_json()['request_id']}").get_json()
+    assert state["state"] == "queued" and state["request_id"] == first.get_json()["request_id"]
     named = post(client, "/save_checkpoint", {"name": "before lr change"})
     assert named.status_code == 202 and named.get_json()["name"] == "before lr change"
     commands = held_app.extensions["trainer"].commands
     queued = [commands.get_nowait() for _ in range(commands.qsize())]
-    assert [c["name"] for c in queued] == ["checkpoint_epoch_1_batch_0", "checkpoint_epoch_1_batch_0_2",
-                                           "before lr change"]
+    assert [c["name"] for c in queued] == [None, "before lr change"]
+    assert client.get("/save_requests/nosuchrequest").status_code == 404
 
 
 @pytest.mark.parametrize("body, status", [

@@ -616,7 +616,11 @@ def test_writer_serves_jobs_in_order_and_publishes_the_outcome(tmp_path):
     assert writer.flush(timeout=60)
     writer.close()
     assert not writer.busy()
+    progress = [(e["request_id"], e["state"]) for e in events if e["type"] == "checkpoint_progress"]
+    assert sorted(progress) == sorted([(f"r{i}", s) for i in range(len(names)) for s in ("copying", "writing")])
+    events = [e for e in events if e["type"] != "checkpoint_progress"]
     assert [e["request_id"] for e in events] == [f"r{i}" for i in range(len(names))]
+    assert [e.get("reason") for e in events if e["type"] == "checkpoint_error"] == ["exists", "failed"]
     kinds = [e["type"] for e in events]
     assert kinds == ["checkpoint_saved"] * 3 + ["checkpoint_error"] * 2 + ["checkpoint_saved"]
     assert "already exists" in events[3]["error"] and events[3]["name"] == "one"

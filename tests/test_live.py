@@ -137,13 +137,24 @@ def test_user_script_flags_against_the_live_server(live_server):
     start(live_server)
     try:
         saved = run_script("--url", live_server.url, "--save", "from the script")
-        assert saved.returncode == 0 and "from the script" in saved.stdout
-        periodic = run_script("--url", live_server.url, "--every", "0.2", "--count", "2")
-        assert periodic.returncode == 0 and periodic.stdout.count("save queued") == 2
+        assert saved.returncode == 0, saved.stderr
         folder = live_server.app.extensions["trainer"].checkpoint_dir
-        wait_for(lambda: len(catalogue.list_checkpoints(folder)) >= 3, what="three saves on disk")
+        by_name = {m["name"]: m for m in catalogue.list_checkpoints(folder)}
+        written = by_name["from the script"]  # it waited: the file is there the moment the script returns
+        assert f"saved {written['id']} at epoch {written['epoch']}, batch {written['batch']}" in saved.stdout
+        assert written["path"] in saved.stdout and written["sha256"][:12] in saved.stdout
+        periodic = run_script("--url", live_server.url, "--every", "0.2", "--count", "2")
+        assert periodic.returncode == 0 and periodic.stdout.count("saved ") == 2, periodic.stdout
+        auto = [m for m in catalogue.list_checkpoints(folder) if m["name"].startswith("checkpoint_epoch_")]
+        assert len(auto) == 2 and all(m["name"] in periodic.stdout for m in auto)
+        for meta in auto:  # the automatic name says the position the record holds
+            assert meta["name"].startswith(f"checkpoint_epoch_{meta['epoch']}_batch_{meta['batch']}")
         listed = run_script("--url", live_server.url, "--list")
         assert listed.returncode == 0 and "from the script" in listed.stdout
+        piped = subprocess.run(f"{sys.executable} {os.path.join(ROOT, 'test_checkpoint_api.py')} --url "
+                               f"{live_server.url} --list | head -n 1", shell=True, capture_output=True, text=True,
+                               timeout=60)
+        assert piped.returncode == 0 and piped.stdout.count("\n") == 1 and piped.stderr == "", piped.stderr
     finally:
         requests.post(live_server.url + "/stop", json={}, timeout=5)
 
