@@ -4,6 +4,7 @@ const TOAST_MS = 5000;
 
 let authRequired = false;
 let loggingIn = null; // the one login in progress: requests answered 401 together share its prompt
+let loginRefused = false; // a wrong or no token: not asked again until the page is reloaded
 
 export function setAuthRequired(required) {
   authRequired = Boolean(required);
@@ -14,7 +15,10 @@ export const authIsRequired = () => authRequired;
 /** Ask for the token once and trade it for the server's cookie (HttpOnly: this page never holds it again). */
 async function login() {
   const token = window.prompt("This server needs its access token (app.py --token):");
-  if (!token) return false;
+  if (!token) {
+    loginRefused = true;
+    return false;
+  }
   let response;
   try {
     response = await fetch("/login", { method: "POST", headers: { "Content-Type": "application/json" },
@@ -22,12 +26,16 @@ async function login() {
   } catch (error) {
     return false;
   }
-  if (!response.ok) toast("wrong access token; reload the page to try again", "error");
+  if (!response.ok) {
+    loginRefused = true;
+    toast("wrong access token; reload the page to try again", "error");
+  }
   authRequired = true;
   return response.ok;
 }
 
 function loginOnce() {
+  if (loginRefused) return Promise.resolve(false);
   if (!loggingIn) loggingIn = login().finally(() => { loggingIn = null; });
   return loggingIn;
 }
@@ -87,8 +95,8 @@ export async function download(url, filename) {
   setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
-/** A toast at the top right; kind is success, error or info. Dismisses itself after 5 s, or on click. */
-export function toast(message, kind = "info") {
+/** A toast at the bottom right; kind is success, error or info. Dismisses itself after ms (5 s), or on click. */
+export function toast(message, kind = "info", ms = TOAST_MS) {
   const element = document.createElement("div");
   element.className = `toast toast-${kind}`;
   element.setAttribute("role", kind === "error" ? "alert" : "status");
@@ -96,8 +104,33 @@ export function toast(message, kind = "info") {
   element.title = "click to dismiss";
   element.addEventListener("click", () => element.remove());
   document.getElementById("toasts").append(element);
-  setTimeout(() => element.remove(), TOAST_MS);
+  setTimeout(() => element.remove(), ms);
   return element;
+}
+
+/** Put text on the clipboard; resolves to whether that worked. The Clipboard API needs a secure context (an
+ * address other than localhost over plain HTTP is not one), so a selected hidden textarea is the fallback. */
+export async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch (error) {
+      // refused (no permission, page not focused): try the fallback
+    }
+  }
+  const area = el("textarea", { readonly: true, className: "copy-buffer", "aria-hidden": "true" });
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  let copied = false;
+  try {
+    copied = document.execCommand("copy");
+  } catch (error) {
+    copied = false;
+  }
+  area.remove();
+  return copied;
 }
 
 // ---------------------------------------------------------------------------------------------- formatting

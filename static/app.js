@@ -1,7 +1,7 @@
 // The page: config form, run controls, live status, charts, samples, checkpoints. Wired to the server's JSON
 // API and its server-sent events; no inline scripts (the Content-Security-Policy forbids them).
 
-import { authIsRequired, download, el, formatBytes, formatDate, formatNumber, getJSON, load, send,
+import { authIsRequired, copyText, download, el, formatBytes, formatDate, formatNumber, getJSON, load, send,
   setAuthRequired, toast } from "./api.js";
 import { Charts, RunCurves } from "./charts.js";
 import { renderSample } from "./grids.js";
@@ -10,6 +10,8 @@ const $ = (id) => document.getElementById(id);
 const ACTIVE_PHASES = ["pretraining", "training", "stopping"];
 const RUNNING_PHASES = ["pretraining", "training"];
 const DISK_MARGIN = 1.2; // a save needs this many times its estimated size free
+const COMMAND_TOAST_MS = 15_000; // long enough to read, or copy by hand, a command line
+const FINAL_KINDS = ["interrupted", "error"]; // the checkpoint a run leaves where it was stopped or failed
 const GROUPS = [
   ["Task", ["task_type", "bottleneck_type", "num_distractors", "use_input_output_pairs"]],
   ["Message", ["vocab_size", "max_message_length", "temperature", "temperature_decay", "min_temperature"]],
@@ -22,6 +24,8 @@ const SERVER_FIXED = new Set(["checkpoint_dir"]); // shown, never sent: the serv
 const state = {
   status: { phase: "idle" },
   fields: [],
+  defaults: {},
+  presets: [],
   checkpoints: [],
   runs: [], // from /runs: newest first, the legacy flat folder last
   shownRun: null, // the current run the table was last grouped for
@@ -58,6 +62,7 @@ function fieldRow(field, value) {
 
 function buildForm(fields, defaults) {
   state.fields = fields;
+  state.defaults = defaults;
   const byName = new Map(fields.map((f) => [f.name, f]));
   const grouped = new Set(GROUPS.flatMap(([, names]) => names));
   const groups = GROUPS.map(([title, names]) => {
@@ -77,6 +82,55 @@ function fieldValue(field, input) {
     return input.value.trim() !== "" && Number.isFinite(number) ? number : input.value;
   }
   return input.value;
+}
+
+/** Show a value in a field's input; a value the input cannot show (a choice it lacks) leaves it as it is. */
+function setField(field, value) {
+  const input = $(`cfg-${field.name}`);
+  if (!input || SERVER_FIXED.has(field.name) || value === undefined) return;
+  if (field.type === "bool") input.checked = Boolean(value);
+  else if (input.tagName !== "SELECT") input.value = value ?? "";
+  else if ([...input.options].some((o) => o.value === String(value ?? ""))) input.value = String(value ?? "");
+}
+
+/** Fill the form with these settings; fields they do not name keep what they show. */
+function fillForm(values) {
+  for (const field of state.fields) if (field.name in values) setField(field, values[field.name]);
+}
+
+/** The settings to show on load: the current or last run of this server, else the newest run on disk; null for
+ * none (the form keeps the defaults). Returns [config, where it came from]. */
+function lastSettings(status, runs) {
+  if (status.config) return [status.config, `run ${status.run_id}`];
+  const newest = runs.find((r) => !r.legacy && !r.refused && r.config);
+  return newest ? [newest.config, `run ${newest.run_id}`] : [null, ""];
+}
+
+/** On load, the form shows the settings of the last run rather than the defaults. */
+function showLastSettings(status) {
+  const [settings, source] = lastSettings(status, state.runs);
+  if (!settings) return;
+  fillForm(settings);
+  $("config-source").textContent = `filled from ${source}`;
+}
+
+// ---------------------------------------------------------------------------------------------- presets
+
+/** The preset menu, when the server offers presets. */
+function buildPresets(presets) {
+  state.presets = Array.isArray(presets) ? presets.filter((p) => p && p.name && p.values) : [];
+  $("presets").hidden = state.presets.length === 0;
+  $("preset").replaceChildren(el("option", { value: "" }, "choose…"),
+    ...state.presets.map((p) => el("option", { value: p.name }, p.title || p.name)));
+}
+
+/** A preset sets the fields it names; every other field goes back to its default. */
+function choosePreset() {
+  const preset = state.presets.find((p) => p.name === $("preset").value);
+  $("preset-description").textContent = preset ? preset.description || "" : "";
+  if (!preset) return;
+  fillForm({ ...state.defaults, ...preset.values });
+  $("config-source").textContent = `filled from the preset “${preset.title || preset.name}”`;
 }
 
 /** Every form field's value, typed; fields the server fixes are left out. */
@@ -124,9 +178,9 @@ function pauseOrResume() {
 
 // ---------------------------------------------------------------------------------------------- saving
 
-function defaultCheckpointName(status) {
-  return `checkpoint_epoch_${(status.epoch || 0) + 1}_batch_${status.batch || 0}`;
-}
+// The trainer names an unnamed save by where the run is when it saves, which the page cannot know beforehand.
+const AUTOMATIC_NAME = "leave empty: named by its position when saved " +
+  "(checkpoint_epoch_E_batch_B: E epochs completed, B batches into the next)";
 
 async function saveCheckpoint() {
   const status = state.status;
@@ -137,11 +191,13 @@ async function saveCheckpoint() {
       `(with margin ${formatBytes(DISK_MARGIN * estimate)}), only ${formatBytes(free)} free`, "error");
     return;
   }
-  const name = window.prompt(`Checkpoint name\nEstimated size: ${formatBytes(estimate)} · ` +
-    `free disk space: ${formatBytes(free)}`, defaultCheckpointName(status));
-  if (name === null) return; // cancelled
-  const result = await send("POST", "/save_checkpoint", { name: name.trim() });
-  if (result.ok) toast(`Saving “${result.data.name}”…`, "info");
+  const answer = window.prompt(`Checkpoint name (${AUTOMATIC_NAME})\nEstimated size: ${formatBytes(estimate)} · ` +
+    `free disk space: ${formatBytes(free)}`, "");
+  if (answer === null) return; // cancelled
+  const name = answer.trim();
+  const result = await send("POST", "/save_checkpoint", name ? { name } : {});
+  // the checkpoint_saved event names an unnamed save, as the trainer named it
+  if (result.ok) toast(name ? `Saving “${name}”…` : "Saving; it is named when saved…", "info");
 }
 
 // ---------------------------------------------------------------------------------------------- status
@@ -236,6 +292,12 @@ function showSample(sample) {
   $("samples").replaceChildren(...panels);
 }
 
+/** The latest samples of the current or last run, as a reload finds them; the event stream then replaces them. */
+async function restoreSamples() {
+  const latest = await load("/samples");
+  for (const sample of [latest?.train, latest?.val]) if (sample) showSample(sample);
+}
+
 // ---------------------------------------------------------------------------------------------- checkpoints
 
 let refreshTimer = null;
@@ -249,12 +311,10 @@ function refreshCheckpointsSoon() {
 /** The checkpoints and the runs they belong to, fetched together so the groups and their rows agree. */
 async function refreshCheckpoints() {
   const [listing, runs] = await Promise.all([load("/list_checkpoints"), load("/runs")]);
-  if (runs) {
-    state.runs = runs.runs;
-    fillOverlaySelect(runs.runs);
-  }
+  if (runs) state.runs = runs.runs;
+  if (listing) state.checkpoints = listing.checkpoints;
+  if (runs) fillOverlaySelect(runs.runs); // labelled with each run's best checkpoint
   if (!listing) return;
-  state.checkpoints = listing.checkpoints;
   const ids = new Set(listing.checkpoints.filter(usable).map((c) => c.id));
   for (const side of ["a", "b"]) if (!ids.has(state.compare[side])) state.compare[side] = null;
   renderCheckpoints();
@@ -288,10 +348,15 @@ function checkpointActions(c) {
     trainable ? actionButton("resume", c, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
     trainable ? actionButton("fine-tune", c, "Fine-tune from", { "data-needs-idle": true, disabled: busy }) : null,
     actionButton("verify", c, "Verify"),
+    c.resume_command ? actionButton("copy-command", c, "Copy command", { title: `copy: ${c.resume_command}`,
+      "aria-label": "copy the command that resumes it", "data-command": c.resume_command }) : null,
     el("a", { className: "btn btn-small", href: `${checkpointUrl(c.id)}/download`, "data-action": "download",
       "data-id": c.id, "data-name": c.name, download: c.file || `${c.name}.pth` }, "Download"),
     actionButton("delete", c, "Delete", { className: "btn btn-small btn-danger" })));
 }
+
+/** A name that may wrap after its underscores only (never inside a word): its parts with a <wbr> after each "_". */
+const breakable = (name) => String(name).split(/(?<=_)/).flatMap((part, i) => (i ? [el("wbr"), part] : [part]));
 
 /** A table cell; data-label names the column when narrow screens show rows as cards. */
 const cell = (label, content, props = {}) => el("td", { "data-label": label, ...props }, content);
@@ -300,7 +365,7 @@ function checkpointRow(c) {
   const verified = c.verified_at
     ? el("span", { className: "verified", title: `verified ${formatDate(c.verified_at, true)}` }, "✓") : "";
   const refused = !usable(c);
-  const name = el("td", { className: "name" }, c.name,
+  const name = el("td", { className: "name" }, ...breakable(c.name),
     c.damaged && !refused ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null,
     refused ? el("span", { className: "damaged" }, " refused") : null,
     refused ? el("div", { className: "row-error" }, c.error || "refused by the server") : null);
@@ -430,7 +495,17 @@ function onTableClick(event) {
   } else if (action === "resume") startTraining({ resume_from: c.id }, `Resuming from ${describe(c)}`);
   else if (action === "fine-tune") startTraining({ fine_tune_from: c.id }, `Fine-tuning from ${describe(c)}`);
   else if (action === "verify") verifyCheckpoint(c);
+  else if (action === "copy-command") copyCommand(c.resume_command, `resume ${describe(c)}`);
   else if (action === "delete") deleteCheckpoint(c);
+}
+
+/** Copy a command line and show it in a toast, so it can be read (or copied by hand) either way. */
+async function copyCommand(command, what) {
+  const copied = await copyText(command);
+  const element = toast(`${copied ? "Copied the command to" : "Copy this command to"} ${what}: ${command}`,
+    copied ? "success" : "info", COMMAND_TOAST_MS);
+  element.dataset.command = command;
+  element.dataset.copied = String(copied);
 }
 
 function onTableChange(event) {
@@ -473,13 +548,16 @@ function compareTables(data) {
     t.shape.join("×"), formatNumber(t.l2_diff), formatNumber(t.l2_a), t.l2_a ? pct(t.l2_diff / t.l2_a) : "–"]);
   return [
     el("h3", {}, `A: ${data.a_id}  ↔  B: ${data.b_id}`),
-    simpleTable("compare-params", ["", "A", "B"], [["parameters", formatNumber(data.parameters.a),
-      formatNumber(data.parameters.b)]]),
-    el("h4", {}, "Metrics"),
-    simpleTable("compare-metrics", ["metric", "A", "B"], keys.map((k) => [k, show(a[k]), show(b[k])])),
-    el("h4", {}, `Config fields that differ (${configRows.length})`),
-    configRows.length ? simpleTable("compare-config", ["field", "A", "B"], configRows)
-      : el("p", { className: "muted" }, "The configs are the same."),
+    el("div", { className: "compare-grid" }, // side by side where the panel is wide, stacked where it is not
+      el("div", {},
+        simpleTable("compare-params", ["", "A", "B"], [["parameters", formatNumber(data.parameters.a),
+          formatNumber(data.parameters.b)]]),
+        el("h4", {}, "Metrics"),
+        simpleTable("compare-metrics", ["metric", "A", "B"], keys.map((k) => [k, show(a[k]), show(b[k])]))),
+      el("div", {},
+        el("h4", {}, `Config fields that differ (${configRows.length})`),
+        configRows.length ? simpleTable("compare-config", ["field", "A", "B"], configRows)
+          : el("p", { className: "muted" }, "The configs are the same."))),
     el("h4", {}, "Per-tensor change (L2)"),
     el("div", { className: "table-wrap tall" },
       simpleTable("compare-tensors", ["tensor", "shape", "‖B − A‖", "‖A‖", "relative"], tensors)),
@@ -495,18 +573,31 @@ async function compareCheckpoints() {
   close.addEventListener("click", () => { box.hidden = true; });
   box.replaceChildren(close, ...compareTables(data));
   box.hidden = false;
+  box.scrollIntoView({ block: "start" }); // its scroll-margin keeps the header clear of the sticky top bar
 }
 
 // ---------------------------------------------------------------------------------------------- runs and curves
+
+/** A run's best score, read from its best_model row: "best val loss 0.1234 · acc 51.0%", or "best –". */
+function bestOf(runId) {
+  const best = state.checkpoints.find((c) => c.run_id === runId && c.name === "best_model" && usable(c));
+  if (!best || typeof best.val_loss !== "number") return "best –";
+  const acc = typeof best.val_acc === "number" ? ` · acc ${pct(best.val_acc)}` : "";
+  return `best val loss ${formatNumber(best.val_loss)}${acc}`;
+}
+
+/** How the overlay menu names a run: start time, the end of its id, what it trained, its best score. */
+function runLabel(run) {
+  const started = run.started_at ? formatDate(run.started_at, true) : null;
+  return [started, run.run_id.slice(-6), runWhat(run) || null, bestOf(run.run_id)].filter(Boolean).join(" · ");
+}
 
 /** The overlay choices: runs with a metric history (the legacy flat folder and refused runs have none). */
 function fillOverlaySelect(runs) {
   const select = $("overlay-run");
   const current = select.value;
-  const options = runs.filter((r) => !r.legacy && !r.refused).map((r) => {
-    const what = runWhat(r);
-    return el("option", { value: r.run_id, selected: r.run_id === current }, what ? `${r.run_id} · ${what}` : r.run_id);
-  });
+  const options = runs.filter((r) => !r.legacy && !r.refused).map((r) => el("option",
+    { value: r.run_id, selected: r.run_id === current, title: r.run_id }, runLabel(r)));
   select.replaceChildren(el("option", { value: "" }, "none"), ...options);
 }
 
@@ -555,7 +646,41 @@ function onCheckpointDeleted(d) {
   refreshCheckpointsSoon();
 }
 
+/** The checkpoint a run left where it stopped or failed ({id, name, path, kind, resume_command}), in the status
+ * panel until the next run starts; null or absent hides it. */
+function showFinalCheckpoint(final, why) {
+  const box = $("final-checkpoint");
+  box.hidden = !final;
+  if (!final) {
+    box.replaceChildren();
+    return;
+  }
+  const command = final.resume_command;
+  const copy = command ? el("button", { type: "button", className: "btn btn-small", "data-command": command },
+    "Copy command") : null;
+  copy?.addEventListener("click", () => copyCommand(command, `resume “${final.name}”`));
+  box.dataset.id = final.id || "";
+  box.dataset.kind = final.kind || "";
+  box.replaceChildren(
+    el("p", {}, `${why}; saved “${final.name}”${final.kind ? ` (${final.kind})` : ""} at `,
+      el("code", { className: "final-path" }, final.path || "?")),
+    command ? el("div", { className: "final-resume" }, el("code", { className: "final-command" }, command), copy)
+      : null);
+}
+
+/** After a reload: the final checkpoint of the last run, if it left one (listed with the same keys). */
+function restoreFinalCheckpoint(status) {
+  if (ACTIVE_PHASES.includes(status.phase) || !status.run_id) return;
+  const final = state.checkpoints.find((c) => c.run_id === status.run_id && FINAL_KINDS.includes(c.kind)
+    && usable(c));
+  if (final) showFinalCheckpoint(final, final.kind === "error" ? "Training failed" : "Stopped");
+}
+
+/** " · saved NAME to PATH" for a toast, when the run left a final checkpoint. */
+const finalNote = (final) => (final ? ` · saved “${final.name}” to ${final.path}` : "");
+
 function onTrainingStarted(d) {
+  showFinalCheckpoint(null);
   if (d.run_id !== charts.live.runId) charts.resetLive(d.run_id);
   state.samples = { train: null, val: null };
   $("samples").replaceChildren(el("p", { className: "muted" }, "Waiting for the first samples…"));
@@ -564,8 +689,17 @@ function onTrainingStarted(d) {
 
 function onTrainingEnded(kind, d) {
   const best = typeof d.best_val_loss === "number" ? `, best val loss ${formatNumber(d.best_val_loss)}` : "";
-  toast(`${d.phase || "run"} ${kind} at step ${d.global_step}${best}`, kind === "finished" ? "success" : "info");
+  toast(`${d.phase || "run"} ${kind} at step ${d.global_step}${best}${finalNote(d.final_checkpoint)}`,
+    kind === "finished" ? "success" : "info", d.final_checkpoint ? COMMAND_TOAST_MS : undefined);
+  if (kind === "stopped") showFinalCheckpoint(d.final_checkpoint, `Stopped at step ${formatNumber(d.global_step)}`);
   refreshCheckpointsSoon();
+}
+
+function onTrainingError(d) {
+  toast(`Training failed: ${d.error}${finalNote(d.final_checkpoint)}`, "error",
+    d.final_checkpoint ? COMMAND_TOAST_MS : undefined);
+  showFinalCheckpoint(d.final_checkpoint, "Training failed");
+  if (d.final_checkpoint) refreshCheckpointsSoon();
 }
 
 const HANDLERS = {
@@ -581,7 +715,7 @@ const HANDLERS = {
   training_started: onTrainingStarted,
   training_stopped: (d) => onTrainingEnded("stopped", d),
   training_finished: (d) => onTrainingEnded("finished", d),
-  training_error: (d) => toast(`Training failed: ${d.error}`, "error"),
+  training_error: onTrainingError,
 };
 
 function connectEvents(lastEventId) {
@@ -607,6 +741,7 @@ function wireControls() {
   $("refresh-checkpoints").addEventListener("click", refreshCheckpoints);
   $("compare").addEventListener("click", compareCheckpoints);
   $("overlay-run").addEventListener("change", chooseOverlay);
+  $("preset").addEventListener("change", choosePreset);
   const table = $("checkpoints-table");
   table.addEventListener("click", onTableClick);
   table.addEventListener("change", onTableChange);
@@ -627,9 +762,15 @@ async function init() {
   const status = reply.ok ? reply.data : { phase: "idle" };
   setAuthRequired(status.auth_required);
   const config = await load("/config");
-  if (config) buildForm(config.fields, config.defaults);
+  if (config) {
+    buildForm(config.fields, config.defaults);
+    buildPresets(config.presets);
+  }
   applyStatus(status);
-  await refreshCheckpoints();
+  await refreshCheckpoints(); // the runs, and the encoders the form's settings may name
+  if (config) showLastSettings(status);
+  restoreFinalCheckpoint(status);
+  await restoreSamples();
   if (status.run_id) { // history first; the event stream then continues from the status's last event id
     const history = await runMetrics(status.run_id);
     charts.resetLive(status.run_id);

@@ -162,8 +162,10 @@ function trace(series, range, name, style, smoothed = false) {
   return { type: "scatter", x, y, name, mode: "lines", ...style };
 }
 
-function layout(title, yTitle, height) {
-  const axis = { gridcolor: "#2b3445", zerolinecolor: "#2b3445", color: "#9aa7bd" };
+/** A chart's layout; with a placeholder (no point to draw yet) it shows that text instead of empty axes, whose
+ * made-up range would only collide with the title. */
+function layout(title, yTitle, height, placeholder = null) {
+  const axis = { gridcolor: "#2b3445", zerolinecolor: "#2b3445", color: "#9aa7bd", visible: !placeholder };
   return {
     title: { text: title, font: { size: 13 }, x: 0.01, xanchor: "left", y: 0.98, yanchor: "top" },
     height,
@@ -175,9 +177,13 @@ function layout(title, yTitle, height) {
     yaxis: { ...axis, title: { text: yTitle } },
     legend: { orientation: "h", x: 1, xanchor: "right", y: 1.0, yanchor: "bottom", font: { size: 10 } },
     uirevision: "keep", // zoom and hidden traces survive every redraw
-    showlegend: true,
+    showlegend: !placeholder,
+    annotations: placeholder ? [{ text: placeholder, showarrow: false, xref: "paper", yref: "paper", x: 0.5, y: 0.5,
+      font: { size: 13, color: "#8a97ad" } }] : [],
   };
 }
+
+const isEmpty = (traces) => traces.every((t) => t.x.length === 0);
 
 /** Draws the loss, accuracy and temperature charts from the live run and an optional overlay run. */
 export class Charts {
@@ -258,7 +264,19 @@ export class Charts {
       traces.push(trace(oTrain, range, `${label} train`, { line: { color: COLORS.overlayTrain, width: 1.5, dash: "dot" } }, true));
       traces.push(trace(oVal, range, `${label} val`, { line: { color: COLORS.overlayVal, width: 1.5, dash: "dash" } }));
     }
-    Plotly.react(this.elements[key], traces, layout(title, yTitle, 260), { responsive: true, displaylogo: false });
+    this.plot(key, traces, layout(title, yTitle, 260, this.placeholder(traces)));
+  }
+
+  /** The text an empty chart shows instead of axes, or null when it has points. */
+  placeholder(traces) {
+    if (!isEmpty(traces)) return null;
+    return this.live.pointCount() ? "nothing to draw for this run" : "waiting for the first step";
+  }
+
+  plot(key, traces, chartLayout) {
+    const element = this.elements[key];
+    element.dataset.empty = String(chartLayout.annotations.length > 0);
+    Plotly.react(element, traces, chartLayout, { responsive: true, displaylogo: false });
   }
 
   drawTemperature() {
@@ -268,7 +286,7 @@ export class Charts {
       traces.push(trace(this.overlay.temperature, range, `${this.overlayLabel} temperature`,
         { line: { color: COLORS.overlayTrain, width: 1.5, dash: "dot" } }));
     }
-    Plotly.react(this.elements.temperature, traces, layout("Temperature", "τ", 180), { responsive: true, displaylogo: false });
+    this.plot("temperature", traces, layout("Temperature", "τ", 180, this.placeholder(traces)));
   }
 
   /** Zooming re-downsamples the visible x-range, so detail appears as you zoom in. */
