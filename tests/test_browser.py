@@ -140,6 +140,63 @@ def save_via_prompt(ui, answer):
     return seen
 
 
+def box(page, selector):
+    """An element's getBoundingClientRect() as a dict (x, y, width, height, top, right, bottom, left)."""
+    return page.eval_on_selector(selector, "e => e.getBoundingClientRect().toJSON()")
+
+
+def overlaps(a, b):
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def shows(shown, value):
+    """Whether a form input's value (a string, or a checkbox's bool) shows a config value."""
+    if isinstance(value, bool) or isinstance(shown, bool):
+        return shown is value
+    if isinstance(value, (int, float)):
+        return float(shown) == value
+    return shown == ("" if value is None else str(value))
+
+
+def form_values(page):
+    """The config form's inputs by name: strings, and bools for checkboxes."""
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#config-form [name]')]
+        .map((i) => [i.name, i.type === 'checkbox' ? i.checked : i.value]))""")
+
+
+def charts_fit(page):
+    """Wait until Plotly has redrawn the charts for the window's width (it resizes them itself)."""
+    page.wait_for_function("""() => [...document.querySelectorAll('.chart')].every((c) => {
+        const svg = c.querySelector('svg.main-svg');
+        return svg && Math.abs(Number(svg.getAttribute('width')) - c.clientWidth) <= 1; })""")
+
+
+def fetch_json(page, url):
+    """GET url from the page (with its cookie), as the page's own scripts would."""
+    return page.evaluate("url => fetch(url).then((r) => r.json())", url)
+
+
+# A name cell's line ends: for each line after the first, the character the line before it ended with.
+NAME_LINE_ENDS = """cells => cells.map((cell) => {
+    const chars = [];
+    for (const node of cell.childNodes) {
+        if (node.nodeType !== Node.TEXT_NODE) continue;
+        for (let i = 0; i < node.length; i += 1) {
+            const range = document.createRange();
+            range.setStart(node, i);
+            range.setEnd(node, i + 1);
+            const rect = range.getClientRects()[0];
+            if (rect && rect.width > 0) chars.push([node.data[i], rect.top]);
+        }
+    }
+    const ends = chars.filter((c, i) => i + 1 < chars.length && chars[i + 1][1] > c[1] + 2).map((c) => c[0]);
+    return {name: cell.closest('tr').dataset.name, ends};
+})"""
+
+# Text that a browser without emoji fonts draws as a box: anything shown as an emoji by default.
+EMOJI = r"/[\p{Emoji_Presentation}\uFE0F]/u"
+
+
 def test_form_is_built_from_config(ui):
     page = ui.page
     expect(page.locator("#cfg-task_type option")).to_have_count(3)
@@ -154,12 +211,59 @@ def test_form_is_built_from_config(ui):
     expect(page.locator("#stop")).to_be_disabled()
 
 
+def test_no_emoji_and_empty_charts_wait_for_the_first_step(ui):
+    page = ui.page
+    save = page.locator("#save-checkpoint")
+    expect(save).to_have_text("Save Checkpoint")  # the icon is an SVG, not a character
+    icon = box(page, "#save-checkpoint svg.icon")
+    assert icon["width"] >= 12 and icon["height"] >= 12
+    text = page.evaluate("() => document.body.innerText + document.title")
+    assert page.evaluate(f"t => {EMOJI}.test(t)", text) is False, text
+    assert page.evaluate(f"() => {EMOJI}.test('💾')")  # the pattern does catch the old icon
+    # No run yet: each chart says so, instead of drawing a made-up axis whose labels collide.
+    for chart in ("#chart-loss", "#chart-acc", "#chart-temperature"):
+        expect(page.locator(chart)).to_have_attribute("data-empty", "true")
+        expect(page.locator(f"{chart} .annotation-text")).to_have_text("waiting for the first step")
+        assert page.locator(f"{chart} .xtick, {chart} .ytick").count() == 0
+
+
+def test_preset_menu_fills_the_form(chromium, server_url):
+    presets = None
+    wrapped = open_page(chromium, server_url)  # a page of its own: the shared one keeps the form the tests set
+    page = wrapped.page
+    try:
+        config = fetch_json(page, "/config")
+        presets = config.get("presets")
+        if not presets:
+            expect(page.locator("#presets")).to_be_hidden()  # no menu without presets
+            pytest.skip("server has no presets yet")
+        expect(page.locator("#preset option")).to_have_count(len(presets) + 1)
+        preset = presets[0]
+        page.select_option("#preset", preset["name"])
+        expect(page.locator("#preset-description")).to_have_text(preset.get("description") or "")
+        form = form_values(page)
+        expected = {**config["defaults"], **preset["values"]}  # the fields it names; the others as defaults
+        wrong = {name: (form[name], value) for name, value in expected.items()
+                 if name in form and name != "checkpoint_dir" and not shows(form[name], value)}
+        assert wrong == {}
+        assert wrapped.page_errors == []
+    finally:
+        page.close()
+
+
 def test_bad_field_shows_the_servers_error(ui):
     page = ui.page
     page.fill("#cfg-batch_size", "0")
     page.click("#start-training")
     toast = page.locator(".toast.toast-error", has_text="batch_size")
     expect(toast).to_be_visible()
+    # Toasts sit at the bottom right, clear of the status panel at the top right.
+    for width, height in ((1280, 800), (1440, 900)):
+        page.set_viewport_size({"width": width, "height": height})
+        shown, status = box(page, ".toast.toast-error"), box(page, ".status-panel")
+        assert not overlaps(shown, status), (shown, status)
+        assert shown["bottom"] <= height and shown["right"] <= width
+    page.set_viewport_size({"width": 1280, "height": 800})
     page.fill("#cfg-batch_size", "8")
     expect(phase(page)).to_have_text("idle")
     ui.first_error_toast = toast.element_handle()
@@ -185,6 +289,7 @@ def test_save_button_disabled_during_pretraining(ui):
 
 def test_training_shows_status_chart_and_samples(ui):
     page = ui.page
+    page.fill("#cfg-learning_rate", "0.002")  # not the default: a reload should show the run's settings
     page.click("#start-training")
     expect(phase(page)).to_have_text("training")
     expect(page.locator("#save-checkpoint")).to_be_enabled()
@@ -219,7 +324,8 @@ def test_save_checkpoint_from_the_prompt(ui):
     page = ui.page
     seen = save_via_prompt(ui, "my save")
     assert seen["type"] == "prompt"
-    assert seen["default"].startswith("checkpoint_epoch_1_batch_")
+    assert seen["default"] == ""  # no guessed name: the trainer names an unnamed save where it saves it
+    assert "leave empty: named by its position when saved (checkpoint_epoch_E_batch_B" in seen["message"]
     assert "Estimated size" in seen["message"] and "free disk space" in seen["message"]
     expect(page.locator(".toast.toast-success", has_text="my save")).to_be_visible()
     ui.training_run = current_run(page)
@@ -246,6 +352,22 @@ def test_cancelled_prompt_sends_nothing(ui):
     save_via_prompt(ui, None)
     ui.page.wait_for_timeout(300)
     assert sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
+
+
+def test_an_unnamed_save_is_named_where_it_is_saved(ui):
+    page = ui.page
+    save_via_prompt(ui, "")
+    toast = page.locator(".toast.toast-success", has_text="Saved “checkpoint_epoch_")
+    expect(toast).to_be_visible()
+    assert [b for _, u, b in ui.posts if u.endswith("/save_checkpoint")][-1] == "{}"  # no name sent
+    saved = re.search(r"Saved “(checkpoint_epoch_(\d+)_batch_(\d+)\S*)”.*\(epoch (\d+), batch (\d+)",
+                      toast.text_content())
+    name, epoch, batch = saved.group(1), saved.group(4), saved.group(5)
+    assert (saved.group(2), saved.group(3)) == (epoch, batch)  # E epochs done, B batches into the next
+    ui.unnamed_save = name
+    saved_row = row(page, f"{ui.training_run}:{name}")
+    expect(saved_row.locator('td[data-label="epoch"]')).to_have_text(epoch)  # the table says the same
+    expect(saved_row.locator('td[data-label="batch"]')).to_have_text(batch)
 
 
 def test_a_save_that_would_not_fit_is_refused_up_front(ui, monkeypatch):
@@ -288,6 +410,14 @@ def test_compare_two_checkpoints(ui):
     expect(result.locator("table.compare-params")).to_contain_text("parameters")
     expect(result.locator("table.compare-metrics tbody tr").first).to_be_visible()
     assert result.locator("table.compare-tensors tbody tr").count() > 3
+    # It is scrolled to, its header just below the sticky top bar rather than under it, and it uses the width.
+    page.wait_for_function("""() => {
+        const top = document.querySelector('#compare-result h3').getBoundingClientRect().top;
+        return top >= document.querySelector('.topbar').getBoundingClientRect().bottom && top < innerHeight / 2; }""")
+    shown, tensors = box(page, "#compare-result"), box(page, "#compare-result table.compare-tensors")
+    assert shown["width"] >= 1280 - 80 and tensors["width"] >= shown["width"] - 2, (shown, tensors)
+    metrics, differ = box(page, "#compare-result table.compare-metrics"), box(page, ".compare-grid > div:last-child")
+    assert metrics["right"] <= differ["left"] and metrics["top"] < differ["bottom"]  # side by side
 
 
 def test_verify_and_download_from_a_row(ui):
@@ -307,10 +437,62 @@ def test_verify_and_download_from_a_row(ui):
     assert os.path.getsize(download.value.path()) > 1000
 
 
+def test_copy_the_resume_command_of_a_row(ui):
+    page = ui.page
+    ident = f"{ui.training_run}:my save"
+    listed = next(c for c in fetch_json(page, "/list_checkpoints")["checkpoints"] if c["id"] == ident)
+    command = listed["resume_command"]
+    assert command and "--resume" in command
+    row(page, ident).locator('[data-action="copy-command"]').click()
+    toast = page.locator(f'.toast[data-command="{command}"]')  # copied or not, the toast shows the command
+    expect(toast).to_contain_text(command)
+    expect(toast).to_contain_text(ident)
+
+
+def test_checkpoint_table_names_break_at_underscores_and_actions_stay_on_one_line(ui):
+    page = ui.page
+    expect(row(page, f"{ui.training_run}:{ui.unnamed_save}")).to_be_visible()
+    for width, height in ((1280, 800), (1440, 900), (420, 900)):
+        page.set_viewport_size({"width": width, "height": height})
+        charts_fit(page)
+        lines = page.eval_on_selector_all("#checkpoints-table td.name", NAME_LINE_ENDS)
+        assert lines and all(set(n["ends"]) <= {"_", " "} for n in lines), (width, lines)  # never mid-word
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+        wrap = page.eval_on_selector(".checkpoints-panel .table-wrap", "w => [w.scrollWidth, w.clientWidth]")
+        assert wrap[0] <= wrap[1], (width, wrap)  # the table fits: no sideways scrolling
+        if width >= 1280:
+            tops = page.eval_on_selector_all("#checkpoints-table .action-buttons", """rows => rows.map((r) =>
+                new Set([...r.children].map((b) => Math.round(b.getBoundingClientRect().top))).size)""")
+            assert tops and set(tops) == {1}, (width, tops)  # each row's buttons on one line
+            # No gap under the curves, however much the samples panel holds: it scrolls inside instead. (measured
+            # in one turn of the page: a samples event would replace the copies)
+            shown = page.evaluate("""() => {
+                const samples = document.getElementById('samples');
+                const copies = [...samples.children].flatMap((c) => [1, 2, 3, 4].map(() => c.cloneNode(true)));
+                samples.append(...copies);
+                const box = (s) => document.querySelector(s).getBoundingClientRect().toJSON();
+                const panel = document.querySelector('.samples-panel');
+                const shown = {curves: box('.charts-panel'), samples: box('.samples-panel'),
+                               config: box('.config-panel'), listing: box('.checkpoints-panel'),
+                               scrolls: panel.scrollHeight > panel.clientHeight};
+                copies.forEach((c) => c.remove());
+                return shown; }""")
+            assert shown["listing"]["top"] - shown["curves"]["bottom"] <= 13, shown
+            assert shown["samples"]["bottom"] <= shown["curves"]["bottom"] + 1 and shown["scrolls"], shown
+            assert abs(shown["config"]["bottom"] - shown["curves"]["bottom"]) <= 1, shown  # the columns end together
+    page.set_viewport_size({"width": 1280, "height": 800})
+
+
 def test_overlay_run_adds_curves(ui):
     page = ui.page
     options = page.locator("#overlay-run option")
     expect(options).to_have_count(3)  # none, the pretraining run, this run
+    # Told apart by start time, the end of the id, what they trained and their best score (none has one yet).
+    labels = options.evaluate_all("os => os.slice(1).map((o) => [o.value, o.title, o.textContent])")
+    assert [title for _, title, _ in labels] == [ui.training_run, ui.pretraining_run]
+    for run_id, _, text in labels:
+        assert re.fullmatch(r"\w{3} \d+, \d\d:\d\d:\d\d · " + run_id[-6:] + r" · .+ · best –", text), text
+    assert "reconstruction/communication" in labels[0][2] and "pretrain selection" in labels[1][2]
     page.select_option("#overlay-run", index=2)  # the older run (pretraining): runs are listed newest first
     page.wait_for_function("() => { const d = document.getElementById('chart-loss').data;"
                            " return d.length === 5 && d[3].x.length >= 1; }")
@@ -324,12 +506,11 @@ def test_screenshots(ui):
     page.evaluate("() => document.querySelectorAll('.toast').forEach((toast) => toast.click())")
     expect(page.locator(".toast")).to_have_count(0)
     page.evaluate("() => window.scrollTo(0, 0)")
-    page.wait_for_timeout(700)  # one chart redraw
-    page.screenshot(path=str(ARTIFACTS / "page.png"))
-    page.set_viewport_size({"width": 420, "height": 900})
-    page.wait_for_timeout(700)
-    page.screenshot(path=str(ARTIFACTS / "page-narrow.png"))
-    assert page.evaluate("() => document.documentElement.scrollWidth") <= 420  # nothing sticks out sideways
+    for width, height, name in ((1280, 800, "page.png"), (1440, 900, "page-1440.png"), (420, 900, "page-narrow.png")):
+        page.set_viewport_size({"width": width, "height": height})
+        charts_fit(page)
+        page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= width  # nothing sticks out sideways
     page.set_viewport_size({"width": 1280, "height": 800})
 
 
@@ -354,6 +535,15 @@ def test_resume_from_a_row(ui):
     run_before = current_run(page)
     page.click("#stop")
     wait_until_stopped(page)
+    # The run left a checkpoint where it stopped: the status panel says where, with the command that resumes it.
+    final = page.locator("#final-checkpoint")
+    expect(final).to_be_visible()
+    final_id = final.get_attribute("data-id")
+    listed = next(c for c in fetch_json(page, "/list_checkpoints")["checkpoints"] if c["id"] == final_id)
+    expect(final.locator(".final-path")).to_have_text(listed["path"])
+    expect(final.locator(".final-command")).to_have_text(listed["resume_command"])
+    final.locator("button[data-command]").click()
+    expect(page.locator(".toast[data-command]", has_text=listed["resume_command"])).to_be_visible()
     ident = f"{run_before}:my save"
     step = row(page, ident).locator('td[data-label="step"]').text_content()
     row(page, ident).locator('[data-action="resume"]').click()
@@ -368,8 +558,26 @@ def test_resume_from_a_row(ui):
     expect(group(page, run_before).locator(".run-header .run-current")).to_have_count(0)
     assert group_ids(page)[:2] == [resumed, run_before]
     assert group(page, run_before).locator(f'tr[data-id="{ident}"]').count() == 1
+    expect(page.locator("#final-checkpoint")).to_be_hidden()  # a new run: the last one's note goes
     page.click("#stop")
     wait_until_stopped(page)
+
+
+def test_reload_restores_the_samples_and_the_runs_settings(ui):
+    page = ui.page
+    status = fetch_json(page, "/status")
+    assert status["phase"] == "finished" and status["config"]  # no more samples events will come
+    final = page.locator("#final-checkpoint").get_attribute("data-id")
+    page.reload()
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(page.locator("#samples .sample canvas.grid").first).to_be_visible()  # from GET /samples
+    expect(page.locator("#config-source")).to_have_text(f"filled from run {status['run_id']}")
+    form = form_values(page)
+    wrong = {name: (form[name], value) for name, value in status["config"].items()
+             if name in form and name != "checkpoint_dir" and not shows(form[name], value)}
+    assert wrong == {}
+    assert status["config"]["learning_rate"] == 0.002 != fetch_json(page, "/config")["defaults"]["learning_rate"]
+    expect(page.locator("#final-checkpoint")).to_have_attribute("data-id", final)  # where it stopped, as before
 
 
 def test_no_script_or_policy_errors(ui):
@@ -402,9 +610,12 @@ def test_access_token_is_asked_once_and_kept_as_a_cookie(chromium, tmp_path, arc
         assert starts and all(r.headers.get("content-type") == "application/json" for r in starts)
         page.close()
         wrong = chromium.new_page()
-        wrong.on("dialog", lambda d: d.accept("wrong"))
+        asked = []
+        wrong.on("dialog", lambda d: (asked.append(d.message), d.accept("wrong")))
         wrong.goto(url)
         expect(wrong.locator(".toast.toast-error", has_text="wrong access token; reload")).to_be_visible()
+        expect(wrong.locator(".toast.toast-error", has_text="/samples:")).to_be_visible()  # the page's last request
+        assert len(asked) == 1  # refused once, not asked again for each request
         wrong.close()
 
 
@@ -436,6 +647,12 @@ def test_two_runs_with_the_same_name_are_grouped_and_deleted_apart(chromium, tmp
         page = ui.page
         expect(row(page, f"{older}:same")).to_be_visible()
         assert group_ids(page) == [older]  # no run is current yet: the server has run nothing
+        # So the form shows the newest run's settings (its epochs=1), not the server's defaults (50).
+        expect(page.locator("#config-source")).to_have_text(f"filled from run {older}")
+        expect(page.locator("#cfg-epochs")).to_have_value("1")
+        # The overlay menu labels the run with its best score, read from its best_model row.
+        best = row(page, f"{older}:best_model").locator('td[data-label="val_loss"]').text_content()
+        expect(page.locator(f'#overlay-run option[value="{older}"]')).to_contain_text(f" · best val loss {best}")
         expect(group(page, older).locator(".run-lineage")).to_have_text("fresh run")
         # Refused files show why, and offer nothing to click: no radio, no action, no link.
         for refused, why in ((f'tr[data-id="{older}:linked"]', "symbolic link"),
@@ -493,6 +710,9 @@ def test_two_runs_with_the_same_name_are_grouped_and_deleted_apart(chromium, tmp
         narrow = page.evaluate("""() => [...document.querySelectorAll('#checkpoints-table tr.run-header')].map((h) => {
             const r = h.getBoundingClientRect(); return {x: r.x, width: r.width}; })""")
         assert all(0 <= h["x"] and h["x"] + h["width"] <= 420 for h in narrow), narrow
+        ids = page.eval_on_selector_all("#checkpoints-table .run-id", """es => es.map((e) =>
+            [getComputedStyle(e).whiteSpace, e.getBoundingClientRect().height])""")
+        assert ids and all(space == "nowrap" and height < 24 for space, height in ids), ids  # one line each
         page.locator(".checkpoints-panel").screenshot(path=str(ARTIFACTS / "checkpoint-groups-narrow.png"))
         page.set_viewport_size({"width": 1280, "height": 800})
 

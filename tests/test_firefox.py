@@ -43,6 +43,10 @@ def test_page_goes_live_with_the_form_and_save_disabled(firefox):
     assert firefox.evaluate("document.getElementById('cfg-epochs').value") == "50"  # the server's defaults
     assert firefox.evaluate("document.getElementById('save-checkpoint').disabled") is True
     assert firefox.evaluate("typeof Plotly") == "object"  # served by this server, no CDN
+    assert firefox.evaluate(text_of("#save-checkpoint")) == "Save Checkpoint"  # its icon is an SVG
+    assert firefox.evaluate(r"/[\p{Emoji_Presentation}\uFE0F]/u.test(document.body.innerText)") is False
+    firefox.wait_for("document.getElementById('chart-loss').dataset.empty === 'true'", what="the empty chart")
+    assert firefox.evaluate(text_of("#chart-loss .annotation-text")) == "waiting for the first step"
 
 
 def test_training_moves_status_charts_and_samples(firefox):
@@ -61,7 +65,8 @@ def test_save_from_the_prompt_shows_a_green_toast_and_a_row(firefox):
     firefox.click("#save-checkpoint")
     prompt = firefox.answer_prompt("firefox save")
     assert prompt["type"] == "prompt"
-    assert prompt["defaultValue"].startswith("checkpoint_epoch_")
+    assert prompt["defaultValue"] == ""  # an unnamed save is named by the trainer where it is saved
+    assert "leave empty: named by its position when saved" in prompt["message"]
     assert "Estimated size" in prompt["message"]
     firefox.wait_for("[...document.querySelectorAll('.toast.toast-success')]"
                      ".some(t => t.textContent.includes('firefox save'))", what="the green toast")
@@ -87,6 +92,11 @@ def test_duplicate_name_shows_a_red_toast(firefox):
     firefox.answer_prompt("firefox save")
     firefox.wait_for("[...document.querySelectorAll('.toast.toast-error')]"
                      ".some(t => t.textContent.includes('already exists'))", what="the red toast")
+    # at the bottom right, clear of the status panel
+    toast, status = json.loads(firefox.evaluate(
+        "JSON.stringify([document.querySelector('.toast.toast-error'), document.querySelector('.status-panel')]"
+        ".map((e) => e.getBoundingClientRect()))"))
+    assert toast["top"] >= status["bottom"] and toast["bottom"] <= 800, (toast, status)
 
 
 def test_cancelled_prompt_sends_nothing(firefox):
