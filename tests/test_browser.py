@@ -580,6 +580,32 @@ def test_reload_restores_the_samples_and_the_runs_settings(ui):
     expect(page.locator("#final-checkpoint")).to_have_attribute("data-id", final)  # where it stopped, as before
 
 
+def test_a_failed_run_shows_the_checkpoint_it_left(chromium, server_url):
+    """The events of a run stopped without a final checkpoint (no such key), then of one that failed with a NaN
+    loss, played to a page of its own: the error's final checkpoint (kind "error") is shown with its command."""
+    import json
+    final = {"id": "r2:error_step_7", "name": "error_step_7", "path": "/c/runs/r2/checkpoints/error_step_7.pth",
+             "kind": "error", "resume_command": "python train.py --checkpoint-dir /c --resume r2:error_step_7"}
+    events = [("training_stopped", {"run_id": "r1", "phase": "training", "global_step": 3}),
+              ("training_error", {"run_id": "r2", "error": "loss is nan at step 7", "final_checkpoint": final})]
+    stream = "retry: 3600000\n\n" + "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+    wrapped = Page(chromium.new_page(viewport={"width": 1280, "height": 800}))
+    page = wrapped.page
+    try:  # the stream ends after these; the page reconnects an hour later (retry)
+        page.route("**/events*", lambda route: route.fulfill(status=200, content_type="text/event-stream",
+                                                               body=stream))
+        page.goto(server_url)
+        expect(page.locator(".toast", has_text="training stopped at step 3")).to_be_visible()
+        shown = page.locator("#final-checkpoint")
+        expect(shown).to_have_attribute("data-kind", "error")
+        expect(shown).to_contain_text(f"Training failed; saved “error_step_7” (error) at {final['path']}")
+        expect(shown.locator(".final-command")).to_have_text(final["resume_command"])
+        expect(page.locator(".toast.toast-error", has_text="loss is nan")).to_contain_text(final["path"])
+        assert wrapped.page_errors == []
+    finally:
+        page.close()
+
+
 def test_no_script_or_policy_errors(ui):
     assert ui.page_errors == []
     # a 4xx answer logs "Failed to load resource" in Chromium; those are the tests' own bad requests
