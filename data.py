@@ -4,6 +4,7 @@ A "unit" is what one example is made of: a single grid, or an (input, output) pa
 Every batch is a pure function of (seed, split, epoch, batch index), so a run can seek straight to any position.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ MAX_SIDE = 30
 DATASETS = ("arcagi", "arcagi2")
 SPLITS = ("train", "val", "test")
 AUGMENTATIONS = ("off", "symmetries", "symmetries+colours")
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -95,8 +98,16 @@ def parse_task(obj, task_id, where, source="training"):
     return Task(task_id, parts["train"], parts["test"], source)
 
 
+def is_task(obj):
+    """Whether parsed JSON is meant as an ARC task: an object with a 'train' or a 'test' key. Anything else in a
+    task folder (a package.json, metadata, a solutions list) is another kind of file, skipped; a task with bad
+    grids is still an error."""
+    return isinstance(obj, dict) and ("train" in obj or "test" in obj)
+
+
 def load_task_folder(folder):
-    """Every *.json under folder (recursively) -> list of Task. A 'evaluation' folder holds the test puzzles."""
+    """Every ARC task *.json under folder (recursively) -> list of Task; an 'evaluation' folder holds the test
+    puzzles. JSON files that are not tasks (is_task) are skipped, with one warning line saying how many."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: not a folder")
     paths = sorted(
@@ -104,7 +115,7 @@ def load_task_folder(folder):
     )
     if not paths:
         raise DataError(f"{folder}: no .json task files found (looked recursively)")
-    tasks = []
+    tasks, skipped = [], []
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
@@ -112,8 +123,17 @@ def load_task_folder(folder):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
         parts = os.path.relpath(path, folder).split(os.sep)
+        if not is_task(obj):
+            skipped.append(os.path.join(*parts))
+            continue
         source = "evaluation" if "evaluation" in parts[:-1] else "training"
         tasks.append(parse_task(obj, os.path.splitext(parts[-1])[0], path, source))
+    if not tasks:
+        raise DataError(f"{folder}: none of its {len(paths)} .json files is an ARC task (an object with 'train' "
+                        f"and 'test'), e.g. {skipped[0]}")
+    if skipped:
+        logger.warning("%s: skipped %d .json file(s) that are not ARC tasks (no 'train' or 'test' key), first %s",
+                       folder, len(skipped), skipped[0])
     return tasks
 
 
@@ -307,6 +327,26 @@ class Batches:
             other[clash] = torch.randint(len(self.units), (int(clash.sum()),), generator=gen)
         partners = torch.where(want_same, same, other)
         return partners, (self.puzzle[partners] == self.puzzle[rows]).float()
+
+
+def baselines(train, test):
+    """What answering without looking scores on `test`, fitted on `train` where it needs fitting, as
+    {metric: (name, value)}: selection picks at random (1 / candidates), puzzle classification names one of the
+    training split's puzzles at random, reconstruction paints each grid its own most common colour (pixel acc) and
+    gives every grid the training split's most common size (size acc). Other kinds have none."""
+    if test.kind == "selection":
+        return {"acc": ("chance", 1 / (test.num_distractors + 1))}
+    if test.kind == "puzzle_classification":
+        return {"acc": ("chance", 1 / len(torch.unique(train.puzzle)))}
+    if test.kind != "reconstruction":
+        return {}
+    grids = test.data.grids[test.examples.flatten()].long()  # (N, 30, 30)
+    counts = torch.nn.functional.one_hot(grids, PAD + 1)[..., :PAD].sum(dim=(1, 2))  # (N, 10), PAD not counted
+    sizes, counted = torch.unique(train.data.sizes[train.examples.flatten()], dim=0, return_counts=True)
+    common = sizes[counted.argmax()]
+    return {"acc": ("majority colour", counts.max(1).values.sum().item() / counts.sum().item()),
+            "size_acc": ("most common size",
+                         (test.data.sizes[test.examples.flatten()] == common).all(1).float().mean().item())}
 
 
 class _Views:

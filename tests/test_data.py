@@ -2,11 +2,12 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import crop, symmetries, write_task_folder
-from data import MAX_SIDE, PAD, Batches, DataError, load_data, load_task_folder, make_splits, tensorize
+from data import MAX_SIDE, PAD, Batches, DataError, Task, baselines, load_data, load_task_folder, make_splits, tensorize
 
 
 def unpadded(data, i):
@@ -141,7 +142,6 @@ BAD_FILES = {
     "not json": ("{'train': [", "not valid JSON"),
     "empty file": ("", "not valid JSON"),
     "not utf-8": (b"\xff\xfe\x00garbage", "not valid JSON"),
-    "top level list": ("[1, 2]", "top level"),
     "missing train": (json.dumps({"test": []}), "missing key 'train'"),
     "missing test": (json.dumps({"train": [{"input": GOOD_GRID, "output": GOOD_GRID}]}), "missing key 'test'"),
     "train not a list": (task_with(train={"input": GOOD_GRID}), "'train' must be a list"),
@@ -176,6 +176,40 @@ def test_bad_task_file_is_refused_naming_the_file_and_the_problem(tmp_path, case
     message = str(info.value)
     assert str(bad) in message, message
     assert problem in message, message
+
+
+NOT_TASKS = {"package.json": {"name": "arc-tools", "version": "1.0"}, "training/solutions.json": [[[1, 2]]],
+             "evaluation/notes/meta.json": {"source": "kaggle", "count": 2}, "training/zero.json": 0}
+
+
+def test_json_files_that_are_not_tasks_are_skipped_with_one_warning(tmp_path, caplog):
+    root = write_task_folder(tmp_path / "tasks", n_training=3, n_evaluation=1)
+    expected = [t.id for t in load_task_folder(str(root))]
+    for name, content in NOT_TASKS.items():
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        (root / name).write_text(json.dumps(content))
+    with caplog.at_level("WARNING", logger="data"):
+        tasks = load_task_folder(str(root))
+    assert [t.id for t in tasks] == expected
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: skipped 4 .json file(s) that are not ARC tasks (no 'train' or 'test' key), first "
+        f"{os.path.join('evaluation', 'notes', 'meta.json')}"]
+
+
+def test_a_folder_without_a_single_task_is_refused_saying_so(tmp_path):
+    root = tmp_path / "tasks"
+    root.mkdir()
+    (root / "package.json").write_text(json.dumps(NOT_TASKS["package.json"]))
+    (root / "list.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"none of its 2 \.json files is an ARC task .*, e\.g\. list\.json"):
+        load_data(data_dir=str(root))
+
+
+def test_a_file_with_a_train_or_test_key_is_a_task_and_its_faults_stop_the_load(tmp_path):
+    root = write_task_folder(tmp_path / "tasks", n_training=3, n_evaluation=1)
+    (root / "training" / "half.json").write_text(json.dumps({"test": [{"input": GOOD_GRID, "output": GOOD_GRID}]}))
+    with pytest.raises(DataError, match=r"half\.json: missing key 'train'"):
+        load_data(data_dir=str(root))
 
 
 def test_bad_grid_message_says_where_in_the_file(tmp_path):
@@ -376,6 +410,28 @@ def test_binary_labels_say_whether_the_puzzles_are_equal(arc_data):
         labels_all.append(batch["labels"])
     share = torch.cat(labels_all).mean().item()
     assert 0.4 < share < 0.6, f"binary labels are unbalanced: {share:.2f} positive"
+
+
+def test_baselines_score_answers_that_ignore_the_input():
+    def grid(rows):
+        return np.array(rows, dtype=np.int64)
+    # puzzle 0 (training): a 2x2 of three 1s and a 2, and a 1x3 of 0 0 5; puzzle 1 (training): two 2x2 grids;
+    # puzzle 2 (evaluation, the test split): a 2x2 all 7 and a 3x3 of five 4s and four 6s.
+    tasks = [Task("a", [(grid([[1, 1], [1, 2]]), grid([[0, 0, 5]]))], [], "training"),
+             Task("b", [(grid([[3, 3], [3, 3]]), grid([[8, 9], [9, 8]]))], [], "training"),
+             Task("c", [(grid([[7, 7], [7, 7]]), grid([[4, 6, 4], [6, 4, 6], [4, 6, 4]]))], [], "evaluation")]
+    data = tensorize(tasks, "hand-made")
+    train, test = torch.arange(4), torch.arange(4, 6)
+    made = {kind: (Batches(data, train, kind, 2, seed=0, num_distractors=1),
+                   Batches(data, test, kind, 2, seed=0, num_distractors=1))
+            for kind in ("reconstruction", "puzzle_classification")}
+    # Most common colour of each test grid: 4 of 4, 5 of 9. Most common training size 2x2 (3 of 4 grids): 1 of 2.
+    assert baselines(*made["reconstruction"]) == {"acc": ("majority colour", (4 + 5) / (4 + 9)),
+                                                  "size_acc": ("most common size", 0.5)}
+    assert baselines(*made["puzzle_classification"]) == {"acc": ("chance", 1 / 2)}  # 2 puzzles in training
+    selection = Batches(data, torch.arange(6), "selection", 2, seed=0, num_distractors=3)
+    assert baselines(selection, selection) == {"acc": ("chance", 1 / 4)}
+    assert baselines(selection, Batches(data, train, "binary", 2, seed=0)) == {}
 
 
 def test_tensorize_of_parsed_tasks_keeps_task_order(tmp_path):
