@@ -6,6 +6,9 @@ evaluation puzzles; for puzzle_classification, the puzzles' own test examples). 
 best_model.pth (best epoch-end validation loss) and the final weights has the lower validation loss; the test split
 is never used to choose anything.
 
+Each row trains one of train.py's presets (train.PRESETS), by time here: `python train.py --preset selection` trains
+the selection_3 row's config for the epochs that take about the same 200 s.
+
     python bench/learning.py                  # full run, about 50 minutes on 2 cores
     python bench/learning.py --quick          # under a minute, tiny budgets, same table shape
     python bench/learning.py --rows selection_3 --seeds 1 --budget-seconds 60 --set learning_rate=0.003
@@ -25,55 +28,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
-from data import PAD, Batches, load_data  # noqa: E402
+from data import Batches, baselines, load_data  # noqa: E402
 from model import CELL_SIDE  # noqa: E402
 from pattern_baselines import LINEAR_STEPS, QUICK_LINEAR_STEPS, pattern_baselines  # noqa: E402
-from train import LOSSES, TrainConfig, Trainer  # noqa: E402
+from train import LOSSES, PRESETS, TrainConfig, Trainer  # noqa: E402
 
-# Settings every row shares: CPU, no periodic checkpoints, and epochs that never end a run before its budget.
+# Settings every row shares, over its preset's: CPU, no periodic checkpoints, and epochs that never end a run
+# before its budget (a preset's own epochs are what the CLI trains for about the same time).
 COMMON = dict(device="cpu", checkpoint_every_epochs=0, epochs=100_000)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One task x bottleneck: its TrainConfig changes and the targets it is held to."""
-    title: str
-    config: dict
+    """One task x bottleneck: the preset (train.PRESETS) it measures and the targets it is held to."""
+    preset: str
     targets: dict  # metric -> minimum on the test split
     seeds: int = 3  # seeds in the full run
     extras: tuple = field(default=())  # further measurements: "shuffle", "capacity"
 
+    @property
+    def title(self):
+        return PRESETS[self.preset].title
+
+    @property
+    def config(self):
+        return dict(PRESETS[self.preset].values)
+
 
 ROWS = {
-    "selection_3": Row(
-        "selection, communication, 3 distractors",
-        dict(task_type="selection", bottleneck_type="communication", num_distractors=3,
-             vocab_size=10, max_message_length=5, selection_negatives="batch"),
-        {"acc": 0.95}, extras=("shuffle",)),
-    "selection_15": Row(
-        "selection, communication, 15 distractors",
-        dict(task_type="selection", bottleneck_type="communication", num_distractors=15,
-             vocab_size=10, max_message_length=5, selection_negatives="batch"),
-        {"acc": 0.85}),
-    "reconstruction_autoencoder": Row(
-        "reconstruction, autoencoder",
-        dict(task_type="reconstruction", bottleneck_type="autoencoder", augment="symmetries+colours"),
-        {"acc": 0.90, "size_acc": 0.95}, extras=("capacity",)),
-    "reconstruction_communication": Row(
-        "reconstruction, communication",
-        dict(task_type="reconstruction", bottleneck_type="communication", augment="symmetries+colours",
-             cell_channels=2),
-        {"acc": 0.75}, extras=("capacity",)),
-    "puzzle_classification": Row(
-        "puzzle_classification, autoencoder",
-        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
-             pattern_buckets=131072),
-        {"acc": 0.50}, seeds=1),
-    "puzzle_classification_pairs": Row(
-        "puzzle_classification, autoencoder, input-output pairs",
-        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
-             use_input_output_pairs=True),
-        {"acc": 0.50}, seeds=1),
+    "selection_3": Row("selection", {"acc": 0.95}, extras=("shuffle",)),
+    "selection_15": Row("selection-15", {"acc": 0.85}),
+    "reconstruction_autoencoder": Row("reconstruction", {"acc": 0.90, "size_acc": 0.95}, extras=("capacity",)),
+    "reconstruction_communication": Row("reconstruction-message", {"acc": 0.75}, extras=("capacity",)),
+    "puzzle_classification": Row("puzzles", {"acc": 0.50}, seeds=1),
+    "puzzle_classification_pairs": Row("puzzle-pairs", {"acc": 0.50}, seeds=1),
 }
 
 QUICK_BUDGET_SECONDS = 3.0
@@ -158,22 +146,6 @@ def shuffled_message_accuracy(trainer, seed):
     return own / total, shuffled / total
 
 
-def majority_colour_baseline(batches):
-    """Per-grid majority colour, pooled over pixels: predict each grid's most common colour everywhere."""
-    grids = batches.data.grids[batches.examples.flatten()].long()  # (N, 30, 30)
-    counts = torch.nn.functional.one_hot(grids, PAD + 1)[..., :PAD].sum(dim=(1, 2))  # (N, 10)
-    return counts.max(1).values.sum().item() / counts.sum().item()
-
-
-def common_size_baseline(trainer):
-    """Size accuracy of always answering the training split's most common (height, width)."""
-    def sizes(batches):
-        return batches.data.sizes[batches.examples.flatten()]
-    values, counts = torch.unique(sizes(trainer.train_batches), dim=0, return_counts=True)
-    common = values[counts.argmax()]
-    return (sizes(trainer.test_batches) == common).all(1).float().mean().item()
-
-
 def bottleneck_capacity(config):
     """What crosses the bottleneck per example: '<bits>-bit msg' or '<floats>-float latent', cell code included."""
     grids = 2 if config.use_input_output_pairs else 1
@@ -183,9 +155,14 @@ def bottleneck_capacity(config):
     return f"{config.latent_dim + cells:,}-float latent"
 
 
+def config_of(row, overrides, seed):
+    """The TrainConfig one seed of a row trains with: its preset's values under COMMON, then --set's."""
+    return TrainConfig.from_dict({**row.config, **COMMON, **overrides, "seed": seed})
+
+
 def run_once(row, overrides, seed, data, budget_seconds, eval_units):
     """One seed of one row -> a dict of figures."""
-    config = TrainConfig.from_dict({**COMMON, **row.config, **overrides, "seed": seed})
+    config = config_of(row, overrides, seed)
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as folder:
         config = config.replace(checkpoint_dir=folder)
         trainer = train_for(config, data, budget_seconds, folder, eval_units)
@@ -194,13 +171,11 @@ def run_once(row, overrides, seed, data, budget_seconds, eval_units):
     result.update({f"val_{k}": v for k, v in trainer.chosen_val.items() if isinstance(v, (int, float))})
     result.update(steps=trainer.global_step, epochs=trainer.epoch + trainer.batch / len(trainer.train_batches),
                   seconds=trainer.train_seconds, weights=trainer.weights)
-    if config.task_type == "selection":
-        result["baseline"] = 1 / (config.num_distractors + 1)
-    elif config.task_type == "reconstruction":
-        result["baseline"] = majority_colour_baseline(trainer.test_batches)
-        result["size_baseline"] = common_size_baseline(trainer)
-    else:
-        result["baseline"] = 1 / len(torch.unique(trainer.train_batches.puzzle))
+    chance = baselines(trainer.train_batches, trainer.test_batches)
+    result["baseline"] = chance["acc"][1]
+    if "size_acc" in chance:
+        result["size_baseline"] = chance["size_acc"][1]
+    if config.task_type == "puzzle_classification":
         steps = LINEAR_STEPS if eval_units is None else QUICK_LINEAR_STEPS
         result["patterns"] = pattern_baselines(trainer.train_batches, {"test": trainer.test_batches},
                                                trainer.num_classes, config.pattern_kinds, steps)["test"]
@@ -260,7 +235,7 @@ def row_lines(name, row, results):
         for reader in ("nearest", "linear"):
             lines.append((name, f"test top-1, {reader} on pattern bags", spread(r["patterns"][reader] for r in results),
                           "no network", "-", "-"))
-    runs = (f"{len(results)} seed(s), {round(statistics.mean(r['steps'] for r in results))} steps, "
+    runs = (f"preset {row.preset}, {len(results)} seed(s), {round(statistics.mean(r['steps'] for r in results))} steps, "
             f"{mean('epochs'):.1f} ep, {mean('seconds'):.0f}s, weights {'/'.join(r['weights'] for r in results)}")
     lines.append((name, "runs", runs, "", "", ""))
     return lines
