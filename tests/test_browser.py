@@ -402,6 +402,9 @@ def test_compare_two_checkpoints(ui):
     expect(row(page, b)).to_be_visible()
     page.check(f'input[name="compare-a"][value="{a}"]')
     page.check(f'input[name="compare-b"][value="{b}"]')
+    # room below the page, so scrolling to the result can put it at the very top (under the bar, were it not kept
+    # clear), wherever the page ends
+    page.evaluate("() => { document.body.style.paddingBottom = '2000px'; }")
     with page.expect_response(lambda r: "/compare?" in r.url) as response:
         page.click("#compare")
     assert response.value.url.endswith(f"/compare?a={encoded(a)}&b={encoded(b)}")
@@ -418,6 +421,7 @@ def test_compare_two_checkpoints(ui):
     assert shown["width"] >= 1280 - 80 and tensors["width"] >= shown["width"] - 2, (shown, tensors)
     metrics, differ = box(page, "#compare-result table.compare-metrics"), box(page, ".compare-grid > div:last-child")
     assert metrics["right"] <= differ["left"] and metrics["top"] < differ["bottom"]  # side by side
+    page.evaluate("() => { document.body.style.paddingBottom = ''; }")
 
 
 def test_verify_and_download_from_a_row(ui):
@@ -489,11 +493,13 @@ def test_overlay_run_adds_curves(ui):
     page = ui.page
     options = page.locator("#overlay-run option")
     expect(options).to_have_count(3)  # none, the pretraining run, this run
-    # Told apart by start time, the end of the id, what they trained and their best score (none has one yet).
+    # Told apart by start time, the end of the id, what they trained and their best score ("–" before the first
+    # validation, which a slow machine may reach by now)
     labels = options.evaluate_all("os => os.slice(1).map((o) => [o.value, o.title, o.textContent])")
     assert [title for _, title, _ in labels] == [ui.training_run, ui.pretraining_run]
     for run_id, _, text in labels:
-        assert re.fullmatch(r"\w{3} \d+, \d\d:\d\d:\d\d · " + run_id[-6:] + r" · .+ · best –", text), text
+        assert re.fullmatch(r"\w{3} \d+, \d\d:\d\d:\d\d · " + run_id[-6:] + r" · .+ · best (–|val loss \S+.*)",
+                            text), text
     assert "reconstruction/communication" in labels[0][2] and "pretrain selection" in labels[1][2]
     page.locator(".charts").scroll_into_view_if_needed()  # charts off screen wait to be redrawn until seen
     page.select_option("#overlay-run", index=2)  # the older run (pretraining): runs are listed newest first
