@@ -91,8 +91,8 @@ def test_the_banner_says_data_model_device_folder_and_saves_and_the_summary_best
     assert line(lines, "length: ") == "length: 2 epochs of 5 batches of 8"
     saves = line(lines, "saves: ")
     assert saves == ("saves: best_model whenever validation loss improves; checkpoint_epoch_N every 1 epochs; no "
-                     "autosave (--autosave-minutes M); the newest 3 of those kept (keep_last); interrupted_step_N if stopped, "
-                     "error_step_N on a NaN loss")
+                     "autosave (--autosave-minutes M); the newest 3 of those kept (keep_last); interrupted_step_N "
+                     "if stopped, error_step_N on a NaN loss")
     assert lines.index(line(lines, "saves: ")) < lines.index(line(lines, "epoch 1:")), "the banner comes first"
 
     # The summary: best validation and its checkpoint, test beside its baselines, the command that goes on.
@@ -143,7 +143,8 @@ def test_a_run_that_saved_nothing_says_which_setting_saves_and_a_pretraining_say
     ident = f"{run_id}:pretrained_encoder_binary"
     assert line(lines, "train from the encoder: ") == \
         f"train from the encoder: {catalogue.resume_command(root, ident, 'pretrained')}"
-    assert line(lines, "best: ").endswith(f"; {ident} at {catalogue.entry_for(root, run_id, 'pretrained_encoder_binary').path}")
+    encoder = catalogue.entry_for(root, run_id, "pretrained_encoder_binary").path
+    assert line(lines, "best: ").endswith(f"; {ident} at {encoder}")
     assert not any(x.startswith("test: ") for x in lines), "pretraining has no test split"
 
 
