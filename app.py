@@ -22,8 +22,8 @@ import catalogue
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
-from train import TrainConfig
-from worker import Busy, Conflict, TrainingWorker
+from train import PRESETS, TrainConfig
+from worker import SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("lab", __name__)
@@ -35,6 +35,9 @@ STATE_CHANGING = ("POST", "PATCH", "PUT", "DELETE")
 OPEN_ENDPOINTS = ("lab.index", "lab.vendor_plotly", "lab.login", "static")  # the page shell asks for the token
 TOKEN_COOKIE = "arc_lab_token"  # set by POST /login: EventSource cannot send an Authorization header
 PATCHABLE = {"notes": str, "tags": list}
+FAILED_SAVE_STATUS = {"exists": 409, "not_served": 409, "busy": 503, "abandoned": 503, "failed": 500}
+SAVE_WAIT_SECONDS = 300.0  # how long "wait": true waits unless the request's timeout says otherwise
+MAX_SAVE_WAIT_SECONDS = 3600.0
 # An OSError of the machine, not of the request: the status that fits it.
 OS_ERROR_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EACCES: 403, errno.EPERM: 403, errno.EROFS: 403,
                    errno.ENOENT: 404}
@@ -239,7 +242,9 @@ def config_fields():
     defaults = TrainConfig.from_dict(worker.train_defaults).to_dict()
     # What this server fixes or chose at start-up, so a form that sends every field sends these values.
     defaults.update(checkpoint_dir=worker.checkpoint_dir, device=worker.device)
-    return jsonify(fields=fields, defaults=defaults)
+    presets = [{"name": name, "title": p.title, "description": p.description, "values": dict(p.values)}
+               for name, p in PRESETS.items()]
+    return jsonify(fields=fields, defaults=defaults, presets=presets)
 
 
 @bp.get("/status")
@@ -317,17 +322,57 @@ def resume_training():
 
 @bp.post("/save_checkpoint")
 def save_checkpoint():
+    """Queue a save (202 with its request_id); with "wait": true, answer once it is saved or failed."""
     body = _body()
-    unknown = set(body) - {"name", "overwrite"}
+    unknown = set(body) - {"name", "overwrite", "wait", "timeout"}
     if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}; send name and overwrite only")
-    name, overwrite = body.get("name"), body.get("overwrite", False)
+        raise ValueError(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}; "
+                         "send name, overwrite, wait and timeout only")
+    name, overwrite, wait = body.get("name"), body.get("overwrite", False), body.get("wait", False)
     if name is not None and not isinstance(name, str):
         raise ValueError("name must be a string")
-    if not isinstance(overwrite, bool):
-        raise ValueError("overwrite must be true or false")
+    for key, value in (("overwrite", overwrite), ("wait", wait)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+    timeout = _wait_timeout(body.get("timeout", SAVE_WAIT_SECONDS))
     request_id, name = _worker().request_save(name or None, overwrite=overwrite)
-    return jsonify(request_id=request_id, name=name), 202
+    if not wait:
+        return jsonify(request_id=request_id, name=name, state="queued"), 202
+    return _save_answer(_worker().wait_for_save(request_id, timeout))
+
+
+def _wait_timeout(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SAVE_WAIT_SECONDS:
+        raise ValueError(f"timeout must be a number of seconds above 0 and at most {MAX_SAVE_WAIT_SECONDS}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _save_answer(state):
+    """A save request's state as an HTTP answer: 200 saved, 202 still on its way, or the failure's own status."""
+    if state["state"] == "saved":
+        return jsonify(state), 200
+    if state["state"] != "failed":
+        return jsonify({**state, "timed_out": True}), 202
+    return jsonify(state), _failed_save_status(state.get("reason"))
+
+
+def _failed_save_status(reason):
+    """exists / not served: 409; busy / abandoned: 503; an errno name (ENOSPC): as the file system error it is."""
+    if reason in FAILED_SAVE_STATUS:
+        return FAILED_SAVE_STATUS[reason]
+    code = getattr(errno, reason, None) if isinstance(reason, str) and reason.startswith("E") else None
+    return OS_ERROR_STATUS.get(code, 503) if isinstance(code, int) else 500
+
+
+@bp.get("/save_requests/<request_id>")
+def save_request(request_id):
+    """A save request's state: queued, copying, writing, saved (with the outcome) or failed (with the error)."""
+    state = _worker().save_request(request_id)
+    if state is None:
+        return jsonify(error=f"no save request {request_id!r} (the server keeps the last "
+                             f"{SAVE_REQUESTS_KEPT} finished ones)"), 404
+    return jsonify(state)
 
 
 LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
@@ -467,6 +512,8 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=shutdown.seconds, default=shutdown.DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, the saves in flight get this long to finish; those still unwritten "
                         "then are abandoned (nothing partial is left)")
+    p.add_argument("--access-log", action="store_true", help="log a line per request (off: the log keeps to "
+                   "start-up, warnings and errors, and the saves at exit)")
     return p
 
 
@@ -478,6 +525,17 @@ def main(argv=None):
               "could start runs and read checkpoints. Pass --token or set ARC_LAB_TOKEN.", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests_log = logging.getLogger("werkzeug")
+    if not args.access_log:
+        requests_log.setLevel(logging.WARNING)  # Werkzeug's errors still show; a line per request does not
+    if not sys.stderr.isatty():
+        import re
+        colour = re.compile(r"\x1b\[[0-9;]*m")
+
+        def without_colour(record):  # Werkzeug colours a request line by its status, even into a file or a pipe
+            record.msg, record.args = colour.sub("", record.getMessage()), None
+            return True
+        requests_log.addFilter(without_colour)
     app = create_app({"CHECKPOINT_DIR": args.checkpoint_dir, "DATASET": args.dataset, "DATA_DIR": args.data_dir,
                       "DEVICE": args.device, "TOKEN": args.token, "BIND_HOST": args.host,
                       "ALLOWED_HOSTS": tuple(args.allowed_hosts),

@@ -1,6 +1,6 @@
 """Training: TrainConfig, the task losses and metrics, and the Trainer. Runs with no web server:
 
-    python train.py --task selection --bottleneck communication --epochs 20
+    python train.py --preset selection             # a headline configuration (--help lists them all)
     python train.py --phase pretrain --pretrain-mode binary
     python train.py --resume checkpoints/runs/RUN_ID/checkpoints/best_model.pth   # or --resume RUN_ID:best_model
 
@@ -15,6 +15,7 @@ import os
 import queue
 import random
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import catalogue
 import checkpoint as ckpt
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
-from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, load_data, make_splits
+from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, baselines, load_data, make_splits
 from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
                    ARCAutoencoder, ARCEncoder, EncoderPretrainer)
 
@@ -113,6 +114,8 @@ class TrainConfig:
     monitor: str = setting("val_loss", "metric that ranks the keep_best_k checkpoints", choices=MONITORS)
     monitor_mode: str = setting("min", "whether lower or higher `monitor` is better", choices=("min", "max"))
     verify_after_save: bool = setting(False, "re-read and re-hash every checkpoint after writing it")
+    save_on_stop: bool = setting(True, "main training: a stopped run (page, /stop, Ctrl-C, SIGTERM) saves a final "
+                                 "interrupted_step_N, and a NaN loss saves the last good state as error_step_N")
     pretrained_encoder: str = setting("", "start from this pretrained encoder checkpoint")
     freeze_encoder: bool = setting(False, "keep the pretrained encoder's weights fixed")
     pretrain_mode: str = setting("binary", "encoder pretraining task", choices=PRETRAIN_MODES)
@@ -139,6 +142,50 @@ class TrainConfig:
 
     def replace(self, **changes):
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A headline configuration: the settings a learning-bench row measures, and epochs for the CLI."""
+    title: str
+    description: str
+    values: dict  # TrainConfig fields; epochs: about the bench's 200 s of training on 2 CPU cores
+
+
+# The learning bench's rows (bench/learning.py builds them from these, so the README's figures are these configs').
+PRESETS = {
+    "selection": Preset(
+        "selection, communication, 3 distractors",
+        "pick the grid the message describes out of 4; in-batch negatives keep the message from collapsing",
+        dict(task_type="selection", bottleneck_type="communication", num_distractors=3, vocab_size=10,
+             max_message_length=5, selection_negatives="batch", epochs=32)),
+    "selection-15": Preset(
+        "selection, communication, 15 distractors",
+        "the same game with 16 candidates",
+        dict(task_type="selection", bottleneck_type="communication", num_distractors=15, vocab_size=10,
+             max_message_length=5, selection_negatives="batch", epochs=10)),
+    "reconstruction": Preset(
+        "reconstruction, autoencoder",
+        "redraw the grid from a 128-float latent and a cell code, trained on rotated, flipped and recoloured views",
+        dict(task_type="reconstruction", bottleneck_type="autoencoder", augment="symmetries+colours", epochs=30)),
+    "reconstruction-message": Preset(
+        "reconstruction, communication",
+        "redraw the grid from a 5-symbol message and 2 symbols per cell, trained on rotated, flipped and "
+        "recoloured views",
+        dict(task_type="reconstruction", bottleneck_type="communication", augment="symmetries+colours",
+             cell_channels=2, epochs=23)),
+    "puzzles": Preset(
+        "puzzle classification, one grid",
+        "name the puzzle (of 400) a grid comes from, with a bag of 131,072 colour-blind shapes; trained on the 8 "
+        "rotations and reflections",
+        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
+             pattern_buckets=131072, epochs=26)),
+    "puzzle-pairs": Preset(
+        "puzzle classification, input-output pairs",
+        "name the puzzle an (input, output) pair comes from; trained on the 8 rotations and reflections",
+        dict(task_type="puzzle_classification", bottleneck_type="autoencoder", augment="symmetries",
+             use_input_output_pairs=True, epochs=130)),
+}
 
 
 def _check_value(f, value):
@@ -399,6 +446,7 @@ class Trainer:
         self.run_id = catalogue.check_run_id(run_id) if run_id else catalogue.new_run_id()
         self.parent = None  # the checkpoint this run resumed or fine-tuned from: run_id, name, id, global_step
         self.manager = None
+        self.final_checkpoint = None  # where a stopped or failed run's last checkpoint is (CheckpointManager.save_final)
         self._manager_state = None  # the policy state a resumed checkpoint carried (best score, top-k)
         self.stop_requested = threading.Event()
         self.saves_deadline = None  # (time.monotonic() deadline, its seconds) a shutdown's stop gave the saves
@@ -487,7 +535,7 @@ class Trainer:
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
                       "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",
-                      "pretrain_mode"}
+                      "pretrain_mode", "save_on_stop"}
         ours = self.config.to_dict()
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
         if differ:
@@ -584,9 +632,11 @@ class Trainer:
         if kind == "save":
             if self.phase != "training":
                 self.publish({"type": "checkpoint_error", "request_id": command.get("request_id"),
-                              "name": command.get("name"), "error": "saves are served during main training only"})
+                              "name": command.get("name"), "error": "saves are served during main training only",
+                              "reason": "not_served"})
                 return
-            self.manager.on_request(command["name"], command.get("request_id"), command.get("overwrite", False))
+            name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
+            self.manager.on_request(name, command.get("request_id"), command.get("overwrite", False))
             if self.paused:  # nothing to overlap with: finish the copy now
                 self.manager.wait_for_copies()
         elif kind == "stop":
@@ -617,9 +667,11 @@ class Trainer:
         return model(batch["examples"], generator=self.generator)
 
     def _train_step(self, model, loss_fn, batch):
+        before = self._state_before_step(model)
         out = self._forward(model, batch)
         loss, sums = loss_fn(out, batch)
         if not torch.isfinite(loss):
+            self._restore_state_before_step(model, before)  # so that an error checkpoint holds the last good state
             raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; "
                                      "lower the learning rate or the temperature and start again")
         self.optimizer.zero_grad(set_to_none=True)
@@ -627,6 +679,19 @@ class Trainer:
         self.manager.wait_for_copies()  # a pending snapshot must be copied before the parameters change
         self.optimizer.step()
         return out, sums
+
+    def _state_before_step(self, model):
+        """What a forward pass changes before the loss is known: batch norm's running figures and the RNG states.
+        A few KB: the parameters themselves change only in optimizer.step(), after the loss is checked."""
+        return ([b.detach().clone() for b in model.buffers()], self.generator.get_state(), torch.get_rng_state())
+
+    def _restore_state_before_step(self, model, before):
+        buffers, generator, rng = before
+        with torch.no_grad():
+            for live, kept in zip(model.buffers(), buffers):
+                live.copy_(kept)
+        self.generator.set_state(generator)
+        torch.set_rng_state(rng)
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn):
@@ -716,18 +781,25 @@ class Trainer:
         self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
                             "started_at": ckpt.utc_now(), "parent": self.parent,
                             "project_version": ckpt.PROJECT_VERSION})
-        outcome = "training_finished"
+        outcome, ending, first_step = "training_finished", None, self.global_step
+        self.final_checkpoint = None
         try:
             body()
         except StopTraining:
-            outcome = "training_stopped"
+            outcome, ending = "training_stopped", "interrupted"
+        except FloatingPointError:
+            ending = "error"
+            raise
         finally:
+            if ending and phase == "training" and self.config.save_on_stop and self.global_step > first_step:
+                self.manager.save_final(ending, self.global_step)
             deadline, timeout = self.saves_deadline or (None, None)
             self.manager.close(deadline=deadline, timeout=timeout)
             self._manager_state = self.manager.state_dict()
+            self.final_checkpoint = self.manager.final_checkpoint
         self.publish({"type": outcome, "phase": phase, "epoch": self.epoch, "batch": self.batch,
                       "global_step": self.global_step, "best_val_loss": _finite_or_none(self.best_val_loss),
-                      "val": self.last_val})
+                      "val": self.last_val, "final_checkpoint": self.final_checkpoint})
         self.phase = "finished"
         return self.last_val
 
@@ -816,8 +888,12 @@ ALIASES = {"task_type": ["--task"], "bottleneck_type": ["--bottleneck"]}
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # One line: the usage of some 60 options would bury the message, and --help shows it anyway.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default, and the presets' table (the epilog) as written."""
 
 
 def _parse_bool(text):
@@ -828,15 +904,41 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser():
-    parser = _Parser(description="Train ARC autoencoders and communication agents (no web server needed).",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def preset_flags(name):
+    """A preset's values as the flags that set them: ['--task selection', '--num-distractors 3', ...]."""
+    def flag(key):
+        return (ALIASES.get(key) or ["--" + key.replace("_", "-")])[0]
+    return [f"{flag(k)} {str(v).lower() if isinstance(v, bool) else v}" for k, v in PRESETS[name].values.items()]
+
+
+def _presets_help(width=110):
+    lines, indent = ["presets (--preset NAME: the learning bench's rows; flags given beside it override its "
+                     "values):"], " " * 26
+    for name, preset in PRESETS.items():
+        lines.append(textwrap.fill(f"{preset.title}: {preset.description}", width, initial_indent=f"  {name:<24}",
+                                   subsequent_indent=indent))
+        line = indent
+        for pair in preset_flags(name):  # a flag and its value stay on one line
+            if len(line) + len(pair) > width and line.strip():
+                lines.append(line.rstrip())
+                line = indent
+            line += pair + " "
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def build_parser(add_help=True):
+    parser = _Parser(prog="train.py", description="Train ARC autoencoders and communication agents (no web server "
+                     "needed).", epilog=_presets_help(), formatter_class=_HelpFormatter, add_help=add_help)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="start from a headline configuration (listed below); flags given beside it win")
     for f in dataclasses.fields(TrainConfig):
         flags = ALIASES.get(f.name, []) + ["--" + f.name.replace("_", "-")]
         kind = _parse_bool if f.type is bool else f.type
-        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=f.name.upper()
-                            if f.type is not bool else "BOOL", help=f.metadata["help"],
-                            choices=f.metadata["choices"])
+        # Choice fields show their choices ({a,b,c}), which a metavar would hide.
+        metavar = "{true,false}" if f.type is bool else None if f.metadata["choices"] else f.name.upper()
+        parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, metavar=metavar,
+                            help=f.metadata["help"], choices=f.metadata["choices"])
     parser.add_argument("--phase", choices=("train", "pretrain"), default="train", help="main training or encoder pretraining")
     parser.add_argument("--resume", default="", metavar="PATH", help="resume exactly from this checkpoint (a .pth, "
                         "or an id RUN_ID:NAME or a name in --checkpoint-dir); the resumed run is a new run")
@@ -848,14 +950,104 @@ def build_parser():
     return parser
 
 
+def parse_args(argv=None):
+    """The CLI's arguments; a --preset's values are the defaults, so the flags given beside it override them (and
+    --preset NAME --help shows them as the defaults)."""
+    chosen, _ = build_parser(add_help=False).parse_known_args(argv)
+    parser = build_parser()
+    if chosen.preset is not None:
+        parser.set_defaults(**PRESETS[chosen.preset].values)
+    return parser.parse_args(argv)
+
+
+def figure(value):
+    """A metric as the CLI prints it: yes or no for a boolean (message_collapse), else 4 decimals."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{round(value, 4) + 0.0:.4f}"  # + 0.0: an entropy of -1e-17 prints as 0.0000, not -0.0000
+
+
+def figures(metrics, baselines=None):
+    """'name=value' for every number in metrics; a metric with a baseline ({metric: (name, value)}) has it beside."""
+    shown = []
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            beside = (baselines or {}).get(k)
+            shown.append(f"{k}={figure(v)}" + (f" ({beside[0]} {beside[1]:.4f})" if beside else ""))
+    return " ".join(shown)
+
+
+def collapse_note(config, share):
+    """The one line a collapsed message gets: what it means, and what helps with this task."""
+    helps = [flag for flag, wanted in (("--selection-negatives batch", config.task_type == "selection"
+                                        and config.selection_negatives != "batch"),
+                                       ("--message-norm batch", config.message_norm != "batch")) if wanted]
+    advice = (" and ".join(helps) + " help" if helps else "the settings that usually help are already on: try "
+              "another seed or a larger --vocab-size")
+    preset = {"selection": "selection-15" if config.num_distractors >= 15 else "selection",
+              "reconstruction": "reconstruction-message"}.get(config.task_type)
+    if preset:
+        advice += f"; --preset {preset} trains one that does not"
+    return (f"note: the message has collapsed (distinct share {share:.2f}: few validation inputs get a message of "
+            f"their own): the sender sends nearly the same message for every input, so the receiver cannot tell "
+            f"them apart; {advice}")
+
+
+def save_plan(config, phase, mode=None):
+    """What a run will save, and when, as one line."""
+    if phase != "training":
+        return f"pretrained_encoder_{mode} whenever validation accuracy improves"
+    c = config
+    plan = ["best_model whenever validation loss improves",
+            f"checkpoint_epoch_N every {c.checkpoint_every_epochs} epochs" if c.checkpoint_every_epochs else
+            "no checkpoint_epoch_N (--checkpoint-every-epochs N)",
+            f"autosave_step_N every {c.autosave_minutes:g} minutes" if c.autosave_minutes else
+            "no autosave (--autosave-minutes M)"]
+    if c.checkpoint_every_epochs or c.autosave_minutes:
+        plan.append(f"the newest {c.keep_last} of those kept (keep_last)" if c.keep_last else "all of those kept")
+    if c.keep_best_k:
+        plan.append(f"the {c.keep_best_k} best by {c.monitor} ({c.monitor_mode}) as best_k_step_N")
+    plan.append("interrupted_step_N if stopped, error_step_N on a NaN loss" if c.save_on_stop else
+                "nothing when stopped (--save-on-stop false)")
+    return "; ".join(plan)
+
+
+def started_lines(trainer, event):
+    """The start banner below the run's line: data per split, the model and device, the length, the saves."""
+    c, phase = trainer.config, event["phase"]
+    splits = {"train": trainer.train_batches, "val": trainer.val_batches}
+    if phase == "training":
+        splits["test"] = trainer.test_batches
+    unit = "pairs" if phase == "training" and c.use_input_output_pairs else "grids"
+    data = ", ".join(f"{split} {len(torch.unique(b.puzzle)):,} puzzles / {len(b.units):,} {unit}"
+                     for split, b in splits.items())
+    params = list(trainer.model.parameters())
+    total, trained = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    what = f"{c.task_type}, {c.bottleneck_type}" if phase == "training" else f"encoder pretraining ({event['mode']})"
+    length = f"{c.epochs} epochs of {event['batches_per_epoch']} batches of {c.batch_size}"
+    if c.max_steps:
+        length += f", at most {c.max_steps:,} steps"
+    if event.get("global_step"):
+        length += f", from epoch {event['epoch']} step {event['global_step']}"
+    return [f"data: {trainer.data.name}: {data}",
+            f"model: {what}: {total:,} parameters" + (f" ({trained:,} trained)" if trained != total else "") +
+            f"; device {trainer.device}, {torch.get_num_threads()} torch threads",
+            f"length: {length}",
+            f"saves: {save_plan(c, phase, event.get('mode'))}"]
+
+
 class ConsoleProgress:
     """A tqdm bar per epoch plus one summary line per validation; the CLI's publish(). It keeps what was saved and
-    what failed, so an interrupted run can say exactly that."""
+    what failed, so a run can say at its end exactly that. `trainer` (set once built) gives the start banner."""
 
-    def __init__(self, enabled=True):
-        self.enabled, self.bar = enabled, None
+    def __init__(self, enabled=True, trainer=None):
+        self.enabled, self.bar, self.trainer = enabled, None, trainer
         self.saved, self.failed = {}, {}  # checkpoint id -> global step / error
+        self.files = {}  # checkpoint id -> the checkpoint_saved event of a checkpoint still on disk
         self.outcomes = []  # every checkpoint_saved and checkpoint_error event, in order
+        self.validations = {}  # global step -> that validation's figures (val_ dropped)
+        self.collapse_noted = False
+        self.ended = None  # the training_finished or training_stopped event
 
     def __call__(self, event):
         from tqdm import tqdm
@@ -869,27 +1061,34 @@ class ConsoleProgress:
                                  per_s=f"{event['samples_per_sec']:.0f}", refresh=False)
         elif kind == "validation":
             self._close_bar()
-            shown = {k: v for k, v in event.items() if k.startswith("val_") and isinstance(v, (int, float))}
-            print(f"epoch {event['epoch']}: step {event['global_step']} " +
-                  " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
+            shown = {k: v for k, v in event.items() if k.startswith("val_")}
+            self.validations[event["global_step"]] = {k[len("val_"):]: v for k, v in shown.items()}
+            print(f"epoch {event['epoch']}: step {event['global_step']} {figures(shown)}", flush=True)
+            if event.get("val_message_collapse") and not self.collapse_noted and self.trainer is not None:
+                self.collapse_noted = True  # once a run: the epoch lines say whether it stays so
+                print(collapse_note(self.trainer.config, event["val_distinct_share"]), flush=True)
         elif kind in ("checkpoint_saved", "checkpoint_error", "checkpoint_deleted"):
             if kind != "checkpoint_deleted":
                 self.outcomes.append(event)
             if kind == "checkpoint_saved":
                 self.saved[event["id"]] = event["global_step"]
+                self.files[event["id"]] = event
                 self.failed.pop(event["id"], None)
             elif kind == "checkpoint_error":
                 self.failed[event.get("id")] = event.get("error")
             else:
                 self.saved.pop(event.get("id"), None)
+                self.files.pop(event.get("id"), None)
             detail = event.get("path") or event.get("error") or event.get("reason")
             print(f"{kind}: {event.get('name')} {detail}", flush=True)
         elif kind == "training_started":
             parent = event.get("parent")
             origin = f", {parent['relation']} of {parent['id'] or parent['path']}" if parent else ""
-            print(f"run {event['run_id']}{origin}: checkpoints go to {event['checkpoint_folder']}", flush=True)
+            lines = [f"run {event['run_id']}{origin}: checkpoints go to {event['checkpoint_folder']}"]
+            print("\n".join(lines + (started_lines(self.trainer, event) if self.trainer else [])), flush=True)
         elif kind in ("training_finished", "training_stopped"):
             self._close_bar()
+            self.ended = event
 
     def interrupted_summary(self, trainer):
         """What an interrupted run leaves on disk, exactly: the checkpoints it wrote that are still there."""
@@ -900,14 +1099,57 @@ class ConsoleProgress:
         lines += [f"not saved: {i}: {error}" for i, error in self.failed.items()]
         return "\n".join(lines)
 
+    def best_line(self, trainer):
+        """The best validation of the run (by what best_model keeps) and the checkpoint that holds it."""
+        best = trainer.manager.best if trainer.manager is not None else None
+        if best is None:
+            return "best: no validation gave a finite score, so nothing was kept as the best"
+        ident, metric = catalogue.checkpoint_id(best["run_id"], best["name"]), trainer.manager.policy.best_metric
+        if best["run_id"] != trainer.run_id:
+            return (f"best: validation {metric} {best['score']:.4f} at step {best['global_step']} is still that of "
+                    f"the run this one resumed from, {ident}; this run did not beat it")
+        saved = self.files.get(ident)
+        where = (f"{ident} at {saved['path']}" if saved and saved["global_step"] == best["global_step"] else
+                 f"{ident}, not saved: {self.failed.get(ident, 'see the checkpoint lines above')}")
+        return (f"best: validation at step {best['global_step']}: "
+                f"{figures(self.validations.get(best['global_step'], {metric: best['score']}))}; {where}")
+
+    def resume_line(self, trainer, stopped=False):
+        """The command that carries on from this run: from its final checkpoint if it was stopped, else from the
+        newest checkpoint it saved; or which setting saves one."""
+        c = trainer.config
+        final = (self.ended or {}).get("final_checkpoint")
+        # At a tie, one named for its step (checkpoint_epoch_N) over best_model: the same state, a telling name.
+        newest = final or max(self.files.values(), key=lambda e: (e["global_step"], e["kind"] != "best"), default=None)
+        if newest is None:
+            hint = "--save-on-stop true saves one when a run is stopped" if stopped and not c.save_on_stop else \
+                "--checkpoint-every-epochs N or --autosave-minutes M save them as it goes"
+            return f"resume: this run saved no checkpoint to resume from ({hint})"
+        command = catalogue.resume_command(c.checkpoint_dir, newest["id"], newest["kind"])
+        if newest["kind"] == "pretrained":
+            return f"train from the encoder: {command}"
+        if not stopped and trainer.epoch >= c.epochs:  # it would stop at once: it has done its epochs
+            command += f" --epochs {2 * c.epochs}"
+        if c.max_steps and trainer.global_step >= c.max_steps:
+            command += f" --max-steps {2 * c.max_steps}"
+        which = "saved as it stopped" if final else "the newest this run saved"
+        return f"resume: {command}   ({newest['id']}, step {newest['global_step']}, {which})"
+
     def _close_bar(self):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
 
+def _error(e, code, note=""):
+    """A CLI error: one line on stderr, and the exit status."""
+    print(f"train.py: error: {' '.join(str(e).split())}{note}", file=sys.stderr)
+    return code
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="train.py: %(message)s")  # e.g. data.py's skipped files
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
         if args.resume:
@@ -921,10 +1163,10 @@ def main(argv=None):
         device = resolve_device(config.device)
         data = load_data(config.dataset, config.data_dir or None)
     except (ValueError, DataError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
     progress = ConsoleProgress(enabled=not args.no_progress)
     trainer = Trainer(config, data, device, config.checkpoint_dir, progress)
+    progress.trainer = trainer
     since = []  # how many save outcomes there were when the signal came
 
     def stop():  # in the signal watcher's thread: the trainer stops at its next step boundary
@@ -934,32 +1176,38 @@ def main(argv=None):
     doing = f"stopping at the next step; the saves in flight get up to {args.shutdown_timeout:g} s to finish"
     with shutdown.SignalWatcher("train.py", doing, stop) as signals:
         try:
-            metrics = train_or_pretrain(trainer, args, signals)
+            metrics, test = train_or_pretrain(trainer, args, signals)
+        except FloatingPointError as e:
+            final = trainer.final_checkpoint
+            return _error(e, 1, f" (the last good state is saved as {final['id']}: {final['path']})" if final else "")
         except (ValueError, ckpt.CheckpointError, DataError) as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            return 1
+            return _error(e, 1)
         if signals.received:  # the run has stopped and its writer is closed: every outcome is in
             print(progress.interrupted_summary(trainer), file=sys.stderr)
             for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
                 print(line, file=sys.stderr)
+            print(progress.resume_line(trainer, stopped=True), file=sys.stderr)
             return 0
-    print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    print("validation: " + figures(metrics))
+    print(progress.best_line(trainer))
+    if test is not None:
+        beside = baselines(trainer.train_batches, trainer.test_batches)
+        print("test: " + figures({k: v for k, v in test.items() if k != "chance"}, beside))  # chance is beside acc
+    print(progress.resume_line(trainer))
     return 0
 
 
 def train_or_pretrain(trainer, args, signals):
-    """What main() runs: pretraining, or main training and its test unless a signal stopped it."""
+    """What main() runs: pretraining, or main training and its test unless a signal stopped it; (the last
+    validation's metrics, the test's or None)."""
     if args.phase == "pretrain":
-        return trainer.pretrain(trainer.config.pretrain_mode)
+        return trainer.pretrain(trainer.config.pretrain_mode), None
     if args.resume:
         trainer.resume(args.resume, verify_file=not args.skip_verify)
     else:
         trainer.setup()
     metrics = trainer.train()
-    if not signals.received:
-        test = trainer.test()
-        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if isinstance(v, float)))
-    return metrics
+    return metrics, None if signals.received else trainer.test()
 
 
 def checkpoint_argument(value, root):

@@ -206,6 +206,10 @@ def test_a_signal_during_a_save_finishes_it_and_exits_0(tmp_path, number):
     assert outcome == "saved", output
     listed = check_root(root)
     assert listed[ident]["global_step"] == step and listed[ident]["size"] > 40e6
+    # The run's own final checkpoint, where it stopped: resumable, and named on the way out.
+    final = [i for i in listed if i.startswith(f"{run_id}:interrupted_step_")]
+    assert len(final) == 1 and listed[final[0]]["kind"] == "interrupted", output
+    assert save_lines(lines)[final[0]][0] == "saved", output
 
 
 def test_saves_not_finished_within_the_shutdown_timeout_are_abandoned_leaving_nothing_partial(tmp_path):
@@ -267,6 +271,9 @@ def test_train_py_stops_on_sigterm_during_a_save_and_says_what_became_of_it(tmp_
     if timeout == "30":
         assert outcome == "saved", output
         assert listed[ident]["global_step"] == detail and f"{ident} (step {detail})" in summary
+        final = [i for i in listed if i.startswith(f"{run_id}:interrupted_step_")]
+        assert len(final) == 1 and listed[final[0]]["kind"] == "interrupted", output
+        assert any(line.startswith("resume: ") and f"--resume {final[0]}" in line for line in lines), output
     else:
         assert outcome == "abandoned" and detail == "abandoned at shutdown: did not finish within 0.01 s", output
         assert ident not in listed and "this run wrote no checkpoint" in summary

@@ -572,9 +572,13 @@ def test_an_interrupted_cli_says_exactly_what_it_wrote(tmp_path):
         at = next((i for i, line in enumerate(lines) if line.startswith("interrupted at epoch")), None)
         assert at is not None, err
         summary = lines[at] if "not saved" not in err else err
-        after = [line for line in lines[at + 1:] if not line.startswith("not saved: ")]
+        resume = [line for line in lines[at + 1:] if line.startswith("resume: ")]
+        after = [line for line in lines[at + 1:] if not line.startswith(("not saved: ", "resume: "))]
         assert after and all(line.startswith(("saved ", "abandoned ")) for line in after) \
             or after == ["no save was in flight"], err  # then one line per save that was in flight
+        final = [name for name in on_disk if name.startswith("interrupted_step_")]
+        if final:  # the stop's own checkpoint, and the command that goes on from it
+            assert len(resume) == 1 and resume[0].split("   ")[0].endswith(f"--resume {run_id}:{final[0]}"), err
         if on_disk:
             assert f"wrote {len(on_disk)} checkpoint(s)" in summary
             assert all(f"{run_id}:{name}" in summary for name in on_disk)
