@@ -982,11 +982,12 @@ def collapse_note(config, share):
     helps = [flag for flag, wanted in (("--selection-negatives batch", config.task_type == "selection"
                                         and config.selection_negatives != "batch"),
                                        ("--message-norm batch", config.message_norm != "batch")) if wanted]
-    advice = (" and ".join(helps) + " help" if helps else "the settings that usually help are already on: try "
-              "another seed or a larger --vocab-size")
+    advice = (" and ".join(helps) + " help" if helps else "the settings that usually help are already on: train "
+              "longer (a message often spreads out after the first epochs), or try another seed or a larger "
+              "--vocab-size")
     preset = {"selection": "selection-15" if config.num_distractors >= 15 else "selection",
               "reconstruction": "reconstruction-message"}.get(config.task_type)
-    if preset:
+    if preset and any(getattr(config, k) != v for k, v in PRESETS[preset].values.items() if k != "epochs"):
         advice += f"; --preset {preset} trains one that does not"
     return (f"note: the message has collapsed (distinct share {share:.2f}: few validation inputs get a message of "
             f"their own): the sender sends nearly the same message for every input, so the receiver cannot tell "

@@ -205,6 +205,13 @@ def test_booleans_print_as_yes_or_no_and_a_collapsed_message_gets_one_note_per_r
         assert says in notes[0], notes[0]
 
 
+def test_a_collapse_under_the_preset_itself_does_not_suggest_that_preset():
+    preset = train.TrainConfig.from_dict(train.PRESETS["selection"].values)
+    note = train.collapse_note(preset, 0.1)
+    assert "--preset" not in note and "train longer" in note, note
+    assert "--preset selection" in train.collapse_note(preset.replace(selection_negatives="distractors"), 0.1)
+
+
 def test_no_note_without_a_collapse(tasks, tmp_path, capsys):
     code, lines, err = run_main(capsys, "--data-dir", tasks, "--checkpoint-dir", str(tmp_path / "c"), "--task",
                                 "selection", "--bottleneck", "autoencoder", "--epochs", "1", *TINY)
