@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import sys
 import urllib.parse
@@ -529,7 +530,6 @@ def main(argv=None):
     if not args.access_log:
         requests_log.setLevel(logging.WARNING)  # Werkzeug's errors still show; a line per request does not
     if not sys.stderr.isatty():
-        import re
         colour = re.compile(r"\x1b\[[0-9;]*m")
 
         def without_colour(record):  # Werkzeug colours a request line by its status, even into a file or a pipe

@@ -6,7 +6,8 @@ on request; retention per run. It keeps its own state (the best score, the top-k
 memory and in every record it saves, and never lists the folder to rediscover it. The Trainer calls it at four
 hooks (after_step, after_validation, on_request, close) and hands it a snapshot(kind, name) callable.
 
-CheckpointWriter copies each snapshot while the next step computes and writes it in the background, in order;
+CheckpointWriter copies each snapshot while the next step computes and has the run's store (store.py) write it
+in the background, in order;
 whatever a job raises becomes a checkpoint_error event, and the writer goes on serving. At shutdown, close() can
 be given a deadline: the saves not written by then are abandoned (nothing partial stays, the previous checkpoint
 of the name is kept) and each gets a checkpoint_error saying so.
@@ -22,6 +23,7 @@ import time
 
 import catalogue
 import checkpoint as ckpt
+from store import SingleFileStore
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class CheckpointManager:
         self.root, self.run_id, self.policy = root, run_id, policy
         self.publish, self.snapshot = publish, snapshot  # snapshot(kind, name) -> save_full_checkpoint fields
         self.folder = catalogue.checkpoint_folder(root, run_id)
+        self.store = SingleFileStore(self.folder)
         self.best = None  # {"score", "run_id", "name", "global_step"}: the best validation so far
         self.top_k = []  # the same, best first: this run's best_k_step_N and those of the runs it continues
         self.recent = []  # this run's periodic and autosave checkpoints, oldest first: {"name", "global_step"}
@@ -155,7 +158,7 @@ class CheckpointManager:
     def unique_name(self, base):
         """base, or base_2, base_3...: the first name no checkpoint of this run has or is being saved under."""
         name, n = base, 2
-        while self.writer.has_job(name) or os.path.lexists(catalogue.entry_for(self.root, self.run_id, name).path):
+        while self.writer.has_job(name) or self.store.exists(name):
             name, n = f"{base}_{n}", n + 1
         return name
 
@@ -202,7 +205,7 @@ class CheckpointManager:
     def _delete(self, name, reason):
         entry = catalogue.entry_for(self.root, self.run_id, name)
         try:
-            ckpt.delete_checkpoint(entry.path)
+            self.store.delete(name)
         except FileNotFoundError:
             return
         except (OSError, ckpt.CheckpointError) as e:
@@ -216,7 +219,7 @@ class CheckpointManager:
         fields = self.snapshot(kind, name)  # after the decision: the record holds the state that includes it
         self.writer.submit(SaveJob(fields, self.folder, self.run_id, request_id=request_id, overwrite=overwrite,
                                    verify_after_save=self.policy.verify_after_save, on_saved=on_saved,
-                                   on_failed=on_failed))
+                                   on_failed=on_failed, store=self.store))
 
 
 def _score_entry(value):
@@ -253,13 +256,15 @@ def clone_tensors(value):
 
 
 class SaveJob:
-    """One save: what to write (tensors still live until copied), into which run's folder, and who asked."""
+    """One save: what to write (tensors still live until copied), into which run's folder (through its store, a
+    SingleFileStore of the folder unless given), and who asked."""
 
     def __init__(self, fields, folder, run_id, request_id=None, overwrite=False, verify_after_save=False,
-                 on_saved=None, on_failed=None):
+                 on_saved=None, on_failed=None, store=None):
         self.fields = fields  # keyword arguments of save_full_checkpoint, tensors not yet copied
         self.name, self.kind = fields["name"], fields["kind"]
         self.folder, self.run_id = folder, run_id
+        self.store = store if store is not None else SingleFileStore(folder)
         self.request_id = request_id
         self.overwrite, self.verify_after_save = overwrite, verify_after_save
         self.on_saved = on_saved  # called in the writer thread with the sidecar after a durable write
@@ -395,12 +400,11 @@ class CheckpointWriter:
                 raise ckpt.CheckpointError(job.abandoned or "abandoned")
             if job.copy_error is not None:
                 raise job.copy_error
-            sidecar = ckpt.save_full_checkpoint(job.folder, **job.fields, overwrite=job.overwrite,
-                                                verify_after_save=job.verify_after_save, cancel=job.cancel)
+            sidecar, path = job.store.write(job.fields, overwrite=job.overwrite,
+                                            verify_after_save=job.verify_after_save, cancel=job.cancel)
         except Exception as e:  # every failure becomes this request's checkpoint_error
             self._failed(job, ckpt.CheckpointError(job.abandoned or "abandoned") if job.cancel.is_set() else e)
             return
-        path = os.path.join(job.folder, sidecar["file"])
         self.publish({"type": "checkpoint_saved", "request_id": job.request_id, "id": catalogue.checkpoint_id(
                           job.run_id, job.name), "run_id": job.run_id, "name": job.name, "kind": sidecar["kind"],
                       "path": path, "epoch": sidecar["epoch"], "batch": sidecar["batch"],
