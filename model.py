@@ -262,20 +262,44 @@ class ExampleEncoder(nn.Module):
         return latents, None if cell_map is None else cell_map.unflatten(0, (n, g))
 
 
-def draw_symbols(logits, temperature, training, generator=None):
+def draw_symbols(logits, temperature, training, generator=None, batch_group=None):
     """Logits (..., V) -> one-hot symbols (..., V): Gumbel-softmax in training, the argmax in evaluation.
 
     Straight-through: hard one-hot forward, soft Gumbel-softmax gradient backward. The noise comes from the
-    caller's generator so a run's randomness is its own and can be saved and restored.
+    caller's generator so a run's randomness is its own and can be saved and restored. With a batch split across
+    processes (batch_group), each draws the noise of the whole batch and keeps its own rows: an example gets the
+    same noise whatever the number of processes.
     """
     vocab_size = logits.shape[-1]
     if not training:
         return F.one_hot(logits.argmax(-1), vocab_size).to(logits.dtype)
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    if batch_group is None:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    else:
+        offset, total = batch_group.rows(len(logits))
+        uniform = torch.rand((total, *logits.shape[1:]), generator=generator, device=logits.device,
+                             dtype=logits.dtype)[offset:offset + len(logits)]
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
     soft = F.softmax((logits + gumbel) / temperature, dim=-1)
     hard = F.one_hot(soft.argmax(-1), vocab_size).to(soft.dtype)
     return hard - soft.detach() + soft
+
+
+def split_batch_norm(x, norm, batch_group, dims):
+    """What norm(x) (a BatchNorm without affine) computes in training, over a batch split across processes: the
+    whole batch's mean and variance (summed over batch_group, with their gradient) and its running figures updated
+    as one process would update them."""
+    shape = [1] * x.dim()
+    shape[1] = -1
+    count = batch_group.total(x.numel() // x.shape[1])
+    mean = batch_group.sum_rows(x.sum(dims)) / count
+    centred = x - mean.view(shape)
+    var = batch_group.sum_rows((centred ** 2).sum(dims)) / count
+    with torch.no_grad():
+        norm.num_batches_tracked += 1
+        norm.running_mean.mul_(1 - norm.momentum).add_(norm.momentum * mean)
+        norm.running_var.mul_(1 - norm.momentum).add_(norm.momentum * var * count / max(count - 1, 1))
+    return centred / torch.sqrt(var.view(shape) + norm.eps)
 
 
 class Sender(nn.Module):
@@ -293,17 +317,22 @@ class Sender(nn.Module):
         self.vocab_size, self.max_length = vocab_size, max_length
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, max_length * vocab_size))
         self.norm = nn.BatchNorm1d(max_length * vocab_size, affine=False) if logit_norm == "batch" else None
+        self.batch_group = None  # set by ARCAutoencoder.split_batch
 
     def forward(self, latent, temperature, generator=None):
         logits = self.net(latent)
         if self.norm is not None:
             logits = NORMED_LOGIT_SCALE * self._normalise(logits)
         logits = logits.view(-1, self.max_length, self.vocab_size)
-        return draw_symbols(logits, temperature, self.training, generator), logits
+        return draw_symbols(logits, temperature, self.training, generator, self.batch_group), logits
 
     def _normalise(self, logits):
-        if self.training and len(logits) == 1:  # one example has no spread over the batch: use the running figures
+        whole = len(logits) if self.batch_group is None or not self.training else \
+            self.batch_group.rows(len(logits))[1]
+        if self.training and whole == 1:  # one example has no spread over the batch: use the running figures
             return F.batch_norm(logits, self.norm.running_mean, self.norm.running_var, eps=self.norm.eps)
+        if self.batch_group is not None and self.training:
+            return split_batch_norm(logits, self.norm, self.batch_group, dims=0)
         return self.norm(logits)
 
 
@@ -338,6 +367,7 @@ class CellCode(nn.Module):
         self.project = nn.Conv2d(map_channels, self.out_channels, 1, bias=False)
         # As in Sender: each (channel, symbol) logit normalised over the batch and the cells.
         self.norm = nn.BatchNorm2d(self.out_channels, affine=False) if vocab_size and logit_norm == "batch" else None
+        self.batch_group = None  # set by ARCAutoencoder.split_batch
 
     def forward(self, cell_maps, temperature, generator=None):
         """(N, G, C_map, 15, 15) -> codes (N, G * C_out, 15, 15), C_out = channels (x vocab_size, one-hot), and
@@ -347,9 +377,10 @@ class CellCode(nn.Module):
         symbols = None
         if self.vocab_size is not None:
             if self.norm is not None:
-                codes = NORMED_LOGIT_SCALE * self.norm(codes)
+                codes = NORMED_LOGIT_SCALE * (split_batch_norm(codes, self.norm, self.batch_group, dims=(0, 2, 3))
+                                              if self.batch_group is not None and self.training else self.norm(codes))
             logits = codes.unflatten(1, (self.channels, self.vocab_size)).movedim(2, -1)  # (N * G, ch, 15, 15, V)
-            symbols = draw_symbols(logits, temperature, self.training, generator)
+            symbols = draw_symbols(logits, temperature, self.training, generator, self.batch_group)
             codes = symbols.movedim(-1, 2).flatten(1, 2)  # the one-hot symbols, back in channel order
             symbols = symbols.reshape(n, -1, self.vocab_size)  # per example: grid, channel, row, column
         return codes.unflatten(0, (n, g)).flatten(1, 2), symbols
@@ -441,9 +472,18 @@ class ARCAutoencoder(nn.Module):
         else:
             self.classifier = nn.Linear(hidden_dim, num_classes, bias=scoring == "dot")
 
+        self.batch_group = None  # see split_batch
+
     @property
     def encoder(self):
         return self.example_encoder.encoder
+
+    def split_batch(self, batch_group):
+        """Train on a batch split across processes: batch_group (distributed.DistributedContext) gives what the
+        model computes over the whole batch (normalised logits, in-batch negatives, the rows of the Gumbel noise)."""
+        for module in (self, getattr(self, "sender", None), self.cell_code):
+            if module is not None:
+                module.batch_group = batch_group
 
     def scores(self, state, keys):
         """Receiver states (B, H) against each example's keys (B, K, H) -> (B, K), or shared keys (N, H) -> (B, N)."""
@@ -476,7 +516,11 @@ class ARCAutoencoder(nn.Module):
             state, symbols = self.transmit(target_latent, generator)
             keys = self.candidate_projection(cand_latents)  # (B, K+1, hidden)
             out = {"scores": self.scores(state, keys), "symbols": symbols}
-            if self.training and self.batch_negatives:
+            if self.training and self.batch_negatives and self.batch_group is not None:
+                # every candidate of the whole batch: (B, B_all * (K+1)); this process's examples start at offset
+                out["batch_scores"] = self.scores(state, self.batch_group.gather_rows(keys.flatten(0, 1)))
+                out["batch_offset"] = self.batch_group.rows(b)[0]
+            elif self.training and self.batch_negatives:
                 out["batch_scores"] = self.scores(state, keys.flatten(0, 1))  # (B, B * (K+1))
             return out
         latents, cell_maps = self.example_encoder.encode(examples, keep_map=self.cell_code is not None)

