@@ -1,0 +1,244 @@
+"""Many processes (torchrun) train as one does: 2 real processes (DDP and FSDP2, gloo on CPU) against 1, on the
+same global batches. In float64 weights and every logged metric agree to 1e-9; in float32 the largest difference is
+printed. Each launch runs several runs in one process group, to keep torch's start-up to a few launches."""
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import distributed
+from conftest import write_task_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "tests", "distributed_run.py")
+TASKS = {  # each with the parts that compute over the batch: normalised logits, a cell code, in-batch negatives
+    "reconstruction": dict(task_type="reconstruction", bottleneck_type="communication", cell_channels=2),
+    "selection": dict(task_type="selection", bottleneck_type="communication", selection_negatives="batch"),
+    "puzzle_classification": dict(task_type="puzzle_classification", bottleneck_type="communication"),
+}
+# batch_size 9 leaves last batches of 7, 3 and 2 (odd ones split 4 / 3 and so on between 2 processes)
+TINY = dict(embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2, batch_size=9, epochs=100,
+            max_steps=20, checkpoint_every_epochs=0, device="cpu", temperature=2.0, temperature_decay=0.8)
+TOLERANCE = 1e-9
+# The sender's last bias feeds a batch norm without affine, which cancels it: its gradient is rounding alone (about
+# 1e-14, against 20 for the weight beside it), which Adam scales up to lr * g / (|g| + eps), some 1e-9 a step, and
+# rounds differently for each way of summing the batch; the running mean follows it. The normalised logits, the
+# losses and every metric do not see it. Held to 1e-6.
+ROUNDING_DRIVEN = {"sender.net.2.bias": 1e-6, "sender.norm.running_mean": 1e-6}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp, name, runs, data_dir, processes):
+    """Run the runner on `processes` processes (torchrun when above 1); rank 0's results."""
+    spec, out = tmp / f"{name}.json", tmp / f"{name}.pkl"
+    spec.write_text(json.dumps({"data_dir": str(data_dir), "runs": runs}))
+    command = [sys.executable, RUNNER, str(spec), str(out)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+def spec(name, root, dtype="float64", **changes):
+    return {"name": name, "dtype": dtype, "config": {**TINY, "checkpoint_dir": str(root / name), **changes}}
+
+
+def task_runs(root, strategy=None):
+    extra = {"strategy": strategy} if strategy else {}
+    return [spec(f"{task}-{dtype}", root, dtype, **values, **extra)
+            for task, values in TASKS.items() for dtype in ("float64", "float32")]
+
+
+def logged(events):
+    """Every number the run published in batch, validation and finish events, by (event, step, key)."""
+    figures = {}
+    for i, e in enumerate(events):
+        if e["type"] in ("batch", "validation", "training_finished"):
+            for k, v in e.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "samples_per_sec":
+                    figures[(e["type"], e.get("global_step"), k)] = v
+            for k, v in (e.get("val") or {}).items():
+                if isinstance(v, (int, float)):
+                    figures[(e["type"], e.get("global_step"), "val_" + k)] = v
+    return figures
+
+
+def weight_difference(one, many):
+    """The largest difference between two runs' weights; ROUNDING_DRIVEN ones only where above their bound."""
+    assert one["state"].keys() == many["state"].keys()
+    largest = 0.0
+    for k in one["state"]:
+        difference = (one["state"][k] - many["state"][k]).abs().max().item()
+        largest = max(largest, difference if difference > ROUNDING_DRIVEN.get(k, 0.0) else 0.0)
+    return largest
+
+
+def differences(one, many):
+    """The largest difference between two runs' weights, and between the metrics they logged (and tested)."""
+    weights = weight_difference(one, many)
+    a, b = metric_pairs(one, many)
+    metrics = max(abs(a[k] - b[k]) for k in a if not (isinstance(a[k], float) and math.isnan(a[k])))
+    return weights, metrics
+
+
+def metric_pairs(one, many):
+    """Every logged and tested figure of two runs, by (event, step, key)."""
+    a, b = logged(one["events"]), logged(many["events"])
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for split in ("test",):
+        if one[split] is not None:
+            a.update({(split, k): v for k, v in one[split].items()})
+            b.update({(split, k): many[split][k] for k in one[split]})
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The task folder; then ddp on 2 processes (with a run that saves at step 10, and one given commands), one
+    process (the references, and a resume of the ddp record), fsdp on 2 (and a 2-process resume)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    data_dir = write_task_folder(tmp / "tasks", n_training=6, n_evaluation=2)
+    ddp_runs = task_runs(tmp / "ddp", "ddp") + [
+        spec("save10", tmp / "ddp", **TASKS["selection"], max_steps=10),
+        {**spec("commands", tmp / "ddp", **TASKS["reconstruction"]),
+         "commands": {3: {"type": "save", "name": "asked_at_3"}, 5: {"type": "stop"}}}]
+    ddp = launch(tmp, "ddp", ddp_runs, data_dir, 2)
+    record = ddp["save10"]["events"]
+    best = [e for e in record if e["type"] == "checkpoint_saved" and e["name"] == "best_model"][-1]
+    one = launch(tmp, "one", task_runs(tmp / "one") + [
+        {**spec("resumed", tmp / "one", **TASKS["selection"]), "resume": best["path"]}], data_dir, 1)
+    fsdp = launch(tmp, "fsdp", task_runs(tmp / "fsdp", "fsdp") + [
+        {**spec("resumed", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"), "resume": best["path"]}], data_dir, 2)
+    return {"ddp": ddp, "one": one, "fsdp": fsdp, "best": best}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_processes_train_as_one(runs, strategy, task):
+    one, many = runs["one"][f"{task}-float64"], runs[strategy][f"{task}-float64"]
+    assert many["steps"] == [20, 20]
+    assert sum(e["type"] == "validation" for e in many["events"]) > 1  # every epoch's, pooled over both processes
+    weights, metrics = differences(one, many)
+    assert weights < TOLERANCE and metrics < TOLERANCE, (weights, metrics)
+    print(f"\n{strategy} {task} float32, 2 processes vs 1: " + float32_report(
+        runs["one"][f"{task}-float32"], runs[strategy][f"{task}-float32"]))
+
+
+def float32_report(one, many):
+    """The largest float32 differences: weights (the rounding-driven apart), the first step's loss, any metric."""
+    weight = {k: (one["state"][k] - many["state"][k]).abs().max().item() for k in one["state"]}
+    driven = max((v for k, v in weight.items() if k in ROUNDING_DRIVEN), default=0.0)
+    a, b = metric_pairs(one, many)
+    first = abs(a[("batch", 1, "loss")] - b[("batch", 1, "loss")])
+    key = max((k for k in a if not math.isnan(a[k])), key=lambda k: abs(a[k] - b[k]))
+    return (f"weights {max(v for k, v in weight.items() if k not in ROUNDING_DRIVEN):.1e} (rounding-driven "
+            f"{driven:.1e}), step 1 loss {first:.1e}, largest metric difference {abs(a[key] - b[key]):.1e} "
+            f"({' '.join(map(str, key))})")
+
+
+def test_a_two_process_record_resumes_exactly_on_one_and_on_two(runs):
+    best = runs["best"]
+    assert best["global_step"] == 10
+    record = ckpt.load_checkpoint(best["path"])
+    assert not any(k.startswith("module.") for k in record["model_state_dict"])  # the raw model's state
+    assert all(isinstance(k, int) for k in record["optimizer_state_dict"]["state"])  # torch.optim's own form
+    straight = runs["one"]["selection-float64"]
+    for resumed in (runs["one"]["resumed"], runs["fsdp"]["resumed"]):
+        assert resumed["steps"][0] == 20
+        assert weight_difference(straight, resumed) < TOLERANCE
+        assert max(abs(straight["test"][k] - resumed["test"][k]) for k in straight["test"]) < TOLERANCE
+
+
+def test_rank_0_decides_saves_and_stop_and_the_others_follow(runs):
+    run = runs["ddp"]["commands"]
+    assert run["steps"] == [5, 5]  # the stop was queued on rank 0 only
+    saved = {e["name"]: e for e in run["events"] if e["type"] == "checkpoint_saved"}
+    assert saved["asked_at_3"]["global_step"] == 3
+    assert run["final_checkpoint"]["name"] == "interrupted_step_5"
+    assert ckpt.load_checkpoint(saved["interrupted_step_5"]["path"])["global_step"] == 5
+    assert run["events"][-1]["type"] == "training_stopped"
+
+
+def test_split_rows_cover_the_batch_in_order():
+    for n in range(0, 12):
+        for world in (1, 2, 3):
+            parts = [distributed.DistributedContext(rank, world).split_rows(n) for rank in range(world)]
+            rows = [i for part in parts for i in range(n)[part]]
+            assert rows == list(range(n))
+            assert max(map(len, map(range(n).__getitem__, parts))) - min(
+                map(len, map(range(n).__getitem__, parts))) <= 1
+
+
+def test_one_process_context_does_nothing():
+    one = distributed.SINGLE
+    sums = {"loss": (3.0, 2)}
+    assert one.is_primary and one.world_size == 1
+    assert one.all_reduce_sums(sums) is sums and one.broadcast("x") == "x" and one.rows(5) == (0, 5)
+    x = torch.ones(3)
+    assert one.gather_rows(x) is x and one.sum_rows(x) is x and one.total(4) == 4
+    with pytest.raises(ValueError, match="strategy"):
+        one.wrap(torch.nn.Linear(1, 1), "zero")
+
+
+def torchrun_train(tmp_path, data_dir, *flags):
+    """train.py under real torchrun on 2 processes, its output piped."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "train.py", "--data-dir", str(data_dir), "--no-progress",
+               "--checkpoint-dir", str(tmp_path / "checkpoints"), "--device", "cpu", "--embedding-dim", "4",
+               "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2", "--batch-size", "9",
+               "--checkpoint-every-epochs", "0", *flags]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pid(launcher, rank):
+    """The pid of torchrun's worker of that rank (a child of its agent), read from the workers' environment."""
+    with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+        children = f.read().split()
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_task_folder(tmp_path_factory.mktemp("cli") / "tasks", n_training=6, n_evaluation=2)
+
+
+def test_train_py_under_torchrun_prints_once_from_rank_0(tmp_path, task_dir):
+    run = torchrun_train(tmp_path, task_dir, "--strategy", "fsdp", "--max-steps", "6")
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err[-3000:]
+    starts = [line.split(" ")[0] for line in out.splitlines()]
+    assert starts.count("run") == starts.count("validation:") == starts.count("test:") == 1, out
+    assert "best: validation at step 6" in out
+
+
+def test_a_signal_to_rank_0_stops_every_rank_at_one_step(tmp_path, task_dir):
+    run = torchrun_train(tmp_path, task_dir, "--epochs", "100000", "--task", "selection")
+    for line in run.stdout:  # the first epoch's line: training is under way on both ranks
+        if line.startswith("epoch 1:"):
+            break
+    os.kill(rank_pid(run, 0), signal.SIGTERM)  # rank 0 alone: it decides, and broadcasts the stop
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err[-3000:]
+    interrupted = [p for p in (tmp_path / "checkpoints").rglob("interrupted_step_*.pth")]
+    assert len(interrupted) == 1, err[-3000:]
+    assert "resume: " in err and "test: " not in out
