@@ -548,7 +548,7 @@ class Trainer:
         self._check_pattern_kinds(record, path)
         self.parent = lineage(path, record, "fine-tune")
         try:
-            self.model.load_state_dict(record["model_state_dict"])
+            self.raw_model.load_state_dict(record["model_state_dict"])
         except RuntimeError as e:
             reason = f"{str(e).splitlines()[0]}{ckpt.version_note(record)}"
             raise ValueError(f"{path}: its model does not match this config (task, bottleneck and architecture "
