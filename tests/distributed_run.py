@@ -4,7 +4,8 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed_run.py SPEC.json OUT.pkl
 
 SPEC: {"data_dir", "runs": [{"name", "config": {TrainConfig fields}, "dtype": "float64" | "float32",
-"resume": path or null, "commands": {global step: command} (put on rank 0's queue after that step)}]}.
+"resume": path or null, "commands": {global step: command} (put on rank 0's queue after that step),
+"when_paused": command (put on it when the run has paused)}]}.
 Rank 0 writes OUT: {name: {"events", "state" (the whole model state, float64), "test", "steps" (every rank's
 global_step), "final_checkpoint"}}.
 """
@@ -33,6 +34,8 @@ def run(spec, data, context):
             events.append(event)
             if event["type"] == "batch" and event["global_step"] in commands:
                 trainer.commands.put(commands[event["global_step"]])
+            if event["type"] == "training_paused" and spec.get("when_paused"):
+                trainer.commands.put(spec["when_paused"])
 
         trainer = Trainer(config, data, context.device, config.checkpoint_dir, publish, dist=context)
         if spec.get("resume"):

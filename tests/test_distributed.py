@@ -116,14 +116,17 @@ def runs(tmp_path_factory):
     data_dir = write_task_folder(tmp / "tasks", n_training=6, n_evaluation=2)
     ddp_runs = task_runs(tmp / "ddp", "ddp") + [
         spec("save10", tmp / "ddp", **TASKS["selection"], max_steps=10),
-        {**spec("commands", tmp / "ddp", **TASKS["reconstruction"]),
-         "commands": {3: {"type": "save", "name": "asked_at_3"}, 5: {"type": "stop"}}}]
+        {**spec("commands", tmp / "ddp", **TASKS["reconstruction"], checkpoint_every_epochs=1, keep_best_k=2,
+                autosave_minutes=1e-5),  # an autosave at nearly every step, on rank 0's clock
+         "commands": {2: {"type": "pause"}, 3: {"type": "save", "name": "asked_at_3"}, 7: {"type": "stop"}},
+         "when_paused": {"type": "resume"}}]
     ddp = launch(tmp, "ddp", ddp_runs, data_dir, 2)
     record = ddp["save10"]["events"]
     best = [e for e in record if e["type"] == "checkpoint_saved" and e["name"] == "best_model"][-1]
     one = launch(tmp, "one", task_runs(tmp / "one") + [
         {**spec("resumed", tmp / "one", **TASKS["selection"]), "resume": best["path"]}], data_dir, 1)
     fsdp = launch(tmp, "fsdp", task_runs(tmp / "fsdp", "fsdp") + [
+        spec("save10", tmp / "fsdp", **TASKS["selection"], max_steps=10, strategy="fsdp"),
         {**spec("resumed", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"), "resume": best["path"]}], data_dir, 2)
     return {"ddp": ddp, "one": one, "fsdp": fsdp, "best": best}
 
@@ -165,14 +168,31 @@ def test_a_two_process_record_resumes_exactly_on_one_and_on_two(runs):
         assert max(abs(straight["test"][k] - resumed["test"][k]) for k in straight["test"]) < TOLERANCE
 
 
-def test_rank_0_decides_saves_and_stop_and_the_others_follow(runs):
+def test_rank_0_decides_saves_pause_and_stop_and_the_others_follow(runs):
     run = runs["ddp"]["commands"]
-    assert run["steps"] == [5, 5]  # the stop was queued on rank 0 only
+    assert run["steps"] == [7, 7]  # the stop was queued on rank 0 only
+    kinds = [e["type"] for e in run["events"]]
+    assert kinds.index("training_paused") < kinds.index("training_resumed")
     saved = {e["name"]: e for e in run["events"] if e["type"] == "checkpoint_saved"}
     assert saved["asked_at_3"]["global_step"] == 3
-    assert run["final_checkpoint"]["name"] == "interrupted_step_5"
-    assert ckpt.load_checkpoint(saved["interrupted_step_5"]["path"])["global_step"] == 5
-    assert run["events"][-1]["type"] == "training_stopped"
+    assert saved["checkpoint_epoch_1"]["global_step"] == 5
+    assert any(name.startswith("autosave_step_") for name in saved)
+    assert any(name.startswith("best_k_step_") for name in saved)
+    assert run["final_checkpoint"]["name"] == "interrupted_step_7"
+    assert ckpt.load_checkpoint(saved["interrupted_step_7"]["path"])["global_step"] == 7
+    assert kinds[-1] == "training_stopped"
+
+
+def test_an_fsdp_record_holds_the_whole_state_as_ddp_gathers_it(runs):
+    """The same 10 steps saved under ddp and under fsdp: the same single-file record, optimizer state included."""
+    ddp, fsdp = (ckpt.load_checkpoint([e for e in runs[s]["save10"]["events"] if e["type"] == "checkpoint_saved"
+                                       and e["name"] == "best_model"][-1]["path"]) for s in ("ddp", "fsdp"))
+    assert ddp["model_state_dict"].keys() == fsdp["model_state_dict"].keys()
+    assert weight_difference({"state": ddp["model_state_dict"]}, {"state": fsdp["model_state_dict"]}) < TOLERANCE
+    ours, theirs = ddp["optimizer_state_dict"], fsdp["optimizer_state_dict"]
+    assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+    for i, moments in ours["state"].items():  # step, exp_avg, exp_avg_sq
+        assert all((moments[k] - theirs["state"][i][k]).abs().max() < TOLERANCE for k in moments)
 
 
 def test_split_rows_cover_the_batch_in_order():
