@@ -523,7 +523,7 @@ class Trainer:
             smallest = min(self.config.batch_size, len(batches.units) - (len(batches) - 1) * self.config.batch_size)
             if smallest < world:
                 raise ValueError(f"batch_size {self.config.batch_size} leaves a {batches.kind} batch of {smallest} "
-                                 f"examples, fewer than the {world} processes: choose another batch_size")
+                                 f"example(s), fewer than the {world} processes: choose another batch_size")
 
     @property
     def raw_model(self):

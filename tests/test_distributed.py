@@ -262,3 +262,10 @@ def test_a_signal_to_rank_0_stops_every_rank_at_one_step(tmp_path, task_dir):
     interrupted = [p for p in (tmp_path / "checkpoints").rglob("interrupted_step_*.pth")]
     assert len(interrupted) == 1, err[-3000:]
     assert "resume: " in err and "test: " not in out
+
+
+def test_a_batch_size_that_leaves_a_process_no_example_is_refused(tmp_path, task_dir):
+    run = torchrun_train(tmp_path, task_dir, "--batch-size", "13")  # 40 training grids: a last batch of 1
+    out, err = run.communicate(timeout=120)
+    assert run.returncode != 0
+    assert "batch_size 13 leaves a reconstruction batch of 1 example(s), fewer than the 2 processes" in err
