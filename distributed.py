@@ -109,7 +109,7 @@ class DistributedContext:
 
     def barrier(self):
         if self.world_size > 1:
-                dist.barrier()
+            dist.barrier()
 
     def wrap(self, model, strategy):
         """The module that runs the forward pass: model itself in one process, DDP or FSDP2 over it in several."""
@@ -125,7 +125,7 @@ class DistributedContext:
 
     def close(self):
         if self.world_size > 1:
-                dist.destroy_process_group()
+            dist.destroy_process_group()
 
     def _gather(self, tensor):
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
