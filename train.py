@@ -1157,8 +1157,8 @@ class ConsoleProgress:
 
     def __init__(self, enabled=True, trainer=None):
         self.enabled, self.bar, self.trainer = enabled, None, trainer
-        self.saved, self.failed = {}, {}  # checkpoint id -> global step / error
         self.files = {}  # checkpoint id -> the checkpoint_saved event of a checkpoint still on disk
+        self.failed = {}  # checkpoint id -> the error of its last save
         self.outcomes = []  # every checkpoint_saved and checkpoint_error event, in order
         self.validations = {}  # global step -> that validation's figures (val_ dropped)
         self.collapse_noted = False
@@ -1186,13 +1186,11 @@ class ConsoleProgress:
             if kind != "checkpoint_deleted":
                 self.outcomes.append(event)
             if kind == "checkpoint_saved":
-                self.saved[event["id"]] = event["global_step"]
                 self.files[event["id"]] = event
                 self.failed.pop(event["id"], None)
             elif kind == "checkpoint_error":
                 self.failed[event.get("id")] = event.get("error")
             else:
-                self.saved.pop(event.get("id"), None)
                 self.files.pop(event.get("id"), None)
             detail = event.get("path") or event.get("error") or event.get("reason")
             print(f"{kind}: {event.get('name')} {detail}", flush=True)
@@ -1208,9 +1206,9 @@ class ConsoleProgress:
     def interrupted_summary(self, trainer):
         """What an interrupted run leaves on disk, exactly: the checkpoints it wrote that are still there."""
         where = f"interrupted at epoch {trainer.epoch}, batch {trainer.batch}, step {trainer.global_step}"
-        lines = [f"{where}: " + (f"this run wrote {len(self.saved)} checkpoint(s), still on disk: " +
-                                 ", ".join(f"{i} (step {s})" for i, s in self.saved.items())
-                                 if self.saved else "this run wrote no checkpoint")]
+        lines = [f"{where}: " + (f"this run wrote {len(self.files)} checkpoint(s), still on disk: " +
+                                 ", ".join(f"{i} (step {e['global_step']})" for i, e in self.files.items())
+                                 if self.files else "this run wrote no checkpoint")]
         lines += [f"not saved: {i}: {error}" for i, error in self.failed.items()]
         return "\n".join(lines)
 

@@ -52,8 +52,7 @@ class TrainingWorker:
         self._lock = threading.RLock()
         self._status = self._idle_status()
         self._samples = {}
-        self._pending_names = {}  # request_id -> name, for saves accepted and not yet answered
-        self._save_requests = collections.OrderedDict()  # request_id -> its state, oldest first
+        self._save_requests = collections.OrderedDict()  # request_id -> its state, oldest first; unfinished kept
         self._save_clocks = {}  # request_id -> time.monotonic() when it was accepted
         self._save_changed = threading.Condition(self._lock)
         self._chart_points, self._last_flush = [], 0.0
@@ -228,14 +227,14 @@ class TrainingWorker:
                                   if status["phase"] == "pretraining" else ""))
             if name is not None:
                 ckpt.check_name(name)  # a bad name is the caller's to fix, whatever the queue holds
-            if len(self._pending_names) >= MAX_OUTSTANDING_SAVES:
-                raise Busy(f"{len(self._pending_names)} saves are still waiting; try again shortly")
+            waiting = self._unfinished_saves()
+            if len(waiting) >= MAX_OUTSTANDING_SAVES:
+                raise Busy(f"{len(waiting)} saves are still waiting; try again shortly")
             # No name: the trainer names it by the position it saves (checkpoint_epoch_E_batch_B), known only then.
             if name is not None and not overwrite and self._name_taken(name):
                 raise Conflict(f"a checkpoint named {name!r} already exists or is being saved; "
                                "choose another name or send overwrite: true")
             request_id = uuid.uuid4().hex[:12]
-            self._pending_names[request_id] = name
             self._track_save(request_id, name)
             self.commands.put({"type": "save", "name": name, "request_id": request_id, "overwrite": overwrite})
         return request_id, name
@@ -270,7 +269,6 @@ class TrainingWorker:
             return
         kind, state = event["type"], self._save_requests[request_id]
         if kind == "checkpoint_progress":
-            self._pending_names[request_id] = event["name"]  # an automatic name is known once the save is taken
             state = {**state, "state": event["state"], "name": event["name"], "id": event["id"]}
         elif kind == "checkpoint_saved":
             state = {**state, "state": "saved", **{k: event.get(k) for k in SAVED_FIELDS},
@@ -285,7 +283,11 @@ class TrainingWorker:
     def _name_taken(self, name):
         """Taken in the current run: saved there, or being saved. Other runs' names are theirs."""
         entry = catalogue.entry_for(self.checkpoint_dir, self._status["run_id"], name)
-        return name in self._pending_names.values() or os.path.lexists(entry.path)
+        return any(s["name"] == name for s in self._unfinished_saves()) or os.path.lexists(entry.path)
+
+    def _unfinished_saves(self):
+        """The states of the saves accepted and not yet saved or failed (an automatic name is known once taken)."""
+        return [s for s in self._save_requests.values() if s["state"] not in ("saved", "failed")]
 
     def status(self):
         with self._lock:
@@ -306,8 +308,6 @@ class TrainingWorker:
             self._update_status(event)
             if kind in ("checkpoint_progress", "checkpoint_saved", "checkpoint_error"):
                 self._note_save_outcome(event)
-            if kind in ("checkpoint_saved", "checkpoint_error"):
-                self._pending_names.pop(event.get("request_id"), None)
             if kind == "batch":
                 self._chart_points.append(_train_point(event))
                 self._flush()
