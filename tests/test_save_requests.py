@@ -142,3 +142,24 @@ def held_app_server(tmp_path, arc_data):
     server = LiveServer(app)
     yield server
     server.server.shutdown()
+
+
+def test_two_waited_saves_of_one_name_at_once_give_one_checkpoint_and_one_409(live_server):
+    start(live_server)
+    answers, barrier = [], threading.Barrier(2)
+
+    def ask():
+        barrier.wait()
+        answers.append(save(live_server, name="contested"))
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+        saved = next(a.json() for a in answers if a.status_code == 200)
+        assert ckpt.verify(saved["path"])[0] and torch.load(saved["path"])["name"] == "contested"
+    finally:
+        stop(live_server)

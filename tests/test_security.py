@@ -209,6 +209,7 @@ CONTENT_TYPES = [None, "application/json", "application/json; charset=utf-8", "t
 ROUTES = [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/config"), ("GET", "/status"),
           ("GET", "/list_checkpoints"), ("GET", "/runs"), ("GET", "/checkpoints/victim"),
           ("GET", "/checkpoints/victim/download"), ("GET", "/compare?a=victim&b=victim"), ("GET", "/runs/x/metrics"),
+          ("GET", "/samples"), ("GET", "/save_requests/nosuchrequest"),
           ("POST", "/start_pretraining"), ("POST", "/start_training"), ("POST", "/stop"), ("POST", "/pause"),
           ("POST", "/resume_training"), ("POST", "/save_checkpoint"), ("POST", "/checkpoints/victim/verify"),
           ("POST", "/login"), ("PATCH", "/checkpoints/victim"), ("DELETE", "/checkpoints/nothing"),
