@@ -20,6 +20,7 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 import catalogue
+import dcp_checkpoint
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
@@ -397,6 +398,11 @@ def checkpoint_info(ident):
 @bp.get("/checkpoints/<path:ident>/download")
 def checkpoint_download(ident):
     entry = _entry(ident)
+    if ckpt.is_folder(entry.path):  # a multi-process run's DCP folder: one tar stream of its files
+        length, chunks = dcp_checkpoint.open_archive(entry.path)
+        return Response(chunks, mimetype="application/x-tar", headers={
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{os.path.basename(entry.path)}.tar"'})
     try:
         f = os.fdopen(ckpt.open_regular(entry.path), "rb")  # never through a link
     except ckpt.UnreadableFile as e:

@@ -26,6 +26,7 @@ RUNS = "runs"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+FOLDER_SUFFIX = ".dcp"  # a multi-process run's checkpoint: a DCP folder (dcp_checkpoint.py)
 ID_SEPARATOR = ":"
 RUN_ID_RULE = "1 to 64 letters, digits and hyphens, starting with a letter or digit"
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
@@ -160,7 +161,7 @@ def _run_ids(root):
 
 def _has_legacy_checkpoints(root):
     try:
-        return any(e.name.endswith(".pth") and not e.name.startswith(".") for e in os.scandir(root))
+        return any(_is_checkpoint_entry(e) for e in os.scandir(root))
     except OSError:
         return False
 
@@ -189,7 +190,7 @@ def _count_checkpoints(root, run_id):
     try:
         if not _folder_chain_is_real(root, run_id):
             return 0, []
-        return sum(1 for e in os.scandir(folder) if e.name.endswith(".pth") and not e.name.startswith(".")), []
+        return sum(1 for e in os.scandir(folder) if _is_checkpoint_entry(e)), []
     except ValueError as e:
         return 0, [str(e)]
     except OSError as e:
@@ -273,8 +274,19 @@ def _entry(root, run_id, name):
 
 
 def _entry_at(root, run_id, name):
-    path = os.path.join(os.path.realpath(checkpoint_folder(root, run_id)), name + ".pth")
+    """The Entry of the checkpoint name in run_id's folder: its DCP folder where one is there, else its .pth."""
+    stem = os.path.join(os.path.realpath(checkpoint_folder(root, run_id)), name)
+    path = stem + FOLDER_SUFFIX if os.path.lexists(stem + FOLDER_SUFFIX) else stem + ".pth"
     return Entry(checkpoint_id(run_id, name), run_id, name, path)
+
+
+def _is_checkpoint_entry(entry):
+    """A .pth file, or a .dcp folder (a link of either name too: listed as refused); never a dot-file."""
+    if entry.name.startswith("."):
+        return False
+    if entry.name.endswith(".pth"):
+        return not entry.is_dir(follow_symlinks=False)  # a folder named x.pth is not a checkpoint
+    return entry.name.endswith(FOLDER_SUFFIX) and not entry.is_file(follow_symlinks=False)
 
 
 def entry_for(root, run_id, name):
@@ -328,13 +340,12 @@ def _list_run(root, run_id):
         return []  # the run itself is listed as refused by list_runs
     folder = os.path.realpath(checkpoint_folder(root, run_id))
     try:
-        entries = [e for e in os.scandir(folder) if e.name.endswith(".pth") and not e.name.startswith(".")
-                   and not e.is_dir(follow_symlinks=False)]  # a folder named x.pth is not a checkpoint
+        entries = [e for e in os.scandir(folder) if _is_checkpoint_entry(e)]
     except OSError:
         return []
     metas = []
     for dir_entry in entries:
-        name = dir_entry.name[:-len(".pth")]
+        name = os.path.splitext(dir_entry.name)[0]
         try:
             ckpt.check_name(name, automatic=True)
         except ValueError:

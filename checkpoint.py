@@ -61,7 +61,7 @@ FLAT_CONFIG_KEYS = (
     "hidden_dim", "latent_dim", "num_conv_layers", "vocab_size", "max_message_length", "batch_size",
     "learning_rate", "temperature",
 )
-TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state")
+TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state", "rng_states")
 USER_FIELDS = ("notes", "tags")  # edited after the save; an overwrite carries them to the new sidecar
 
 
@@ -107,6 +107,17 @@ def checkpoint_path(folder, name, suffix=".pth"):
     return path
 
 
+def is_folder(path):
+    """Whether path names a DCP folder checkpoint (NAME.dcp) rather than a .pth."""
+    return str(path).endswith(".dcp")
+
+
+def _folders():
+    """dcp_checkpoint, the folder format: it builds on this module, so it is imported when first needed."""
+    import dcp_checkpoint
+    return dcp_checkpoint
+
+
 def sidecar_path(pth_path):
     return os.path.splitext(pth_path)[0] + ".json"
 
@@ -116,7 +127,7 @@ def lock_path(pth_path):
     return os.path.join(folder, "." + os.path.splitext(file)[0] + LOCK_SUFFIX)
 
 
-def _temp_path(path, tag=""):
+def temp_path(path, tag=""):
     folder, file = os.path.split(path)
     return os.path.join(folder, f".{file}{TEMP_MARK}{tag}{uuid.uuid4().hex[:8]}")
 
@@ -284,10 +295,19 @@ def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encode
     progress: epoch, batch, global_step, val_loss, val_acc. extra: further plain fields (run_id, num_classes,
     trainer, checkpoint_manager). cancel: see write_checkpoint.
     """
+    record = build_record(name, kind=kind, config=config, model_state_dict=model_state_dict,
+                          encoder_state_dict=encoder_state_dict, optimizer_state_dict=optimizer_state_dict,
+                          progress=progress, rng_state=rng_state, dataset=dataset, metrics=metrics, extra=extra)
+    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save, cancel=cancel)
+
+
+def build_record(name, *, kind, config, model_state_dict, encoder_state_dict, optimizer_state_dict, progress,
+                 rng_state, dataset, metrics, extra=None):
+    """The one checkpoint record, every store's: what torch.load gives back for a .pth."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_name(name, automatic=kind != "manual")
-    record = {
+    return {
         "format_version": FORMAT_VERSION, "name": name, "kind": kind, "created_at": utc_now(),
         "epoch": progress["epoch"], "batch": progress["batch"], "global_step": progress["global_step"],
         "val_loss": progress.get("val_loss"), "val_acc": progress.get("val_acc"),
@@ -298,7 +318,6 @@ def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encode
         "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
         **(extra or {}),
     }
-    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save, cancel=cancel)
 
 
 def estimate_size(record):
@@ -535,7 +554,7 @@ class _Crc32Off:
                 torch_serialization.save.compute_crc32 = _Crc32Off._saved
 
 
-def _fsync_folder(folder):
+def fsync_folder(folder):
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -543,30 +562,39 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
-def _write_durable(path, data):
+def write_durable(path, data):
     """A new file at path holding data (bytes), fsynced; never follows a link or replaces a file."""
+    write_durable_with(path, lambda f: f.write(data))
+
+
+def write_durable_with(path, write):
+    """A new file at path that write(file) fills, fsynced; never follows a link or replaces a file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _write_json_durable(path, value):
-    _write_durable(path, dumps_strict(value, indent=1).encode("utf-8"))
-
-
-def _replace_json(path, value):
-    """Replace the file at path with value, atomically (temporary, fsync, rename)."""
-    temp = _temp_path(path)
+def replace_bytes(path, data):
+    """Replace the file at path with data (bytes), atomically (temporary, fsync, rename)."""
+    temp = temp_path(path)
     try:
-        _write_json_durable(temp, value)
+        write_durable(temp, data)
         os.replace(temp, path)
     finally:
-        _remove_quietly(temp)
+        remove_quietly(temp)
 
 
-def _remove_quietly(path):
+def write_json_durable(path, value):
+    write_durable(path, dumps_strict(value, indent=1).encode("utf-8"))
+
+
+def replace_json(path, value):
+    replace_bytes(path, dumps_strict(value, indent=1).encode("utf-8"))
+
+
+def remove_quietly(path):
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -592,28 +620,28 @@ def write_checkpoint(folder, record, overwrite=False, verify_after_save=False, c
 def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
     name, folder = record["name"], os.path.dirname(path)
     had_old = os.path.lexists(path)
-    if had_old and not overwrite:
+    if (had_old and not overwrite) or os.path.lexists(path[:-len(".pth")] + ".dcp"):
         raise CheckpointExists(f"a checkpoint named {name!r} already exists; choose another name")
     needed, free = estimate_size(record) * SPACE_MARGIN, shutil.disk_usage(folder).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"not enough disk space: needs about {needed / 1e6:.1f} MB, "
                                     f"{free / 1e6:.1f} MB free")
-    temp = _temp_path(path)
+    temp = temp_path(path)
     try:
         size, sha256 = _write_record(temp, record, cancel)
-        old_raw, old_sidecar = _old_sidecar(path)
-        carried = {k: old_sidecar[k] for k in USER_FIELDS if k in old_sidecar}
+        old_raw, old_fields = old_sidecar(path)
+        carried = {k: old_fields[k] for k in USER_FIELDS if k in old_fields}
         sidecar = {**metadata_of(record), **carried, "file": os.path.basename(path), "size": size,
                    "sha256": sha256, "verified_at": None}
         _commit(path, temp, sidecar, had_old, old_raw)
     finally:
-        _remove_quietly(temp)
+        remove_quietly(temp)
     if verify_after_save:
         ok, reason = _verify_unlocked(path)
         if not ok:
             raise CheckpointError(f"checkpoint {name!r} failed verification right after writing: {reason}")
         sidecar["verified_at"] = utc_now()
-        _replace_json(sidecar_path(path), sidecar)
+        replace_json(sidecar_path(path), sidecar)
     return sidecar
 
 
@@ -634,7 +662,7 @@ def _write_record(temp, record, cancel=None):
     return hashing.size, hashing.sha256.hexdigest()
 
 
-def _old_sidecar(path):
+def old_sidecar(path):
     """(raw bytes, checked fields) of the sidecar an overwrite replaces: bytes to roll back to, notes to carry."""
     try:
         raw = read_bytes(sidecar_path(path), JSON_LIMIT)
@@ -650,30 +678,30 @@ def _commit(path, temp, sidecar, had_old, old_raw):
     Between the two renames the sidecar describes the temporary .pth, which is whole and durable: a crash there
     is finished by recover_folder(), which renames that temporary into place."""
     folder, side = os.path.dirname(path), sidecar_path(path)
-    side_temp = _temp_path(side)
+    side_temp = temp_path(side)
     backup = _backup_link(path) if had_old else None
     renamed = []
     try:
-        _write_json_durable(side_temp, sidecar)
-        _fsync_folder(folder)  # both temporaries are durable under their names before anything is replaced
+        write_json_durable(side_temp, sidecar)
+        fsync_folder(folder)  # both temporaries are durable under their names before anything is replaced
         os.replace(side_temp, side)
         renamed.append(side)
         os.replace(temp, path)
         renamed.append(path)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except OSError:
         _roll_back(path, renamed, had_old, backup, old_raw)
         raise
     finally:
-        _remove_quietly(side_temp)
+        remove_quietly(side_temp)
         if backup is not None:
-            _remove_quietly(backup)
+            remove_quietly(backup)
 
 
 def _backup_link(path):
     """A hard link to the .pth an overwrite replaces, so a failure after the rename can restore it; None where
     the file system has no hard links (then a failure after the rename keeps the new, complete pair)."""
-    backup = _temp_path(path, "old-")
+    backup = temp_path(path, "old-")
     try:
         os.link(path, backup, follow_symlinks=False)
     except OSError:
@@ -695,15 +723,10 @@ def _roll_back(path, renamed, had_old, backup, old_raw):
                 os.remove(path)
         if side in renamed:
             if old_raw is not None:
-                temp = _temp_path(side)
-                try:
-                    _write_durable(temp, old_raw)
-                    os.replace(temp, side)
-                finally:
-                    _remove_quietly(temp)
+                replace_bytes(side, old_raw)
             else:
                 os.remove(side)
-        _fsync_folder(os.path.dirname(path))
+        fsync_folder(os.path.dirname(path))
     except OSError as e:  # what is left is repaired by recover_folder() or listed as damaged
         logger.error("could not roll back the failed save of %s: %s", path, e)
 
@@ -719,7 +742,7 @@ SIDECAR_TYPES = {  # what each field a sidecar may hold must be; None is always 
     "task_type": str, "bottleneck_type": str, "num_distractors": int, "use_input_output_pairs": bool,
     "num_colors": int, "embedding_dim": int, "hidden_dim": int, "latent_dim": int, "num_conv_layers": int,
     "vocab_size": int, "max_message_length": int, "batch_size": int, "learning_rate": _NUMBER,
-    "temperature": _NUMBER,
+    "temperature": _NUMBER, "format": str, "files": list, "dcp": dict,
 }
 _TYPE_WORDS = {int: "an integer", _NUMBER: "a number", str: "text", bool: "true or false", dict: "an object",
                list: "a list"}
@@ -796,7 +819,7 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def _read_lock(path, timeout=LOCK_TIMEOUT):
+def read_lock(path, timeout=LOCK_TIMEOUT):
     """The checkpoint's lock for reading it: only for our checkpoints (those with a sidecar), so that inspecting
     a stray file elsewhere leaves no lock file beside it."""
     if os.path.lexists(sidecar_path(path)):
@@ -807,11 +830,13 @@ def _read_lock(path, timeout=LOCK_TIMEOUT):
 def verify(path, mark=False):
     """(ok, reason): does the file match the size and SHA-256 its sidecar recorded? With mark, a match is stamped
     as verified_at in the sidecar, under the same lock, so no save can slip in between."""
-    lock = checkpoint_lock(path) if mark else _read_lock(path)
+    if is_folder(path):
+        return _folders().verify(path, mark)
+    lock = checkpoint_lock(path) if mark else read_lock(path)
     with lock:
         ok, reason = _verify_unlocked(path)
         if ok and mark:
-            _update_unlocked(path, {"verified_at": utc_now()})
+            update_unlocked(path, {"verified_at": utc_now()})
     return ok, reason
 
 
@@ -844,17 +869,20 @@ def _verify_unlocked(path):
 
 
 def load_checkpoint(path, verify_file=True, map_location="cpu"):
-    """torch.load (weights_only) after verification; CheckpointError with the reason for anything unloadable."""
+    """torch.load (weights_only) after verification; CheckpointError with the reason for anything unloadable. A
+    DCP folder comes back consolidated: the record a .pth of the same state would hold."""
+    if is_folder(path):
+        return _folders().load_record(path, verify_file)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    with _read_lock(path):
+    with read_lock(path):
         if verify_file:
             ok, reason = _verify_unlocked(path)
             if not ok:
                 raise CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
         try:
             with os.fdopen(open_regular(path), "rb") as f:
-                record = _torch_load(path, f, map_location)
+                record = torch_load(path, f, map_location)
         except (OSError, UnreadableFile) as e:
             raise CheckpointError(f"{path}: cannot read it: {e.strerror if isinstance(e, OSError) else e}") from None
     if not isinstance(record, dict) or "model_state_dict" not in record:
@@ -862,7 +890,7 @@ def load_checkpoint(path, verify_file=True, map_location="cpu"):
     return record
 
 
-def _torch_load(path, source, map_location, mmap=False):
+def torch_load(path, source, map_location, mmap=False):
     try:
         with warnings.catch_warnings():  # torch warns before raising; the error below says it all
             warnings.simplefilter("ignore")
@@ -884,6 +912,8 @@ def read_metadata(path):
     problems lists sidecar fields that were ignored. Never raises for what is on disk, only FileNotFoundError."""
     identity = {"name": os.path.splitext(os.path.basename(path))[0], "file": os.path.basename(path)}
     mode = os.lstat(path).st_mode
+    if is_folder(path) and stat.S_ISDIR(mode):
+        return _folders().metadata(path, identity)
     if not stat.S_ISREG(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
         return {**identity, "damaged": True, "refused": True, "size": None, "sha256": None, "problems": [],
@@ -909,7 +939,7 @@ def _metadata_from_sidecar(path, identity):
                                                            f"{sidecar.get('size')} (truncated or replaced)")
         return meta
     try:
-        record = _torch_load(path, path, "cpu", mmap=True)
+        record = torch_load(path, path, "cpu", mmap=True)
         if not isinstance(record, dict) or "model_state_dict" not in record:
             raise CheckpointError("no model_state_dict")
     except Exception as e:  # any failure to read means the file is listed as damaged, never a crash
@@ -927,18 +957,18 @@ def update_sidecar(path, changes):
     """Merge plain fields (notes, tags, verified_at) into the sidecar of the .pth at path, under its lock; the
     .pth is never rewritten. Concurrent edits of different fields all land."""
     with checkpoint_lock(path):
-        return _update_unlocked(path, changes)
+        return update_unlocked(path, changes)
 
 
-def _update_unlocked(path, changes):
-    if not os.path.isfile(path) or os.path.islink(path):
+def update_unlocked(path, changes):
+    if os.path.islink(path) or not (os.path.isdir(path) if is_folder(path) else os.path.isfile(path)):
         raise FileNotFoundError(f"no checkpoint {os.path.basename(path)}")
     sidecar, problems = inspect_sidecar(path)
     if sidecar is None:
         raise FileNotFoundError(f"checkpoint {os.path.basename(path)} has no readable sidecar to edit"
                                 + (f" ({problems[0]})" if problems else ""))
     sidecar.update(changes)
-    _replace_json(sidecar_path(path), sidecar)
+    replace_json(sidecar_path(path), sidecar)
     return sidecar
 
 
@@ -946,6 +976,8 @@ def delete_checkpoint(path):
     """Remove the .pth at path and its sidecar, under its lock. The sidecar goes first: a delete that fails there
     changes nothing, and one cut after it leaves the bare .pth, listed, not lost. Refuses a symlink: nothing is
     ever deleted through one."""
+    if is_folder(path):
+        return _folders().delete(path)
     with checkpoint_lock(path):
         try:
             mode = os.lstat(path).st_mode
@@ -958,7 +990,7 @@ def delete_checkpoint(path):
         if os.path.lexists(side):
             os.remove(side)
         os.remove(path)
-        _fsync_folder(os.path.dirname(path))
+        fsync_folder(os.path.dirname(path))
 
 
 # ---------------------------------------------------------------------------------------------- recovery
@@ -993,8 +1025,9 @@ def recover_folder(folder):
 
 
 def _leftover_stem(entry):
-    """The checkpoint name a leftover ".NAME.pth.tmp-...", ".NAME.json.tmp-..." or ".NAME.json.pending" belongs to."""
-    for marker in (".pth" + TEMP_MARK, ".json" + TEMP_MARK):
+    """The checkpoint name a leftover ".NAME.pth.tmp-...", ".NAME.dcp.tmp-...", ".NAME.json.tmp-..." or
+    ".NAME.json.pending" belongs to."""
+    for marker in (".pth" + TEMP_MARK, ".dcp" + TEMP_MARK, ".json" + TEMP_MARK):
         if marker in entry:
             return entry[1:entry.index(marker)]
     if entry.endswith(".json" + PENDING_SIDECAR):
@@ -1006,10 +1039,15 @@ def _recover_one(folder, pth, names, removed, problems):
     sidecar = read_sidecar(pth)
     for entry in names:
         leftover = os.path.join(folder, entry)
+        if _folders().is_leftover(entry):
+            dcp_path = pth[:-len(".pth")] + _folders().SUFFIX
+            if _folders().recover_leftover(folder, dcp_path, entry, read_sidecar(dcp_path)):
+                removed.append(entry)
+            continue
         if ".pth" + TEMP_MARK in entry and TEMP_MARK + "old-" not in entry and sidecar is not None \
                 and _matches(leftover, sidecar) and not _matches(pth, sidecar):
             os.replace(leftover, pth)  # cut between the sidecar's rename and the .pth's: finish it
-            _fsync_folder(folder)
+            fsync_folder(folder)
             continue
         if entry.endswith(PENDING_SIDECAR):  # version 0.6.0 renamed the .pth first, then this
             try:
@@ -1019,7 +1057,7 @@ def _recover_one(folder, pth, names, removed, problems):
                 pending = None
             if isinstance(pending, dict) and _matches(pth, check_sidecar(pending)[0]):
                 os.replace(leftover, sidecar_path(pth))
-                _fsync_folder(folder)
+                fsync_folder(folder)
                 continue
         os.remove(leftover)
         removed.append(entry)

@@ -63,11 +63,11 @@ def _better(score, than, mode):
 class CheckpointManager:
     """When one run saves and what it keeps; writes into the run's own folder under root, nowhere else."""
 
-    def __init__(self, root, run_id, policy, publish, snapshot):
+    def __init__(self, root, run_id, policy, publish, snapshot, store_type=SingleFileStore):
         self.root, self.run_id, self.policy = root, run_id, policy
-        self.publish, self.snapshot = publish, snapshot  # snapshot(kind, name) -> save_full_checkpoint fields
+        self.publish, self.snapshot = publish, snapshot  # snapshot(kind, name) -> the fields store.write takes
         self.folder = catalogue.checkpoint_folder(root, run_id)
-        self.store = SingleFileStore(self.folder)
+        self.store = store_type(self.folder)
         self.best = None  # {"score", "run_id", "name", "global_step"}: the best validation so far
         self.top_k = []  # the same, best first: this run's best_k_step_N and those of the runs it continues
         self.recent = []  # this run's periodic and autosave checkpoints, oldest first: {"name", "global_step"}
@@ -150,7 +150,7 @@ class CheckpointManager:
         entry = catalogue.entry_for(self.root, self.run_id, name)
 
         def on_saved(sidecar):
-            self.final_checkpoint = {"id": entry.id, "name": name, "kind": kind, "path": entry.path,
+            self.final_checkpoint = {"id": entry.id, "name": name, "kind": kind, "path": self.store.path(name),
                                      "global_step": global_step,
                                      "resume_command": catalogue.resume_command(self.root, entry.id, kind)}
         self._submit(kind, name, after=(on_saved, None))
@@ -396,10 +396,9 @@ class CheckpointWriter:
     def _serve(self, job):
         self._progress(job, "writing")
         try:
-            if job.cancel.is_set():
-                raise ckpt.CheckpointError(job.abandoned or "abandoned")
-            if job.copy_error is not None:
-                raise job.copy_error
+            if job.cancel.is_set() or job.copy_error is not None:
+                job.store.discard(job.fields)
+                raise job.copy_error or ckpt.CheckpointError(job.abandoned or "abandoned")
             sidecar, path = job.store.write(job.fields, overwrite=job.overwrite,
                                             verify_after_save=job.verify_after_save, cancel=job.cancel)
         except Exception as e:  # every failure becomes this request's checkpoint_error

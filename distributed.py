@@ -26,6 +26,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    checkpoint_group: object = None  # a gloo group of every rank for checkpoint I/O, apart from training's
 
     @property
     def is_primary(self):
@@ -123,6 +124,10 @@ class DistributedContext:
             return fully_shard(model)
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
+    def strategy(self, asked):
+        """What wrap() runs for strategy `asked`: none in one process; fsdp, or ddp (auto's choice) in several."""
+        return None if self.world_size == 1 else "fsdp" if asked == "fsdp" else "ddp"
+
     def close(self):
         if self.world_size > 1:
             dist.destroy_process_group()
@@ -152,8 +157,10 @@ def from_environment(device="auto"):
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
+    # DCP's background saves run collectives while training runs its own: on a group of their own, in host memory
+    checkpoint_group = dist.new_group(backend="gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
-                              torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+                              torch.device("cuda", local_rank) if cuda else torch.device("cpu"), checkpoint_group)
 
 
 def unwrap(model):
@@ -168,19 +175,52 @@ def full_state(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_state, optim_state = get_state_dict(model, optimizer,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not optim_state:
-        return model_state, optim_state
-    names = [name for group in optim_state["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(names)}
-    groups = [{**group, "params": [index[n] for n in group["params"]]} for group in optim_state["param_groups"]]
-    return model_state, {"state": {index[n]: s for n, s in optim_state["state"].items()}, "param_groups": groups}
+    return model_state, by_position(optim_state) if optim_state else optim_state
 
 
 def load_full_state(model, optimizer, model_state, optim_state):
     """A one-process record's state into a wrapped model and its optimizer (every rank passes the whole record)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     names = [name for name, p in unwrap(model).named_parameters() if p.requires_grad]
-    named = {"state": {names[i]: s for i, s in optim_state["state"].items()},
-             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=named,
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=by_name(optim_state, names),
                    options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model, optimizer):
+    """{"model", "optimizer"}: this rank's part of the state as DCP saves it (FSDP2's shards as DTensors, DDP's
+    replicas whole; optimizer state keyed by parameter name). Buffers are copied now: the forward pass that a
+    background save overlaps changes batch norm's running figures in place."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    buffers = {name for name, _ in unwrap(model).named_buffers()}
+    model_state = {k: v.detach().clone() if k in buffers else v for k, v in model_state.items()}
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def load_sharded_state(model, optimizer, folder):
+    """A DCP folder's model and optimizer into this rank's (wrapped) model, resharded to this world size and
+    strategy by DCP itself. Every rank must call it."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = sharded_state(model, optimizer)
+    try:
+        load(state, storage_reader=FileSystemReader(folder))
+    except (Exception, CheckpointException) as e:  # DCP's own is a BaseException, for shards that do not fit
+        raise RuntimeError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def by_position(optim_state):
+    """Optimizer state keyed by parameter name (DCP's form) -> torch.optim's own, keyed by position in the groups."""
+    names = [name for group in optim_state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**group, "params": [index[n] for n in group["params"]]} for group in optim_state["param_groups"]]
+    return {"state": {index[n]: s for n, s in optim_state["state"].items()}, "param_groups": groups}
+
+
+def by_name(optim_state, names):
+    """torch.optim's state, keyed by position -> keyed by the parameter names (names: the trainable ones, in
+    the optimizer's order)."""
+    return {"state": {names[i]: s for i, s in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}

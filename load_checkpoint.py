@@ -7,8 +7,11 @@
     python load_checkpoint.py --list checkpoints --run RUN_ID
     python load_checkpoint.py --compare A.pth B.pth
     python load_checkpoint.py PATH.pth --export-weights best.safetensors
+    python load_checkpoint.py PATH.dcp --consolidate OUT.pth  # a multi-process run's folder -> one file
+    python load_checkpoint.py PATH.pth --to-dcp OUT.dcp       # and back
 
-PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth, or any copy of one).
+PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth, or any copy of one) or a multi-process run's
+DCP folder (NAME.dcp, beside its NAME.json); a folder reads as the one record it consolidates to.
 
 Files are read with torch.load(weights_only=True) only, after their size and SHA-256 match the sidecar;
 --skip-verify loads a file that fails verification (salvage). Exit codes: 0 fine, 1 refused or failed, 2 bad usage.
@@ -25,6 +28,7 @@ import torch
 
 import catalogue
 import checkpoint as ckpt
+import dcp_checkpoint
 from data import NUM_COLORS, PAD
 from model import GRID_SIZE, count_parameters
 from train import TrainConfig, build_encoder, build_model
@@ -42,8 +46,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog=PROG, description="Inspect, verify, list, compare and export checkpoints.")
-    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth file")
-    parser.add_argument("--info-only", action="store_true", help="metadata only; do not rebuild the model")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth file or .dcp folder")
+    parser.add_argument("--info-only", action="store_true", help="metadata only; do not rebuild the model (a "
+                        "folder's shards are not read: their names, shapes and types come from DCP's metadata)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--verify", action="store_true", help="check size and SHA-256 against the sidecar, print it")
     parser.add_argument("--skip-verify", action="store_true",
@@ -53,7 +58,12 @@ def build_parser():
     parser.add_argument("--run", metavar="RUN_ID", help="with --list: that run's checkpoints only")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two checkpoint files")
     parser.add_argument("--export-weights", metavar="OUT", help="write PATH's model_state_dict to OUT (safetensors)")
-    parser.add_argument("--force", action="store_true", help="let --export-weights overwrite an existing OUT")
+    parser.add_argument("--consolidate", metavar="OUT.pth", help="write PATH (a .dcp folder) as one ordinary "
+                        "checkpoint file, with its sidecar: it loads with plain torch.load and resumes anywhere")
+    parser.add_argument("--to-dcp", metavar="OUT.dcp", help="write PATH (a .pth) as a DCP folder, with its sidecar: "
+                        "what a multi-process run saves")
+    parser.add_argument("--force", action="store_true", help="let --export-weights or --consolidate replace an "
+                        "existing OUT")
     return parser
 
 
@@ -65,15 +75,21 @@ def check_usage(parser, args):
         parser.error("give exactly one of PATH, --list FOLDER, --compare A B" +
                      (f" (got {', '.join(modes)})" if modes else ""))
     for flag, given in (("--info-only", args.info_only), ("--verify", args.verify),
-                        ("--export-weights", args.export_weights)):
+                        ("--export-weights", args.export_weights), ("--consolidate", args.consolidate),
+                        ("--to-dcp", args.to_dcp)):
         if given and args.path is None:
             parser.error(f"{flag} needs PATH")
+    folder = args.path is not None and dcp_checkpoint.is_folder_checkpoint(os.path.normpath(args.path))
+    if args.consolidate and not (folder and args.consolidate.endswith(".pth")):
+        parser.error("--consolidate turns a .dcp folder into OUT.pth: give PATH ending .dcp and OUT ending .pth")
+    if args.to_dcp and (folder or not args.to_dcp.endswith(dcp_checkpoint.SUFFIX)):
+        parser.error("--to-dcp turns a .pth into OUT.dcp: give PATH ending .pth and OUT ending .dcp")
     if args.run is not None and args.list is None:
         parser.error("--run only applies to --list")
     if args.skip_verify and args.list is not None:
         parser.error("--skip-verify does not apply to --list (listing never loads tensors)")
-    if args.force and not args.export_weights:
-        parser.error("--force only applies to --export-weights")
+    if args.force and not (args.export_weights or args.consolidate):
+        parser.error("--force only applies to --export-weights and --consolidate")
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -145,6 +161,7 @@ def metadata(path, record):
     sidecar = ckpt.read_sidecar(path) or {}
     info = {**{k: v for k, v in sidecar.items() if k not in record}, **ckpt.metadata_of(record)}
     info.setdefault("size", os.path.getsize(path))
+    info.pop("files", None)  # a folder's manifest: --verify checks it; the listing shows its total size
     name = os.path.splitext(os.path.basename(path))[0]
     if info.get("name") != name:  # a renamed copy: the file's name is its name, as listings show it
         info.update(name=name, saved_as=info.get("name"))
@@ -278,6 +295,43 @@ def resume_hint(path, record):
             f"    {last}")
 
 
+def folder_metadata(path, skip_verify):
+    """--info-only of a folder: its record.pth and DCP's own metadata of the shards, no tensor read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    record = dcp_checkpoint.read_record(path, verify_file=not skip_verify)
+    shards = FileSystemReader(path).read_metadata().state_dict_metadata
+    record["shards"] = {key: {"shape": list(meta.size), "dtype": str(meta.properties.dtype).replace("torch.", "")}
+                        for key, meta in shards.items() if hasattr(meta, "size")}
+    return record
+
+
+def consolidate(record, path, out, force):
+    """--consolidate: the folder's whole record as OUT.pth + OUT.json, written atomically (checkpoint.py)."""
+    name = _output_name(out, ".pth")
+    if os.path.realpath(os.path.dirname(os.path.abspath(out))) == os.path.realpath(os.path.dirname(path)) \
+            and name == os.path.basename(path)[:-len(dcp_checkpoint.SUFFIX)]:
+        raise ckpt.CheckpointError(f"{out} would take the name of the folder itself; choose another name")
+    sidecar = ckpt.write_checkpoint(os.path.dirname(os.path.abspath(out)), {**record, "name": name},
+                                    overwrite=force)
+    return {"path": out, "size": sidecar["size"], "sha256": sidecar["sha256"]}
+
+
+def to_folder(record, out):
+    """--to-dcp: the record as a DCP folder OUT.dcp + OUT.json; never replaces anything."""
+    name = _output_name(out, dcp_checkpoint.SUFFIX)
+    sidecar = dcp_checkpoint.write_record(out, {**record, "name": name})
+    return {"path": out, "size": sidecar["size"], "sha256": sidecar["sha256"]}
+
+
+def _output_name(out, suffix):
+    """OUT's checkpoint name (its file name less suffix), under the naming rules: it names the sidecar too."""
+    name = os.path.basename(os.path.normpath(out))[:-len(suffix)]
+    try:
+        return ckpt.check_name(name, automatic=True)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{out}: {e}") from None
+
+
 def export_weights(record, path, out, force):
     """Write model_state_dict as safetensors (tensors only, nothing to unpickle); returns the tensor count."""
     from safetensors import SafetensorError
@@ -308,13 +362,19 @@ def inspect_file(args):
     report = {"path": args.path, "verify": None, "metadata": None, "model": None, "exported": None}
     if args.verify:
         report["verify"] = verification(args.path, args.skip_verify)
-    record = load(args.path, skip_verify=args.skip_verify or args.verify)  # --verify has just hashed it
+    skip = args.skip_verify or args.verify  # --verify has just hashed it
+    folder_info = args.info_only and dcp_checkpoint.is_folder_checkpoint(os.path.normpath(args.path))
+    record = folder_metadata(args.path, skip) if folder_info else load(args.path, skip_verify=skip)
     report["metadata"] = metadata(args.path, record)
     if not args.info_only:
         report["model"] = model_check(args.path, record)
     if args.export_weights:
         count = export_weights(record, args.path, args.export_weights, args.force)
         report["exported"] = {"path": args.export_weights, "tensors": count}
+    if args.consolidate:
+        report["converted"] = consolidate(record, args.path, args.consolidate, args.force)
+    if args.to_dcp:
+        report["converted"] = to_folder(record, args.to_dcp)
     if args.json:
         print(json.dumps(ckpt.json_safe(report), indent=1, default=str))
     else:
@@ -340,6 +400,10 @@ def print_inspection(report, record):
         print("\n" + resume_hint(report["path"], record))
     if report["exported"] is not None:
         print(f"\nexported {report['exported']['tensors']} tensors of model_state_dict to {report['exported']['path']}")
+    if report.get("converted"):
+        done = report["converted"]
+        print(f"\nwrote {done['path']} ({human_size(done['size'])}, sha256 {done['sha256'][:12]}...) and its "
+              f"sidecar {os.path.basename(ckpt.sidecar_path(done['path']))}")
 
 
 def shape_text(shape):

@@ -1,28 +1,31 @@
 """Where a checkpoint's bytes go: a store writes, finds and deletes the checkpoints of one run's folder.
 
 The CheckpointManager decides what to save and what to keep; its writer hands each snapshot to the run's store.
-SingleFileStore keeps a checkpoint as one .pth and its .json sidecar, written atomically by checkpoint.py. A
-distributed (DCP folder) or object store is another class with the same four methods; nothing above a store
-spells a file name.
+SingleFileStore keeps a checkpoint as one .pth and its .json sidecar, written atomically by checkpoint.py;
+FolderStore, a multi-process run's, as a DCP folder and its sidecar (dcp_checkpoint.py). An object store is
+another class with the same methods; nothing above a store spells a file name.
 """
 import os
 
 import checkpoint as ckpt
+import dcp_checkpoint
 
 
 class SingleFileStore:
     """A run's checkpoints as NAME.pth + NAME.json in its folder (checkpoint.py's commit protocol and locks)."""
+    suffix = ".pth"
 
     def __init__(self, folder):
         self.folder = folder
 
     def path(self, name):
         """Where checkpoint `name` is or would be; refuses a name that leaves the folder, or a symlink there."""
-        return ckpt.checkpoint_path(self.folder, name)
+        return ckpt.checkpoint_path(self.folder, name, suffix=self.suffix)
 
     def exists(self, name):
-        """Whether anything, a symlink included, takes the name."""
-        return os.path.lexists(self._file(name))
+        """Whether anything, a symlink included, takes the name, in either form (.pth or DCP folder)."""
+        stem = os.path.join(self.folder, ckpt.check_name(name, automatic=True))
+        return os.path.lexists(stem + ".pth") or os.path.lexists(stem + dcp_checkpoint.SUFFIX)
 
     def write(self, fields, overwrite=False, verify_after_save=False, cancel=None):
         """Write one checkpoint durably (all or nothing); its sidecar and path."""
@@ -30,10 +33,42 @@ class SingleFileStore:
                                             verify_after_save=verify_after_save, cancel=cancel)
         return sidecar, os.path.join(self.folder, sidecar["file"])
 
+    def discard(self, fields):
+        """A save that will not be written (abandoned, or its copy failed): nothing to undo for a single file."""
+
     def delete(self, name):
         """Remove a checkpoint (sidecar first, so no listing shows a file without it); FileNotFoundError if gone,
         CheckpointError for a symlink (never deleted through)."""
-        ckpt.delete_checkpoint(self._file(name))
+        ckpt.delete_checkpoint(os.path.join(self.folder, ckpt.check_name(name, automatic=True) + self.suffix))
 
-    def _file(self, name):
-        return os.path.join(self.folder, ckpt.check_name(name, automatic=True) + ".pth")
+
+class FolderStore(SingleFileStore):
+    """A multi-process run's checkpoints as NAME.dcp/ + NAME.json. Every rank writes its part of each into the
+    folder that stage() made (dcp_checkpoint.ShardWriter); write() then commits it on rank 0."""
+    suffix = dcp_checkpoint.SUFFIX
+
+    def stage(self, name, needed_bytes):
+        """The temporary folder a save's ranks write into (rank 0, before they start)."""
+        return dcp_checkpoint.stage(self.folder, name, needed_bytes)
+
+    def write(self, fields, overwrite=False, verify_after_save=False, cancel=None):
+        """Once every rank's part is written (fields["sharded_save"] says when), commit the folder."""
+        save, rest = fields["sharded_save"], {k: v for k, v in fields.items() if k != "sharded_save"}
+        try:
+            save.wait_uploaded()
+        except BaseException:
+            save.discard()
+            raise
+        record = ckpt.build_record(**rest)
+        sidecar = dcp_checkpoint.commit(self.folder, save.staging, record, overwrite=overwrite,
+                                        verify_after_save=verify_after_save, cancel=cancel)
+        return sidecar, self.path(fields["name"])
+
+    def discard(self, fields):
+        """Wait for the ranks' writing to end (their collectives must finish), then remove what they wrote."""
+        save = fields["sharded_save"]
+        try:
+            save.wait_uploaded()
+        except Exception:  # failed as well as abandoned: either way nothing is kept
+            pass
+        save.discard()

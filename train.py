@@ -26,9 +26,11 @@ import torch.nn.functional as F
 
 import catalogue
 import checkpoint as ckpt
+import dcp_checkpoint
 import distributed
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
+from store import FolderStore, SingleFileStore
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, baselines, load_data, make_splits
 from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
                    ARCAutoencoder, ARCEncoder, EncoderPretrainer)
@@ -481,6 +483,9 @@ class Trainer:
         self.last_train = {}
         self.generator = torch.Generator(device=self.device)  # Gumbel noise: a run never touches the global RNG
         self.paused = False
+        # with several processes, every checkpoint is a DCP folder that each rank writes its part of
+        self.shard_writer = None if self.batch_group is None else \
+            dcp_checkpoint.ShardWriter(self.dist.checkpoint_group, self.device)
 
     # ---- set-up
 
@@ -571,7 +576,10 @@ class Trainer:
 
     def resume(self, path, verify_file=True):
         """Restore model, optimizer, position, RNG states and best score from a checkpoint: training goes on exactly."""
-        record = ckpt.load_checkpoint(path, verify_file=verify_file)
+        sharded = self.batch_group is not None and dcp_checkpoint.is_folder_checkpoint(path)
+        # A folder resumed by several processes: each reads its own part (below); else the whole record.
+        record = dcp_checkpoint.read_record(path, verify_file) if sharded else \
+            ckpt.load_checkpoint(path, verify_file=verify_file)
         if record.get("kind") == "pretrained":
             raise ValueError(f"{path} is a pretrained encoder; pass it as pretrained_encoder, not resume_from")
         trained_on = (record.get("dataset") or {}).get("name")
@@ -591,7 +599,9 @@ class Trainer:
         self.config = self.config.replace(pretrained_encoder="")
         self.setup()
         try:
-            if self.batch_group is None:
+            if sharded:
+                distributed.load_sharded_state(self.model, self.optimizer, path)
+            elif self.batch_group is None:
                 self.model.load_state_dict(record["model_state_dict"])
                 self.optimizer.load_state_dict(record["optimizer_state_dict"])
             else:
@@ -604,7 +614,7 @@ class Trainer:
         self.parent = lineage(path, record, "resume")
         self._manager_state = record.get("checkpoint_manager") or _policy_state_before(record, self.parent)
         self.last_val = record.get("metrics", {}).get("val", {})
-        self._restore_rng(record["rng_state"])
+        self._restore_rng(self._rng_of_this_rank(record))
         return record
 
     @property
@@ -628,6 +638,14 @@ class Trainer:
             "sampler": {"seed": self.config.seed, "epoch": self.epoch, "batch": self.batch},
         }
 
+    def _rng_of_this_rank(self, record):
+        """This rank's RNG state where the record was saved at this world size, else rank 0's (another world
+        size: the generators agree on every rank anyway, as every rank draws the whole batch's noise)."""
+        states = record.get("rng_states")
+        if isinstance(states, list) and len(states) == self.dist.world_size:
+            return states[self.dist.rank]
+        return record["rng_state"]
+
     def _restore_rng(self, state):
         torch.set_rng_state(state["torch"])
         self.generator.set_state(state["generator"])
@@ -639,26 +657,31 @@ class Trainer:
     def _snapshot(self, kind, name):
         """The fields of a checkpoint of this step, tensors not yet copied (the writer copies them while the next
         step computes); the CheckpointManager calls it once it has decided to save (on rank 0, whose broadcast
-        brings the other ranks into the gathering of the whole state)."""
-        if self.batch_group is None:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-        else:
-            self.dist.broadcast("snapshot")
-            model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
-        # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy those few now.
-        buffers = {name for name, _ in self.raw_model.named_buffers()}
-        model_state = {k: v.clone() if k in buffers else v for k, v in model_state.items()}
+        brings the other ranks into writing their parts of the folder)."""
         pretraining = self.phase == "pretraining"
         prefix = "encoder." if pretraining else "example_encoder.encoder."
-        extra = {"pretrain_mode": self.pretrain_mode} if pretraining else {
+        if self.batch_group is None:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+            # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy them now.
+            buffers = {name for name, _ in self.raw_model.named_buffers()}
+            model_state = {k: v.clone() if k in buffers else v for k, v in model_state.items()}
+            tensors = {"model_state_dict": model_state, "optimizer_state_dict": optimizer_state,
+                       "encoder_state_dict": {k[len(prefix):]: v for k, v in model_state.items()
+                                              if k.startswith(prefix)}}
+            extra = {}
+        else:
+            save = self._start_folder_save(name)
+            tensors = {"model_state_dict": None, "optimizer_state_dict": None, "encoder_state_dict": None,
+                       "sharded_save": save}
+            extra = {"rng_states": self.dist.gather_objects(self._rng_state()) if save.error is None else None,
+                     "dcp": {"world_size": self.dist.world_size, "strategy": self.dist.strategy(self.config.strategy),
+                             "encoder_prefix": prefix}}
+        extra.update({"pretrain_mode": self.pretrain_mode} if pretraining else {
             "num_classes": self.num_classes,
-            "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss), "phase": self.phase}}
+            "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss), "phase": self.phase}})
         extra.update(run_id=self.run_id, checkpoint_manager=self.manager.state_dict())
         return {
-            "name": name, "kind": kind, "config": self.config.to_dict(),
-            "model_state_dict": model_state,
-            "encoder_state_dict": {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)},
-            "optimizer_state_dict": optimizer_state,
+            "name": name, "kind": kind, "config": self.config.to_dict(), **tensors,
             "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                          "val_loss": self.last_val.get("loss"), "val_acc": self.last_val.get("acc")},
             "rng_state": self._rng_state(),
@@ -708,17 +731,31 @@ class Trainer:
 
     def _decide(self, call):
         """Run a CheckpointManager hook: with several processes rank 0 alone runs it, and the other ranks take part
-        in each snapshot it takes until it says it is done."""
+        in each save it starts until it says it is done."""
         if self.batch_group is None:
             return call()
         if not self.dist.is_primary:
-            while self.dist.broadcast(None) == "snapshot":
-                distributed.full_state(self.model, self.optimizer)
+            while (folder := self.dist.broadcast(None)) != "done":
+                if folder is not None:  # None: rank 0 could not start the save (disk full, say)
+                    self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), folder)
+                    self.dist.gather_objects(self._rng_state())
             return None
         try:
             return call()
         finally:
             self.dist.broadcast("done")
+
+    def _start_folder_save(self, name):
+        """Rank 0: stage the folder, have every rank start writing its part into it; the save, or why it could
+        not start (then the writer reports it as the save's failure)."""
+        try:
+            staging = self.manager.store.stage(name, self.checkpoint_estimate())
+        except OSError as e:
+            self.dist.broadcast(None)
+            return dcp_checkpoint.ShardedSave(error=e)
+        self.dist.broadcast(staging.path)
+        return self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), staging.path,
+                                       staging)
 
     def _save_now(self, command):
         name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
@@ -780,6 +817,8 @@ class Trainer:
         (loss if self.batch_group is None else loss * self.dist.world_size).backward()
         if self.manager is not None:  # a pending snapshot must be copied before the parameters change
             self.manager.wait_for_copies()
+        if self.shard_writer is not None:
+            self.shard_writer.wait_staged()
         self.optimizer.step()
         return out, self.dist.all_reduce_sums(sums)
 
@@ -883,7 +922,9 @@ class Trainer:
         self.manager = None  # the other ranks have none: rank 0 decides and writes the saves
         if self.dist.is_primary:
             catalogue.recover(self.checkpoint_dir)
-            self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot)
+            store = SingleFileStore if self.batch_group is None else FolderStore
+            self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot,
+                                             store)
             self.manager.load_state_dict(self._manager_state)
             self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
                                 "started_at": ckpt.utc_now(), "parent": self.parent,
@@ -900,6 +941,8 @@ class Trainer:
         finally:
             if ending and phase == "training" and self.config.save_on_stop and self.global_step > first_step:
                 self._decide(lambda: self.manager.save_final(ending, self.global_step))
+            if self.shard_writer is not None:  # every rank's part written before rank 0 commits the last saves
+                self.shard_writer.wait_uploaded()
             if self.manager is not None:
                 deadline, timeout = self.saves_deadline or (None, None)
                 self.manager.close(deadline=deadline, timeout=timeout)
@@ -1338,7 +1381,7 @@ def train_or_pretrain(trainer, args, signals):
 def checkpoint_argument(value, root):
     """A --resume or --pretrained-encoder value as a path: a file as given, or an id (RUN_ID:NAME, or a bare name:
     the newest run's) in the checkpoint root."""
-    if os.path.isfile(value) or value.endswith(".pth"):
+    if os.path.isfile(value) or value.endswith((".pth", dcp_checkpoint.SUFFIX)):
         return value
     return catalogue.locate(root, value).path
 

@@ -137,7 +137,7 @@ def write_checkpoint_via_path(folder, record, overwrite=False, verify_after_save
         needed = ckpt.estimate_size(record) * ckpt.SPACE_MARGIN
         if shutil.disk_usage(folder).free < needed:
             raise OSError(errno.ENOSPC, "no space")
-        temp = ckpt._temp_path(path)
+        temp = ckpt.temp_path(path)
         try:
             torch.save(record, temp)
             fd = os.open(temp, os.O_RDONLY)
@@ -145,12 +145,12 @@ def write_checkpoint_via_path(folder, record, overwrite=False, verify_after_save
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            old_raw, _ = ckpt._old_sidecar(path)
+            old_raw, _ = ckpt.old_sidecar(path)
             sidecar = {**ckpt.metadata_of(record), "file": os.path.basename(path), "size": os.path.getsize(temp),
                        "sha256": ckpt.file_sha256(temp), "verified_at": None}
             ckpt._commit(path, temp, sidecar, had_old, old_raw)
         finally:
-            ckpt._remove_quietly(temp)
+            ckpt.remove_quietly(temp)
     return sidecar
 
 

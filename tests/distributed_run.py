@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed_run.py SPEC.json OUT.pkl
 
 SPEC: {"data_dir", "runs": [{"name", "config": {TrainConfig fields}, "dtype": "float64" | "float32",
-"resume": path or null, "commands": {global step: command} (put on rank 0's queue after that step),
+"resume": path or null, "resume_from": [an earlier run of this spec, a checkpoint it saved] or null, "commands": {global step: command} (put on rank 0's queue after that step),
 "when_paused": command (put on it when the run has paused)}]}.
 Rank 0 writes OUT: {name: {"events", "state" (the whole model state, float64), "test", "steps" (every rank's
 global_step), "final_checkpoint"}}.
@@ -23,7 +23,7 @@ from data import load_data  # noqa: E402
 from train import Trainer, TrainConfig  # noqa: E402
 
 
-def run(spec, data, context):
+def run(spec, data, context, earlier):
     """One run of the spec, in its dtype: what rank 0 keeps of it."""
     events, commands = [], {int(step): command for step, command in spec.get("commands", {}).items()}
     torch.set_default_dtype(getattr(torch, spec["dtype"]))
@@ -38,7 +38,12 @@ def run(spec, data, context):
                 trainer.commands.put(spec["when_paused"])
 
         trainer = Trainer(config, data, context.device, config.checkpoint_dir, publish, dist=context)
-        if spec.get("resume"):
+        if spec.get("resume_from"):  # rank 0 saw where the earlier run saved it; every rank resumes from there
+            run_name, name = spec["resume_from"]
+            saved = [e for e in earlier.get(run_name, {}).get("events", [])
+                     if e["type"] == "checkpoint_saved" and e["name"] == name]
+            trainer.resume(context.broadcast(saved[-1]["path"] if saved else None))
+        elif spec.get("resume"):
             trainer.resume(spec["resume"])
         else:
             trainer.setup()
@@ -59,7 +64,9 @@ def main(spec_path, out_path):
     context = distributed.from_environment("cpu")
     try:
         data = load_data("arcagi", spec["data_dir"])
-        results = {one["name"]: run(one, data, context) for one in spec["runs"]}
+        results = {}
+        for one in spec["runs"]:
+            results[one["name"]] = run(one, data, context, results)
         if context.is_primary:
             with open(out_path, "wb") as f:
                 pickle.dump(results, f)

@@ -336,10 +336,10 @@ def failing_at(real, n, error):
 # and the last folder fsync. os.replace is patched for the whole os module, as the checkpoint code calls it.
 FAILURES = {
     "torch.save": ("torch", "save", 1),
-    "folder fsync before the renames": ("ckpt", "_fsync_folder", 1),
+    "folder fsync before the renames": ("ckpt", "fsync_folder", 1),
     "sidecar rename": ("os", "replace", 1),
     "pth rename": ("os", "replace", 2),
-    "last folder fsync": ("ckpt", "_fsync_folder", 2),
+    "last folder fsync": ("ckpt", "fsync_folder", 2),
 }
 
 

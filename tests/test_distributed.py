@@ -6,7 +6,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 
@@ -35,12 +34,6 @@ TOLERANCE = 1e-9
 ROUNDING_DRIVEN = {"sender.net.2.bias": 1e-6, "sender.norm.running_mean": 1e-6}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(tmp, name, runs, data_dir, processes):
     """Run the runner on `processes` processes (torchrun when above 1); rank 0's results."""
     spec, out = tmp / f"{name}.json", tmp / f"{name}.pkl"
@@ -48,7 +41,7 @@ def launch(tmp, name, runs, data_dir, processes):
     command = [sys.executable, RUNNER, str(spec), str(out)]
     if processes > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+                        "--standalone"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     with open(out, "rb") as f:
@@ -110,12 +103,15 @@ def metric_pairs(one, many):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The task folder; then ddp on 2 processes (with a run that saves at step 10, and one given commands), one
-    process (the references, and a resume of the ddp record), fsdp on 2 (and a 2-process resume)."""
+    """The task folder; then ddp on 2 processes (with a run that saves at step 10, one that resumes from that
+    save, and one given commands), one process (the references, a resume of the ddp folder, a save at step 10),
+    fsdp on 2 (a save at step 10; resumes of it under fsdp and ddp, of the ddp folder, and of the one-process
+    file)."""
     tmp = tmp_path_factory.mktemp("distributed")
     data_dir = write_task_folder(tmp / "tasks", n_training=6, n_evaluation=2)
     ddp_runs = task_runs(tmp / "ddp", "ddp") + [
         spec("save10", tmp / "ddp", **TASKS["selection"], max_steps=10),
+        {**spec("same-size", tmp / "ddp", **TASKS["selection"]), "resume_from": ["save10", "best_model"]},
         {**spec("commands", tmp / "ddp", **TASKS["reconstruction"], checkpoint_every_epochs=1, keep_best_k=2,
                 autosave_minutes=1e-5),  # an autosave at nearly every step, on rank 0's clock
          "commands": {2: {"type": "pause"}, 3: {"type": "save", "name": "asked_at_3"}, 7: {"type": "stop"}},
@@ -124,11 +120,19 @@ def runs(tmp_path_factory):
     record = ddp["save10"]["events"]
     best = [e for e in record if e["type"] == "checkpoint_saved" and e["name"] == "best_model"][-1]
     one = launch(tmp, "one", task_runs(tmp / "one") + [
-        {**spec("resumed", tmp / "one", **TASKS["selection"]), "resume": best["path"]}], data_dir, 1)
+        {**spec("resumed", tmp / "one", **TASKS["selection"]), "resume": best["path"]},
+        spec("save10", tmp / "one", **TASKS["selection"], max_steps=10)], data_dir, 1)
+    one_file = [e for e in one["save10"]["events"] if e["type"] == "checkpoint_saved"][-1]["path"]
     fsdp = launch(tmp, "fsdp", task_runs(tmp / "fsdp", "fsdp") + [
         spec("save10", tmp / "fsdp", **TASKS["selection"], max_steps=10, strategy="fsdp"),
-        {**spec("resumed", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"), "resume": best["path"]}], data_dir, 2)
-    return {"ddp": ddp, "one": one, "fsdp": fsdp, "best": best}
+        {**spec("resumed", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"), "resume": best["path"]},
+        {**spec("same-size", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"),
+         "resume_from": ["save10", "best_model"]},
+        {**spec("under-ddp", tmp / "fsdp", **TASKS["selection"], strategy="ddp"),
+         "resume_from": ["save10", "best_model"]},
+        {**spec("from-file", tmp / "fsdp", **TASKS["selection"], strategy="fsdp"), "resume": one_file}],
+        data_dir, 2)
+    return {"ddp": ddp, "one": one, "fsdp": fsdp, "best": best, "one_file": one_file}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -155,17 +159,52 @@ def float32_report(one, many):
             f"({' '.join(map(str, key))})")
 
 
-def test_a_two_process_record_resumes_exactly_on_one_and_on_two(runs):
+def test_a_checkpoint_resumes_at_another_world_size_and_strategy(runs):
+    """2 processes (ddp) -> 1 and -> fsdp; fsdp -> ddp; a one-process .pth -> 2 processes: to the float64
+    tolerance of the one-process run that never stopped."""
     best = runs["best"]
-    assert best["global_step"] == 10
-    record = ckpt.load_checkpoint(best["path"])
-    assert not any(k.startswith("module.") for k in record["model_state_dict"])  # the raw model's state
-    assert all(isinstance(k, int) for k in record["optimizer_state_dict"]["state"])  # torch.optim's own form
+    assert best["global_step"] == 10 and best["path"].endswith(".dcp")
+    record = ckpt.load_checkpoint(best["path"])  # consolidated: the raw model's keys, torch.optim's own form
+    assert not any(k.startswith("module.") for k in record["model_state_dict"])
+    assert all(isinstance(k, int) for k in record["optimizer_state_dict"]["state"])
+    assert runs["one_file"].endswith(".pth")
     straight = runs["one"]["selection-float64"]
-    for resumed in (runs["one"]["resumed"], runs["fsdp"]["resumed"]):
+    for resumed in (runs["one"]["resumed"], runs["fsdp"]["resumed"], runs["fsdp"]["under-ddp"],
+                    runs["fsdp"]["from-file"]):
         assert resumed["steps"][0] == 20
         assert weight_difference(straight, resumed) < TOLERANCE
         assert max(abs(straight["test"][k] - resumed["test"][k]) for k in straight["test"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_resumes_bit_identically_at_the_same_world_size(runs, strategy):
+    straight, resumed = runs[strategy]["selection-float64"], runs[strategy]["same-size"]
+    assert resumed["steps"] == [20, 20]
+    for key, tensor in straight["state"].items():
+        assert torch.equal(tensor, resumed["state"][key]), key
+    assert straight["test"] == resumed["test"]
+    after = [e for e in straight["events"] if e["type"] == "batch" and e["global_step"] > 10]
+    again = [e for e in resumed["events"] if e["type"] == "batch"]
+    assert [e["loss"] for e in after] == [e["loss"] for e in again]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_several_processes_save_dcp_folders_sharded_or_deduplicated(runs, strategy):
+    """Each rank writes its part: fsdp's shards split the state, ddp's replicas are written once (by whichever
+    rank DCP's planner gives each tensor). The sidecar lists every file; every rank's RNG state is kept."""
+    saved = [e for e in runs[strategy]["save10"]["events"] if e["type"] == "checkpoint_saved"][-1]
+    folder = saved["path"]
+    assert folder.endswith("best_model.dcp") and ckpt.verify(folder)[0]
+    files = sorted(os.listdir(folder))
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "record.pth"]
+    sizes = [os.path.getsize(os.path.join(folder, f)) for f in ("__0_0.distcp", "__1_0.distcp")]
+    record = ckpt.load_checkpoint(folder)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in record["model_state_dict"].values()) + sum(
+        t.numel() * t.element_size() for s in record["optimizer_state_dict"]["state"].values() for t in s.values())
+    assert tensor_bytes <= sum(sizes) < 1.2 * tensor_bytes  # one copy of the state, not one per rank
+    assert min(sizes) > 0.2 * sum(sizes)  # both ranks wrote a share
+    rest = torch.load(os.path.join(folder, "record.pth"))
+    assert len(rest["rng_states"]) == 2 and rest["dcp"]["world_size"] == 2 and rest["dcp"]["strategy"] == strategy
 
 
 def test_rank_0_decides_saves_pause_and_stop_and_the_others_follow(runs):
@@ -183,8 +222,8 @@ def test_rank_0_decides_saves_pause_and_stop_and_the_others_follow(runs):
     assert kinds[-1] == "training_stopped"
 
 
-def test_an_fsdp_record_holds_the_whole_state_as_ddp_gathers_it(runs):
-    """The same 10 steps saved under ddp and under fsdp: the same single-file record, optimizer state included."""
+def test_ddp_and_fsdp_folders_consolidate_to_the_same_record(runs):
+    """The same 10 steps saved under ddp and under fsdp: the same consolidated record, optimizer state included."""
     ddp, fsdp = (ckpt.load_checkpoint([e for e in runs[s]["save10"]["events"] if e["type"] == "checkpoint_saved"
                                        and e["name"] == "best_model"][-1]["path"]) for s in ("ddp", "fsdp"))
     assert ddp["model_state_dict"].keys() == fsdp["model_state_dict"].keys()
@@ -218,8 +257,8 @@ def test_one_process_context_does_nothing():
 
 def torchrun_train(tmp_path, data_dir, *flags):
     """train.py under real torchrun on 2 processes, its output piped."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "train.py", "--data-dir", str(data_dir), "--no-progress",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--standalone", "train.py", "--data-dir", str(data_dir), "--no-progress",
                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--device", "cpu", "--embedding-dim", "4",
                "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2", "--batch-size", "9",
                "--checkpoint-every-epochs", "0", *flags]
@@ -259,7 +298,7 @@ def test_a_signal_to_rank_0_stops_every_rank_at_one_step(tmp_path, task_dir):
     os.kill(rank_pid(run, 0), signal.SIGTERM)  # rank 0 alone: it decides, and broadcasts the stop
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err[-3000:]
-    interrupted = [p for p in (tmp_path / "checkpoints").rglob("interrupted_step_*.pth")]
+    interrupted = [p for p in (tmp_path / "checkpoints").rglob("interrupted_step_*.dcp")]
     assert len(interrupted) == 1, err[-3000:]
     assert "resume: " in err and "test: " not in out
 
