@@ -25,7 +25,7 @@ import checkpoint as ckpt
 import shutdown
 from events import EventBus
 from train import PRESETS, TrainConfig
-from worker import SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker
+from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("lab", __name__)
@@ -54,12 +54,14 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 def create_app(config=None, trainer=None):
     """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER,
-    BIND_HOST and ALLOWED_HOSTS (the Host names answered besides loopback's), MAX_MEMORY_GB, SHUTDOWN_TIMEOUT."""
+    BIND_HOST and ALLOWED_HOSTS (the Host names answered besides loopback's), MAX_MEMORY_GB, SHUTDOWN_TIMEOUT,
+    PROCESSES (a run's default number of processes: 1 trains in the worker thread, more as a process group)."""
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(CHECKPOINT_DIR="checkpoints", DATASET="arcagi", DATA_DIR="", DEVICE="auto", TOKEN=None,
                             TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20,
-                            BIND_HOST=None, ALLOWED_HOSTS=(), MAX_MEMORY_GB=None, SHUTDOWN_TIMEOUT=30.0)
+                            BIND_HOST=None, ALLOWED_HOSTS=(), MAX_MEMORY_GB=None, SHUTDOWN_TIMEOUT=30.0,
+                            PROCESSES=1)
     app.config.update(config or {})
     defaults = {"dataset": app.config["DATASET"], "data_dir": app.config["DATA_DIR"], **app.config["TRAIN_DEFAULTS"]}
     TrainConfig.from_dict(defaults)  # bad server defaults fail at start-up, not at the first request
@@ -67,7 +69,7 @@ def create_app(config=None, trainer=None):
         trainer = TrainingWorker(app.config["CHECKPOINT_DIR"], EventBus(), device=app.config["DEVICE"],
                                  dataset=app.config["DATASET"], data_dir=app.config["DATA_DIR"],
                                  train_defaults=defaults, data=app.config["DATA"],
-                                 max_memory_gb=app.config.get("MAX_MEMORY_GB"))
+                                 max_memory_gb=app.config.get("MAX_MEMORY_GB"), processes=app.config["PROCESSES"])
         if app.config["START_WORKER"]:
             trainer.start_thread()
     app.extensions["trainer"] = trainer
@@ -246,7 +248,8 @@ def config_fields():
     defaults.update(checkpoint_dir=worker.checkpoint_dir, device=worker.device)
     presets = [{"name": name, "title": p.title, "description": p.description, "values": dict(p.values)}
                for name, p in PRESETS.items()]
-    return jsonify(fields=fields, defaults=defaults, presets=presets)
+    return jsonify(fields=fields, defaults=defaults, presets=presets,
+                   processes={"default": worker.processes, "low": 1, "high": MAX_PROCESSES})
 
 
 @bp.get("/status")
@@ -277,13 +280,16 @@ def start_pretraining():
     mode = body.pop("mode", None)
     if mode is not None:
         body["pretrain_mode"] = mode
+    processes = body.pop("processes", None)
     config = _worker().config_from(body)
-    return jsonify(run_id=_worker().start("pretraining", config, mode=config.pretrain_mode)), 202
+    return jsonify(run_id=_worker().start("pretraining", config, mode=config.pretrain_mode,
+                                          processes=processes)), 202
 
 
 @bp.post("/start_training")
 def start_training():
     body = _body()
+    processes = body.pop("processes", None)
     skip_verify = body.pop("skip_verify", False)
     if not isinstance(skip_verify, bool):
         raise ValueError("skip_verify must be true or false")
@@ -295,7 +301,7 @@ def start_training():
                          "or pretrained_encoder")
     config = _worker().config_from({**body, **({"pretrained_encoder": pretrained} if pretrained else {})})
     run_id = _worker().start("training", config, resume_from=resume_from, fine_tune_from=fine_tune_from,
-                             verify_files=not skip_verify)
+                             verify_files=not skip_verify, processes=processes)
     return jsonify(run_id=run_id), 202
 
 
@@ -510,6 +516,9 @@ def build_parser():
     data.add_argument("--dataset", default="arcagi", choices=("arcagi", "arcagi2"))
     data.add_argument("--data-dir", default="", help="folder of ARC task JSON files")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="a run's default number of "
+                   "processes (the page's processes field): 1 trains in the server's worker thread; more launch a "
+                   "process group (torch.distributed, as torchrun does), one process per GPU or CPU share")
     p.add_argument("--token", default=os.environ.get("ARC_LAB_TOKEN"),
                    help="access token required for changes and downloads (or ARC_LAB_TOKEN)")
     p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
@@ -545,7 +554,8 @@ def main(argv=None):
     app = create_app({"CHECKPOINT_DIR": args.checkpoint_dir, "DATASET": args.dataset, "DATA_DIR": args.data_dir,
                       "DEVICE": args.device, "TOKEN": args.token, "BIND_HOST": args.host,
                       "ALLOWED_HOSTS": tuple(args.allowed_hosts),
-                      "MAX_MEMORY_GB": args.max_memory_gb, "SHUTDOWN_TIMEOUT": args.shutdown_timeout})
+                      "MAX_MEMORY_GB": args.max_memory_gb, "SHUTDOWN_TIMEOUT": args.shutdown_timeout,
+                      "PROCESSES": args.nproc_per_node})
     # Werkzeug's threaded server (no debugger, no reloader): a thread per connection, so streams never starve.
     server = make_server(args.host, args.port, app, threaded=True)
     worker, timeout = app.extensions["trainer"], app.config["SHUTDOWN_TIMEOUT"]

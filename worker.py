@@ -17,6 +17,7 @@ import uuid
 import catalogue
 import checkpoint as ckpt
 from data import load_data
+from group import GroupFailed, GroupRun
 from events import parse_sse
 from train import Trainer, TrainConfig, check_memory, resolve_device, stop_command
 
@@ -27,6 +28,7 @@ MAX_OUTSTANDING_SAVES = 16
 ACTIVE_PHASES = ("pretraining", "training", "stopping")
 SHUTDOWN_GRACE = 60.0  # seconds beyond the saves' timeout for the run to reach its next step boundary and stop
 SAVE_REQUESTS_KEPT = 256  # finished save requests GET /save_requests/ID still answers for
+MAX_PROCESSES = 64  # of one run on this machine
 SAVE_STATES = ("queued", "copying", "writing", "saved", "failed")
 SAVED_FIELDS = ("id", "name", "kind", "path", "size", "sha256", "epoch", "batch", "global_step", "verified")
 
@@ -41,8 +43,9 @@ class Busy(Exception):
 
 class TrainingWorker:
     def __init__(self, checkpoint_dir, bus, device="auto", dataset="arcagi", data_dir="", train_defaults=None,
-                 data=None, max_memory_gb=None):
+                 data=None, max_memory_gb=None, processes=1):
         self.checkpoint_dir, self.bus = checkpoint_dir, bus
+        self.processes = check_processes(processes)  # a run's default: 1 in this thread, more as a process group
         self.device, self.dataset, self.data_dir = device, dataset, data_dir
         self.max_memory_gb = max_memory_gb
         self.train_defaults = dict(train_defaults or {})
@@ -98,24 +101,33 @@ class TrainingWorker:
             self._execute(run)
 
     def _execute(self, run):
+        if run["processes"] > 1:
+            return self._execute_group(run)
         trainer = None
         try:
             trainer = Trainer(run["config"], self._data_for(run["config"]), resolve_device(run["config"].device),
                               self.checkpoint_dir, self.publish, self.commands, run_id=run["run_id"])
-            if run["phase"] == "pretraining":
-                trainer.pretrain(run["mode"])
-            else:
-                if run.get("resume_from"):
-                    trainer.resume(run["resume_from"], verify_file=run["verify_files"])
-                else:
-                    trainer.setup()
-                if run.get("fine_tune_from"):
-                    trainer.load_weights(run["fine_tune_from"], verify_file=run["verify_files"])
-                trainer.train()
+            drive(trainer, run)
         except Exception as e:  # the one broad catch: whatever a run raises becomes an event, the server lives on
             logger.exception("run %s failed", run["run_id"])
             self.publish({"type": "training_error", "error": f"{type(e).__name__}: {e}",
                           "final_checkpoint": trainer.final_checkpoint if trainer is not None else None})
+        finally:
+            self._end_run()
+
+    def _execute_group(self, run):
+        """The run on run["processes"] processes, launched and supervised from this thread (group.py)."""
+        spec = {**{k: v for k, v in run.items() if k != "config"}, "config": run["config"].to_dict(),
+                "checkpoint_dir": self.checkpoint_dir}
+        try:
+            GroupRun(spec, run["processes"], self.commands, self.publish).run()
+        except GroupFailed as e:  # a rank raised, or was killed: the server lives on
+            logger.error("run %s: %s", run["run_id"], e)
+            self.publish({"type": "training_error", "error": str(e), "failures": e.as_list(),
+                          "final_checkpoint": e.final_checkpoint})
+        except Exception as e:  # the launcher itself failed (no free port, no process could start)
+            logger.exception("run %s: the process group could not run", run["run_id"])
+            self.publish({"type": "training_error", "error": f"{type(e).__name__}: {e}", "final_checkpoint": None})
         finally:
             self._end_run()
 
@@ -181,7 +193,11 @@ class TrainingWorker:
         if self._status["phase"] in ACTIVE_PHASES:
             raise Conflict(f"a run is already {self._status['phase']}; stop it first (POST /stop)")
 
-    def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None, verify_files=True):
+    def start(self, phase, config, mode=None, resume_from=None, fine_tune_from=None, verify_files=True,
+              processes=None):
+        """Queue a run on `processes` processes (the server's default when None): 1 runs in this worker's thread,
+        more as a process group the thread supervises."""
+        processes = self.processes if processes is None else check_processes(processes)
         self._refuse_if_active()
         classes = None if phase == "pretraining" else \
             self._num_classes(config) if config.task_type == "puzzle_classification" else 0
@@ -192,10 +208,10 @@ class TrainingWorker:
             self._open_history(run_id)
             self._samples = {}
             self._status = {**self._idle_status(), "phase": phase, "run_id": run_id, "mode": mode,
-                            "config": config.to_dict(), "epochs": config.epochs}
+                            "config": config.to_dict(), "epochs": config.epochs, "processes": processes}
             self._runs.put({"run_id": run_id, "phase": phase, "config": config, "mode": mode,
                             "resume_from": resume_from, "fine_tune_from": fine_tune_from,
-                            "verify_files": verify_files})
+                            "verify_files": verify_files, "processes": processes})
         self._publish_status()
         return run_id
 
@@ -387,7 +403,28 @@ class TrainingWorker:
     def _idle_status():
         return {"phase": "idle", "paused": False, "run_id": None, "mode": None, "config": None, "epoch": 0,
                 "epochs": None, "batch": 0, "batches_per_epoch": None, "global_step": 0, "train": {}, "val": {},
-                "samples_per_sec": None, "error": None, "checkpoint_estimate_bytes": None}
+                "samples_per_sec": None, "error": None, "checkpoint_estimate_bytes": None, "processes": None}
+
+
+def drive(trainer, run):
+    """Run what a start request asked of a built Trainer: pretraining, or main training (fresh, resumed or
+    fine-tuned). The worker thread calls it, and so does every rank of a process group (group.py)."""
+    if run["phase"] == "pretraining":
+        return trainer.pretrain(run["mode"])
+    if run.get("resume_from"):
+        trainer.resume(run["resume_from"], verify_file=run["verify_files"])
+    else:
+        trainer.setup()
+    if run.get("fine_tune_from"):
+        trainer.load_weights(run["fine_tune_from"], verify_file=run["verify_files"])
+    return trainer.train()
+
+
+def check_processes(value):
+    """A run's number of processes: 1 (a thread of the server) to MAX_PROCESSES; ValueError otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"processes must be a whole number from 1 to {MAX_PROCESSES}, got {value!r}")
+    return value
 
 
 def _train_point(event):

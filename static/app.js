@@ -158,14 +158,31 @@ function fillPretrainedSelect(checkpoints) {
 async function startPretraining() {
   const config = readForm();
   delete config.pretrained_encoder; // main training only
-  const result = await send("POST", "/start_pretraining", { ...config, mode: config.pretrain_mode });
+  const result = await send("POST", "/start_pretraining",
+    { ...config, mode: config.pretrain_mode, processes: processes() });
   if (result.ok) toast(`Pretraining (${config.pretrain_mode}) started: run ${result.data.run_id}`, "info");
 }
 
 async function startTraining(extra = {}, message = "Training started") {
-  const body = "resume_from" in extra ? extra : { ...readForm(), ...extra };
+  const body = { ...("resume_from" in extra ? extra : { ...readForm(), ...extra }), processes: processes() };
   const result = await send("POST", "/start_training", body);
   if (result.ok) toast(`${message}: run ${result.data.run_id}`, "info");
+}
+
+/** The processes field: a number, or the text typed (the server's 400 then names it). */
+function processes() {
+  const input = $("processes");
+  const number = Number(input.value);
+  return Number.isInteger(number) ? number : input.value;
+}
+
+/** The processes field shows the server's default (app.py --nproc-per-node) and its bounds. */
+function setProcesses(bounds) {
+  if (!bounds) return;
+  const input = $("processes");
+  input.min = bounds.low;
+  input.max = bounds.high;
+  input.value = bounds.default;
 }
 
 async function control(url) {
@@ -221,6 +238,7 @@ function statusRows(s) {
     ["val acc", pct(val.acc) + (typeof val.chance === "number" ? ` (chance ${pct(val.chance)})` : ""), "val_acc"],
   ];
   if (s.mode) rows.splice(1, 0, ["pretrain mode", s.mode, "mode"]);
+  if (s.processes > 1) rows.splice(1, 0, ["processes", String(s.processes), "processes"]);
   if (typeof val.size_acc === "number") rows.push(["val size acc", pct(val.size_acc), "val_size_acc"]);
   if (typeof val.exact_acc === "number") rows.push(["val exact", pct(val.exact_acc), "val_exact_acc"]);
   if (typeof val.distinct_share === "number") {
@@ -765,6 +783,7 @@ async function init() {
   if (config) {
     buildForm(config.fields, config.defaults);
     buildPresets(config.presets);
+    setProcesses(config.processes);
   }
   applyStatus(status);
   await refreshCheckpoints(); // the runs, and the encoders the form's settings may name

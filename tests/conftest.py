@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -174,6 +175,16 @@ class EventReader:
                         what=f"event {name}")
 
     def close(self):
+        # Shut the socket first: the reader thread is blocked in recv(), and a plain close() waits for it, until
+        # the server's next heartbeat (15 s).
+        raw = self.response.raw
+        sock = getattr(getattr(raw, "_connection", None), "sock", None) or \
+            getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.response.close()
 
 

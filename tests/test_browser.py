@@ -775,3 +775,28 @@ def test_two_runs_with_the_same_name_are_grouped_and_deleted_apart(chromium, tmp
         assert sorted(shown.evaluate_all("rs => rs.map((r) => r.dataset.name)")) == left
         assert ui.page_errors == []
         page.close()
+
+
+def test_a_run_on_two_processes_from_the_page(chromium, tmp_path):
+    """app.py --nproc-per-node 2: the page's processes field shows it; Start launches a process group whose live
+    figures and charts reach the page, and whose stop leaves its checkpoint, a DCP folder, in the table."""
+    from conftest import write_task_folder
+    from data import load_data
+
+    tasks = write_task_folder(tmp_path / "tasks", n_training=6, n_evaluation=2)
+    with serve(tmp_path / "checkpoints", load_data("arcagi", str(tasks)), DATA_DIR=str(tasks), PROCESSES=2,
+               TRAIN_DEFAULTS={**TINY_TRAIN, "batch_size": 9, "epochs": 100000}) as url:
+        ui = open_page(chromium, url)
+        page = ui.page
+        expect(page.locator("#processes")).to_have_value("2")
+        page.click("#start-training")
+        expect(status_value(page, "processes")).to_have_text("2", timeout=120_000)
+        page.wait_for_function("() => { const d = document.getElementById('chart-loss').data;"
+                               " return d && d[0].x.length >= 2; }", timeout=120_000)
+        page.click("#stop")
+        expect(phase(page)).to_have_text("finished", timeout=120_000)
+        interrupted = page.locator('#checkpoints-table tr[data-name^="interrupted_step_"]')
+        expect(interrupted).to_have_count(1)
+        expect(interrupted.locator(".row-error")).to_have_count(0)
+        assert not ui.page_errors and not ui.console_errors, (ui.page_errors, ui.console_errors)
+        page.close()
