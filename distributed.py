@@ -156,11 +156,27 @@ def from_environment(device="auto"):
         raise ValueError("device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto")
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", **_attempt_store())
     # DCP's background saves run collectives while training runs its own: on a group of their own, in host memory
     checkpoint_group = dist.new_group(backend="gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
                               torch.device("cuda", local_rank) if cuda else torch.device("cpu"), checkpoint_group)
+
+
+def _attempt_store():
+    """Under torchrun, the rendezvous store seen through a prefix of this attempt's own: when torchrun restarts the
+    group (--max-restarts), its store still holds the failed attempt's addresses, and the new ranks would try to
+    connect to those (measured: most restarts failed so, none with the prefix). Empty outside torchrun (env://)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    from datetime import timedelta
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not hosted_by_agent and rank == 0, timeout=timedelta(minutes=30),
+                          multi_tenant=True)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def unwrap(model):

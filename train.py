@@ -28,6 +28,7 @@ import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
 import distributed
+import restarts
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
 from store import FolderStore, SingleFileStore
@@ -709,14 +710,30 @@ class Trainer:
             raise StopTraining()
 
     def _serve_commands_together(self):
-        """With several processes: rank 0's commands, broadcast at this step boundary, served by every rank alike."""
+        """With several processes: rank 0's commands, broadcast at this step boundary, served by every rank alike;
+        and a stop asked of any rank (a signal reaches one node's ranks only) stops them all at this step."""
         while True:
             for command in self.dist.broadcast(self._queued_commands() if self.dist.is_primary else None):
                 self._handle(command)
-            if not self.paused or self.stop_requested.is_set():
+            stop = self._stop_anywhere()
+            if not self.paused or stop:
                 break
-        if self.stop_requested.is_set():
+        if stop:
+            self.stop_requested.set()
             raise StopTraining()
+
+    def _stop_anywhere(self):
+        """Whether any rank was asked to stop: rank 0 by its commands, the others by a signal to their own process,
+        which puts a stop on their own queue (nothing else arrives there)."""
+        if not self.dist.is_primary:
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command.get("type") == "stop":
+                    self._handle(command)
+        return not self.dist.everywhere(not self.stop_requested.is_set())
 
     def _queued_commands(self):
         """Every command queued now; while paused, waiting a little for the first (the others wait in the broadcast)."""
@@ -928,7 +945,7 @@ class Trainer:
             self.manager.load_state_dict(self._manager_state)
             self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
                                 "started_at": ckpt.utc_now(), "parent": self.parent,
-                                "project_version": ckpt.PROJECT_VERSION})
+                                "project_version": ckpt.PROJECT_VERSION, "launch": restarts.launch()})
         outcome, ending, first_step = "training_finished", None, self.global_step
         self.final_checkpoint = None
         try:
@@ -1330,7 +1347,10 @@ def main(argv=None):
 def _train_main(args, config, data, device, context):
     """main() once the config, data and processes are ready: train, and (on rank 0) tell how it went."""
     progress = ConsoleProgress(enabled=not args.no_progress)
-    trainer = Trainer(config, data, device, config.checkpoint_dir, progress, dist=context)
+    run_id, latest = restarts.continuation(config.checkpoint_dir, context)  # torchrun restarted the group
+    if latest and args.phase != "pretrain":
+        args.resume = latest
+    trainer = Trainer(config, data, device, config.checkpoint_dir, progress, run_id=run_id, dist=context)
     progress.trainer = trainer
     since = []  # how many save outcomes there were when the signal came
 
@@ -1349,7 +1369,8 @@ def _train_main(args, config, data, device, context):
             return _error(e, 1)
         if not context.is_primary:  # rank 0 tells how the run went
             return 0
-        if signals.received:  # the run has stopped and its writer is closed: every outcome is in
+        if signals.received or trainer.stop_requested.is_set():  # stopped (here, or by another rank's signal):
+            # its writer is closed, every outcome is in
             print(progress.interrupted_summary(trainer), file=sys.stderr)
             for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
                 print(line, file=sys.stderr)
@@ -1371,11 +1392,13 @@ def train_or_pretrain(trainer, args, signals):
         return trainer.pretrain(trainer.config.pretrain_mode), None
     if args.resume:
         trainer.resume(args.resume, verify_file=not args.skip_verify)
+        if restarts.is_restart() and trainer.parent:  # the same run, going on after torchrun restarted it
+            trainer.parent = {**trainer.parent, "relation": "restart"}
     else:
         trainer.setup()
     metrics = trainer.train()
-    # rank 0's signal decides: every rank tests, or none (the test is a collective)
-    return metrics, None if trainer.dist.broadcast(signals.received) else trainer.test()
+    # a signal to any rank decides: every rank tests, or none (the test is a collective)
+    return metrics, None if not trainer.dist.everywhere(not signals.received) else trainer.test()
 
 
 def checkpoint_argument(value, root):

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import catalogue
 import checkpoint as ckpt
 import distributed
 from conftest import write_task_folder
@@ -255,10 +256,10 @@ def test_one_process_context_does_nothing():
         one.wrap(torch.nn.Linear(1, 1), "zero")
 
 
-def torchrun_train(tmp_path, data_dir, *flags):
-    """train.py under real torchrun on 2 processes, its output piped."""
+def torchrun_train(tmp_path, data_dir, *flags, launcher=()):
+    """train.py under real torchrun on 2 processes (with torchrun's own flags `launcher`), its output piped."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--standalone", "train.py", "--data-dir", str(data_dir), "--no-progress",
+               "--standalone", *launcher, "train.py", "--data-dir", str(data_dir), "--no-progress",
                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--device", "cpu", "--embedding-dim", "4",
                "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2", "--batch-size", "9",
                "--checkpoint-every-epochs", "0", *flags]
@@ -290,12 +291,15 @@ def test_train_py_under_torchrun_prints_once_from_rank_0(tmp_path, task_dir):
     assert "best: validation at step 6" in out
 
 
-def test_a_signal_to_rank_0_stops_every_rank_at_one_step(tmp_path, task_dir):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, task_dir, rank):
+    """Rank 0 alone (it decides, and broadcasts the stop), or rank 1 alone (as a signal to one node's agent reaches
+    only its own ranks): every rank stops at the same step and the interrupted checkpoint is saved."""
     run = torchrun_train(tmp_path, task_dir, "--epochs", "100000", "--task", "selection")
     for line in run.stdout:  # the first epoch's line: training is under way on both ranks
         if line.startswith("epoch 1:"):
             break
-    os.kill(rank_pid(run, 0), signal.SIGTERM)  # rank 0 alone: it decides, and broadcasts the stop
+    os.kill(rank_pid(run, rank), signal.SIGTERM)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err[-3000:]
     interrupted = [p for p in (tmp_path / "checkpoints").rglob("interrupted_step_*.dcp")]
@@ -308,3 +312,39 @@ def test_a_batch_size_that_leaves_a_process_no_example_is_refused(tmp_path, task
     out, err = run.communicate(timeout=120)
     assert run.returncode != 0
     assert "batch_size 13 leaves a reconstruction batch of 1 example(s), fewer than the 2 processes" in err
+
+
+def final_weights(root):
+    """The model state of the one run under root, as its last periodic checkpoint holds it."""
+    runs = catalogue.list_runs(str(root))
+    assert len(runs) == 1, runs  # a restarted group continues its run: no second one
+    rows = catalogue.list_checkpoints(str(root), run=runs[0]["run_id"])
+    assert rows and not any(r["damaged"] for r in rows)
+    last = max((r for r in rows if r["kind"] == "periodic"), key=lambda r: r["global_step"])
+    return last["global_step"], ckpt.load_checkpoint(last["path"])["model_state_dict"]
+
+
+def test_with_max_restarts_a_killed_rank_restarts_the_group_which_ends_as_if_never_stopped(tmp_path, task_dir):
+    """torchrun --max-restarts 1: rank 1 SIGKILLed mid-run; torchrun restarts both ranks, which continue the run
+    from its latest good checkpoint and end with the very weights of a run never stopped (bit-exact)."""
+    flags = ("--epochs", "12", "--task", "selection", "--checkpoint-every-epochs", "1")
+    straight = torchrun_train(tmp_path / "straight", task_dir, *flags)
+    out, err = straight.communicate(timeout=180)
+    assert straight.returncode == 0, err[-3000:]
+    killed = torchrun_train(tmp_path / "killed", task_dir, *flags, launcher=("--max-restarts", "1"))
+    before = []
+    for line in killed.stdout:
+        before.append(line)
+        if line.startswith("epoch 4:"):
+            break
+    os.kill(rank_pid(killed, 1), signal.SIGKILL)
+    out, err = killed.communicate(timeout=180)
+    assert killed.returncode == 0, err[-3000:]
+    banners = [line for line in before + out.splitlines(True) if line.startswith("run ")]
+    runs = [line.split()[1].rstrip(":,") for line in banners]
+    assert len(runs) == 2 and runs[0] == runs[1], banners  # the restarted group went on with the same run
+    assert f"restart of {runs[0]}:checkpoint_epoch_" in banners[1], banners
+    (step_a, a), (step_b, b) = final_weights(tmp_path / "straight" / "checkpoints"), \
+        final_weights(tmp_path / "killed" / "checkpoints")
+    assert step_a == step_b
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
