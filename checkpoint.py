@@ -61,7 +61,8 @@ FLAT_CONFIG_KEYS = (
     "hidden_dim", "latent_dim", "num_conv_layers", "vocab_size", "max_message_length", "batch_size",
     "learning_rate", "temperature",
 )
-TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state", "rng_states")
+TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state")
+RANK_RNG_KEY = "rng_states"  # a multi-process record's: every rank's rng_state, in rank order (tensors too)
 USER_FIELDS = ("notes", "tags")  # edited after the save; an overwrite carries them to the new sidecar
 
 
@@ -344,7 +345,7 @@ def estimate_size(record):
 
 def metadata_of(record):
     """Every field of a record but the tensors: what the sidecar and the listing show."""
-    return {k: v for k, v in record.items() if k not in TENSOR_KEYS}
+    return {k: v for k, v in record.items() if k not in TENSOR_KEYS and k != RANK_RNG_KEY}
 
 
 # ---------------------------------------------------------------------------------------------- writing

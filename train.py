@@ -642,7 +642,7 @@ class Trainer:
     def _rng_of_this_rank(self, record):
         """This rank's RNG state where the record was saved at this world size, else rank 0's (another world
         size: the generators agree on every rank anyway, as every rank draws the whole batch's noise)."""
-        states = record.get("rng_states")
+        states = record.get(ckpt.RANK_RNG_KEY)
         if isinstance(states, list) and len(states) == self.dist.world_size:
             return states[self.dist.rank]
         return record["rng_state"]
@@ -674,7 +674,7 @@ class Trainer:
             save = self._start_folder_save(name)
             tensors = {"model_state_dict": None, "optimizer_state_dict": None, "encoder_state_dict": None,
                        "sharded_save": save}
-            extra = {"rng_states": self.dist.gather_objects(self._rng_state()) if save.error is None else None,
+            extra = {ckpt.RANK_RNG_KEY: self.dist.gather_objects(self._rng_state()) if save.error is None else None,
                      "dcp": {"world_size": self.dist.world_size, "strategy": self.dist.strategy(self.config.strategy),
                              "encoder_prefix": prefix}}
         extra.update({"pretrain_mode": self.pretrain_mode} if pretraining else {
