@@ -441,6 +441,91 @@ def check_memory(config, num_classes, device, limit_gb=None):
                      f"{where}. Lower hidden_dim, latent_dim, pattern_buckets or batch_size")
 
 
+# ---------------------------------------------------------------------------------------------- the two tasks
+
+class MainTask:
+    """Main training: the autoencoder on the config's task. Its runs serve manual saves, save where they stop or
+    fail, and show sample grids; its checkpoints resume."""
+    phase = "training"
+    encoder_prefix = "example_encoder.encoder."  # where the encoder's weights sit in the model's state
+    serves_saves = True
+
+    def __init__(self, config, data):
+        self.config, self.data = config, data
+        self.num_classes = len(data.puzzle_ids) if config.task_type == "puzzle_classification" else 0
+        self.loss = LOSSES[config.task_type]
+
+    def build(self):
+        return build_model(self.config.to_dict(), self.num_classes)
+
+    def batches(self):
+        """{"train", "val", "test"}: Batches of the config's task over the run's splits."""
+        c = self.config
+        splits = make_splits(self.data, c.task_type, c.use_input_output_pairs, c.seed)
+        common = dict(kind=c.task_type, batch_size=c.batch_size, seed=c.seed,
+                      use_pairs=c.use_input_output_pairs, num_distractors=c.num_distractors)
+        return {"train": Batches(self.data, splits["train"], shuffle=True, salt=1, augment=c.augment, **common),
+                "val": Batches(self.data, splits["val"], shuffle=False, salt=2, **common),
+                "test": Batches(self.data, splits["test"], shuffle=False, salt=3, **common)}
+
+    def forward(self, model, batch, generator):
+        if "candidates" in batch:
+            return model(candidates=batch["candidates"], target_index=batch["target_index"], generator=generator)
+        return model(batch["examples"], generator=generator)
+
+    def sample(self, batch, out):
+        return sample_of(self.config.task_type, batch, out)
+
+    def policy(self):
+        return CheckpointPolicy.for_training(self.config)
+
+    def record_fields(self, trainer):
+        """What a checkpoint of this task holds beside the shared record."""
+        return {"num_classes": self.num_classes,
+                "trainer": {"best_val_loss": _finite_or_none(trainer.best_val_loss), "phase": self.phase}}
+
+
+class PretrainTask:
+    """Encoder pretraining in one of PRETRAIN_MODES: the encoder alone, with a small head; its run keeps
+    pretrained_encoder_{mode} whenever validation accuracy improves, and nothing else."""
+    phase = "pretraining"
+    encoder_prefix = "encoder."
+    serves_saves = False
+
+    def __init__(self, config, data, mode):
+        if mode not in PRETRAIN_MODES:
+            raise ValueError(f"pretrain mode must be one of {', '.join(PRETRAIN_MODES)}, got {mode!r}")
+        self.config, self.data, self.mode = config, data, mode
+        self.num_classes = None
+        self.loss = LOSSES["binary" if mode == "binary" else "selection"]
+
+    def build(self):
+        encoder = build_encoder(self.config.to_dict())
+        return EncoderPretrainer(encoder, self.mode, hidden_dim=max(self.config.hidden_dim, 64))
+
+    def batches(self):
+        c = self.config
+        splits = make_splits(self.data, "reconstruction", False, c.seed)
+        common = dict(kind="binary" if self.mode == "binary" else "selection", batch_size=c.batch_size, seed=c.seed,
+                      num_distractors=c.num_distractors)
+        return {"train": Batches(self.data, splits["train"], shuffle=True, salt=4, augment=c.augment, **common),
+                "val": Batches(self.data, splits["val"], shuffle=False, salt=5, **common)}
+
+    def forward(self, model, batch, generator):
+        if "first" in batch:
+            return model(first=batch["first"], second=batch["second"])
+        return model(candidates=batch["candidates"][:, :, 0], target_index=batch["target_index"])
+
+    def sample(self, batch, out):
+        return None
+
+    def policy(self):
+        return CheckpointPolicy.for_pretraining(self.config, self.mode)
+
+    def record_fields(self, trainer):
+        return {"pretrain_mode": self.mode}
+
+
 class StopTraining(Exception):
     """Raised between batches when a stop was asked for."""
 
@@ -478,6 +563,7 @@ class Trainer:
         self.saves_deadline = None  # (time.monotonic() deadline, its seconds) a shutdown's stop gave the saves
         self.phase = "idle"
         self.model = self.optimizer = None
+        self.task = None  # MainTask or PretrainTask: what setup() or pretrain() built
         self.num_classes, self.pretrain_mode = 0, None
         self.epoch = self.batch = self.global_step = 0  # completed epochs, batches of this epoch, optimizer steps
         self.last_val = {}
@@ -493,11 +579,10 @@ class Trainer:
     def setup(self):
         """Build the main-training model, optimizer and batches (deterministic in the seed)."""
         c = self.config
-        self.num_classes = len(self.data.puzzle_ids) if c.task_type == "puzzle_classification" else 0
+        self.task = MainTask(c, self.data)
+        self.num_classes = self.task.num_classes
         check_memory(c, self.num_classes, self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
-            self.model = build_model(c.to_dict(), self.num_classes).to(self.device)
+        self._build()
         if c.pretrained_encoder:
             self.load_pretrained_encoder(c.pretrained_encoder)
         for p in self.model.encoder.parameters():
@@ -506,13 +591,19 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, c)
         self.generator.manual_seed(c.seed)
-        splits = make_splits(self.data, c.task_type, c.use_input_output_pairs, c.seed)
-        common = dict(kind=c.task_type, batch_size=c.batch_size, seed=c.seed,
-                      use_pairs=c.use_input_output_pairs, num_distractors=c.num_distractors)
-        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=1, augment=c.augment, **common)
-        self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=2, **common)
-        self.test_batches = Batches(self.data, splits["test"], shuffle=False, salt=3, **common)
-        self._check_split_batches(self.train_batches, self.val_batches, self.test_batches)
+        self._make_batches()
+
+    def _build(self):
+        """The task's model, its weights drawn from the seed (the global RNG left as it was), on this device."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.model = self.task.build().to(self.device)
+
+    def _make_batches(self):
+        splits = self.task.batches()
+        self.train_batches, self.val_batches = splits["train"], splits["val"]
+        self.test_batches = splits.get("test")
+        self._check_split_batches(*splits.values())
 
     def _spread_model(self):
         """With several processes: the model reads the whole batch across them, and runs under DDP or FSDP2."""
@@ -659,8 +750,7 @@ class Trainer:
         """The fields of a checkpoint of this step, tensors not yet copied (the writer copies them while the next
         step computes); the CheckpointManager calls it once it has decided to save (on rank 0, whose broadcast
         brings the other ranks into writing their parts of the folder)."""
-        pretraining = self.phase == "pretraining"
-        prefix = "encoder." if pretraining else "example_encoder.encoder."
+        prefix = self.task.encoder_prefix
         if self.batch_group is None:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
             # Buffers (batch norm's running figures) change in the forward pass the copy overlaps: copy them now.
@@ -677,9 +767,7 @@ class Trainer:
             extra = {ckpt.RANK_RNG_KEY: self.dist.gather_objects(self._rng_state()) if save.error is None else None,
                      "dcp": {"world_size": self.dist.world_size, "strategy": self.dist.strategy(self.config.strategy),
                              "encoder_prefix": prefix}}
-        extra.update({"pretrain_mode": self.pretrain_mode} if pretraining else {
-            "num_classes": self.num_classes,
-            "trainer": {"best_val_loss": _finite_or_none(self.best_val_loss), "phase": self.phase}})
+        extra.update(self.task.record_fields(self))
         extra.update(run_id=self.run_id, checkpoint_manager=self.manager.state_dict())
         return {
             "name": name, "kind": kind, "config": self.config.to_dict(), **tensors,
@@ -783,7 +871,7 @@ class Trainer:
     def _handle(self, command):
         kind = command.get("type")
         if kind == "save":
-            if self.phase != "training":
+            if not (self.task and self.task.serves_saves and self.phase == self.task.phase):  # between runs too
                 self.publish({"type": "checkpoint_error", "request_id": command.get("request_id"),
                               "name": command.get("name"), "error": "saves are served during main training only",
                               "reason": "not_served"})
@@ -809,13 +897,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in self.dist.shard(batch).items()}
 
     def _forward(self, model, batch):
-        if self.phase == "pretraining":
-            if "first" in batch:
-                return model(first=batch["first"], second=batch["second"])
-            return model(candidates=batch["candidates"][:, :, 0], target_index=batch["target_index"])
-        if "candidates" in batch:
-            return model(candidates=batch["candidates"], target_index=batch["target_index"], generator=self.generator)
-        return model(batch["examples"], generator=self.generator)
+        return self.task.forward(model, batch, self.generator)
 
     def _loss(self, loss_fn, out, batch):
         """loss_fn's (loss, sums); with several processes, this process's part of the whole batch's."""
@@ -864,8 +946,8 @@ class Trainer:
             message = message_ids(out)
             if message is not None:
                 messages.append(message.cpu())
-            if sample is None and self.phase == "training":
-                sample = sample_of(self.config.task_type, batch, out)
+            if sample is None:
+                sample = self.task.sample(batch, out)
         model.train()
         metrics = pooled(self.dist.all_reduce_sums(total))
         if self.batch_group is not None:  # the statistics read every process's messages
@@ -914,10 +996,10 @@ class Trainer:
             self.batch += 1
             self.global_step += 1
             self._publish_batch(sums, started, len(train_batches), self.dist.total(len(next(iter(batch.values())))))
-            if self.phase == "training" and self.dist.is_primary and time.monotonic() - last_sample > 3.0:
+            if self.task.serves_saves and self.dist.is_primary and time.monotonic() - last_sample > 3.0:
                 last_sample = time.monotonic()
                 self.publish({"type": "samples", "split": "train", "global_step": self.global_step,
-                              **sample_of(c.task_type, batch, out)})
+                              **self.task.sample(batch, out)})
             self._decide(lambda: self.manager.after_step(self.global_step))
 
     def _validate(self, model, loss_fn):
@@ -930,18 +1012,18 @@ class Trainer:
         epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
         self._decide(lambda: self.manager.after_validation(self.last_val, self.epoch, epoch_done, self.global_step))
 
-    def _run(self, phase, policy, body):
-        """Common frame: the run's folder and checkpoint manager up, started/stopped/finished events, the manager's
-        writer drained however the run ends."""
-        self.phase = phase
+    def _run(self, body):
+        """Common frame of either task: the run's folder and checkpoint manager up, started/stopped/finished events,
+        the manager's writer drained however the run ends."""
+        phase = self.phase = self.task.phase
         self.stop_requested.clear()
         self.saves_deadline = None
         self.manager = None  # the other ranks have none: rank 0 decides and writes the saves
         if self.dist.is_primary:
             catalogue.recover(self.checkpoint_dir)
             store = SingleFileStore if self.batch_group is None else FolderStore
-            self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, policy, self.publish, self._snapshot,
-                                             store)
+            self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, self.task.policy(), self.publish,
+                                             self._snapshot, store)
             self.manager.load_state_dict(self._manager_state)
             self.manager.start({"phase": phase, "mode": self.pretrain_mode, "config": self.config.to_dict(),
                                 "started_at": ckpt.utc_now(), "parent": self.parent,
@@ -956,7 +1038,7 @@ class Trainer:
             ending = "error"
             raise
         finally:
-            if ending and phase == "training" and self.config.save_on_stop and self.global_step > first_step:
+            if ending and self.task.serves_saves and self.config.save_on_stop and self.global_step > first_step:
                 self._decide(lambda: self.manager.save_final(ending, self.global_step))
             if self.shard_writer is not None:  # every rank's part written before rank 0 commits the last saves
                 self.shard_writer.wait_uploaded()
@@ -977,49 +1059,39 @@ class Trainer:
             self.setup()
 
         def body():
-            self.publish({"type": "training_started", "phase": "training", "config": self.config.to_dict(),
+            self.publish({"type": "training_started", "phase": self.task.phase, "config": self.config.to_dict(),
                           "run_id": self.run_id, "parent": self.parent,
                           "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
                           "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                           "batches_per_epoch": len(self.train_batches),
                           "checkpoint_estimate_bytes": self.checkpoint_estimate()})
-            self._run_epochs(self.model, self.train_batches, LOSSES[self.config.task_type])
+            self._run_epochs(self.model, self.train_batches, self.task.loss)
 
-        return self._run("training", CheckpointPolicy.for_training(self.config), body)
+        return self._run(body)
 
     def pretrain(self, mode):
         """Encoder pretraining; keeps pretrained_encoder_{mode}.pth whenever validation accuracy improves."""
-        if mode not in PRETRAIN_MODES:
-            raise ValueError(f"pretrain mode must be one of {', '.join(PRETRAIN_MODES)}, got {mode!r}")
-        c, self.pretrain_mode = self.config, mode
+        c, self.task = self.config, PretrainTask(self.config, self.data, mode)
+        self.pretrain_mode = mode
         check_memory(c, None, self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
-            encoder = build_encoder(c.to_dict())
-            self.model = EncoderPretrainer(encoder, mode, hidden_dim=max(c.hidden_dim, 64)).to(self.device)
+        self._build()
         self._spread_model()
         self.optimizer = make_optimizer(self.model.parameters(), c)
-        splits = make_splits(self.data, "reconstruction", False, c.seed)
-        kind = "binary" if mode == "binary" else "selection"
-        common = dict(kind=kind, batch_size=c.batch_size, seed=c.seed, num_distractors=c.num_distractors)
-        self.train_batches = Batches(self.data, splits["train"], shuffle=True, salt=4, augment=c.augment, **common)
-        self.val_batches = Batches(self.data, splits["val"], shuffle=False, salt=5, **common)
-        self._check_split_batches(self.train_batches, self.val_batches)
-        loss_fn = LOSSES["binary" if mode == "binary" else "selection"]
+        self._make_batches()
         self.epoch = self.batch = self.global_step = 0
 
         def body():
-            self.publish({"type": "training_started", "phase": "pretraining", "mode": mode, "run_id": self.run_id,
+            self.publish({"type": "training_started", "phase": self.task.phase, "mode": mode, "run_id": self.run_id,
                           "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
                           "config": c.to_dict(), "epoch": 0, "batch": 0, "global_step": 0,
                           "batches_per_epoch": len(self.train_batches)})
-            self._run_epochs(self.model, self.train_batches, loss_fn)
+            self._run_epochs(self.model, self.train_batches, self.task.loss)
 
-        return self._run("pretraining", CheckpointPolicy.for_pretraining(c, mode), body)
+        return self._run(body)
 
     def test(self):
         """Metrics on the held-out test split (never used for model selection)."""
-        metrics, _ = self.evaluate(self.model, self.test_batches, LOSSES[self.config.task_type])
+        metrics, _ = self.evaluate(self.model, self.test_batches, self.task.loss)
         return metrics
 
 
