@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_gather_single_autograd
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 # with several processes: replicate the model (ddp) or shard parameters, gradients and Adam's moments (fsdp)
@@ -119,8 +119,13 @@ class DistributedContext:
         if self.world_size == 1:
             return model
         if strategy == "fsdp":
-            # One group, gathered around the root's forward: the model calls its parts through methods other than
-            # forward (encode), which the hooks of a part's own group would not see.
+            # A group per part the model names (gathered around its forward, and the other methods it is called
+            # through, such as encode), then the root for the rest: a process holds one part's weights whole at a
+            # time, not the whole model's.
+            for part, methods in model.shard_parts() if hasattr(model, "shard_parts") else ():
+                fully_shard(part)
+                for method in methods:
+                    register_fsdp_forward_method(part, method)
             return fully_shard(model)
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 

@@ -485,6 +485,16 @@ class ARCAutoencoder(nn.Module):
             if module is not None:
                 module.batch_group = batch_group
 
+    def shard_parts(self):
+        """[(part, methods)]: the parts a sharding wrapper (FSDP2) may gather as groups of their own, each with the
+        methods besides forward the model calls it through. The classifier stays with the whole: the scores read
+        its weight directly."""
+        parts = [(self.example_encoder, ("encode",))]
+        for name in ("sender", "receiver", "receiver_net", "cell_code", "decoder", "candidate_projection"):
+            if getattr(self, name, None) is not None:
+                parts.append((getattr(self, name), ()))
+        return parts
+
     def scores(self, state, keys):
         """Receiver states (B, H) against each example's keys (B, K, H) -> (B, K), or shared keys (N, H) -> (B, N)."""
         if self.scoring == "cosine":
@@ -549,6 +559,10 @@ class EncoderPretrainer(nn.Module):
         else:
             self.query = nn.Linear(latent, hidden_dim)
             self.key = nn.Linear(latent, hidden_dim)
+
+    def shard_parts(self):
+        """The encoder, called through its forward: a group of its own under FSDP2 (see ARCAutoencoder)."""
+        return [(self.encoder, ())]
 
     def forward(self, first=None, second=None, candidates=None, target_index=None):
         if self.mode == "binary":
