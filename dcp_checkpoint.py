@@ -19,7 +19,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import os
+import pickle
 import shutil
 import stat
 import tarfile
@@ -279,6 +281,42 @@ def _check_loadable(path, verify_file):
         ok, reason = _verify_unlocked(path)
         if not ok:
             raise ckpt.CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
+    check_metadata(path)
+
+
+# What DCP's .metadata may name: DCP reads it with pickle.load, which would run whatever a hostile file names.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+METADATA_LIMIT = 64 << 20  # bytes: a few hundred per tensor
+
+
+class _MetadataOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = _METADATA_CLASSES.get(module, ())
+        if name in allowed or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_metadata(path):
+    """Refuse a folder whose .metadata names anything but DCP's own metadata classes, before DCP unpickles it."""
+    file = os.path.join(path, ".metadata")
+    try:
+        _MetadataOnly(io.BytesIO(ckpt.read_bytes(file, METADATA_LIMIT))).load()
+    except pickle.UnpicklingError as e:
+        raise ckpt.CheckpointError(f"{path}: not a loadable checkpoint: its .metadata names {e}, not DCP's "
+                                   "metadata, and loading it would run code from the file; refused") from None
+    except (OSError, ckpt.UnreadableFile, EOFError, ValueError, TypeError, AttributeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise ckpt.CheckpointError(f"{path}: its .metadata is unreadable ({reason[:200]})") from None
 
 
 def _read_rest(path):
@@ -315,6 +353,7 @@ def load_shards(path):
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    check_metadata(path)
     state = {}
     try:
         _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),

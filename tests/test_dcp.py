@@ -299,3 +299,29 @@ def test_info_only_reads_no_shard(copy, capsys):
 def test_conversions_refuse_the_wrong_kinds(args, message, capsys):
     code, _, err = main(capsys, *args)
     assert code == 2 and message in err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_metadata_file_that_would_run_code_is_refused_without_running_it(copy, tmp_path):
+    """DCP reads .metadata with pickle: a hostile folder (whose sidecar lists its files truly) must not run."""
+    import pickle
+    marker = tmp_path / "ran"
+    (copy["dcp"] / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    side = copy["folder"] / "twin.json"
+    sidecar = json.loads(side.read_text())
+    sidecar["files"] = dcp_checkpoint.manifest(str(copy["dcp"]))
+    sidecar["sha256"] = dcp_checkpoint.manifest_digest(sidecar["files"])
+    side.write_text(json.dumps(sidecar))
+    assert ckpt.verify(str(copy["dcp"]))[0]  # its files are what its sidecar says: only their contents lie
+    with pytest.raises(ckpt.CheckpointError, match="would run code from the file; refused"):
+        ckpt.load_checkpoint(str(copy["dcp"]))
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        dcp_checkpoint.read_record(str(copy["dcp"]), verify_file=False)
+    assert not marker.exists()
