@@ -1,7 +1,8 @@
 """What a checkpoint save costs the training thread: the real Trainer and CheckpointWriter, a >= 100 MB state.
 
     python bench/save_stall.py           # 4 rounds x 5 saves on the big model, prototypes, default model (minutes)
-    python bench/save_stall.py --quick   # 1 round x 4 saves, default model, no prototypes (under a minute)
+    python bench/save_stall.py --quick   # 1 round x 3 saves, default model, no prototypes (about a minute)
+    python bench/save_stall.py --dcp-only [--quick] [--strategy fsdp]   # the 2-process DCP row alone
 
 One Trainer.train() per scenario, driven between steps from its publish() callback (which runs on the training
 thread). Each round runs, in turn: quiet steps (no save); back-to-back asynchronous saves (the next "save" command
@@ -9,6 +10,21 @@ is queued as soon as the writer is idle); synchronous saves of the same checkpoi
 in the training thread); a plain write + fsync of the same byte count, once in a background thread while training
 goes on and once with training held. Rounds interleave the modes, so load from other processes hits them alike.
 Validation is switched off in this bench's Trainer subclass (steps and saves only).
+
+Then a 2-process row (DCP folders), in a fresh launch of this script's worker under torchrun (`--dcp-worker OUT`:
+`python -m torch.distributed.run --nproc-per-node 2 --standalone`, gloo, 1 thread per process): the big model
+under ddp (--strategy), one Trainer per rank built with distributed.from_environment("cpu"), driven from rank 0's
+publish() as above. Per round: quiet steps; asynchronous saves through the real path ({"type": "save"} on rank 0's
+trainer.commands, broadcast to every rank: Trainer._snapshot -> ShardWriter.start -> dcp.async_save with async
+staging, committed by rank 0's writer), the next queued once rank 0's writer is idle; synchronous
+torch.distributed.checkpoint.save of the same distributed.sharded_state(model, optimizer) into a fresh folder,
+in the training thread between steps (a bench command broadcast like a save). The first save of each kind warms
+DCP up and is not counted. Stall per save, two ways: (1) the time each rank's training thread spends in the save
+path (the save command, rank 0's wait_for_copies, and wait_staged before optimizer.step; the dcp.save call for a
+synchronous one), the larger rank's, as the ranks move in step: the definition of (a), and verdict (e); (2) rank
+0's time for the step that served the save (its command, forward, backward, wait_staged, optimizer.step) minus
+the median quiet step: what training lost, CPU taken by the save's background threads included; it gets a verdict
+too. Beside them: each rank's CPU in those steps over a quiet step's, its training thread's and its other threads'.
 """
 import argparse
 import contextlib
@@ -16,20 +32,24 @@ import errno
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from common import (LoadWatch, add_wait_option, capture_fields, caveat, fmt_ms, header, idle_check, percentile,
-                    verdict, wait_for_idle)
+from common import (REPO, LoadWatch, _machine_busy_ticks, add_wait_option, capture_fields, caveat, fmt_ms, header,
+                    idle_check, percentile, verdict, wait_for_idle)
 
 import torch  # noqa: E402
 
 import catalogue  # noqa: E402
 import checkpoint as ckpt  # noqa: E402
 import checkpoint_manager  # noqa: E402
+import dcp_checkpoint  # noqa: E402
+import distributed  # noqa: E402
+import store  # noqa: E402
 from checkpoint_manager import CheckpointManager, CheckpointPolicy  # noqa: E402
 from data import load_data  # noqa: E402
 from model import count_parameters  # noqa: E402
@@ -391,39 +411,316 @@ def gil_probe(data, seconds):
     return results
 
 
+# ---------------------------------------------------------------------------------------------- 2 processes: DCP
+
+DCP_PROCESSES, DCP_LAUNCH_TIMEOUT = 2, 900
+WARM = "warm"  # the first save of each kind: DCP's first call sets up what later ones reuse; not counted
+
+
+def plan(quick):
+    """(rounds, saves per round, quiet steps per round) of both the one-process scenarios and the DCP row."""
+    return (1, 3, 4) if quick else (4, 5, 8)
+
+
+class DcpLog:
+    """What one rank records, in perf_counter seconds: its save commands and synchronous saves (name, start, end),
+    its training thread's waits on a save's copy (start, end, index of the save in `saves`), the calls of the
+    save path it times (part, start, end), and at each step boundary (global_step, process CPU s, training-thread
+    CPU s)."""
+
+    def __init__(self):
+        self.saves, self.sync, self.staged, self.waits, self.parts, self.ticks = [], [], [], [], [], []
+        self.current_save = None
+
+
+def timed_part(log, part, function):
+    """function, its calls recorded in log.parts as (part, start, end)."""
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            log.parts.append((part, started, time.perf_counter()))
+    return timed
+
+
+class TimedShardWriter(dcp_checkpoint.ShardWriter):
+    """The real ShardWriter; times the training thread's wait for a save's staging (before optimizer.step)."""
+
+    log = None
+
+    def start(self, state, path, staging=None):
+        return timed_part(self.log, "start", super().start)(state, path, staging)
+
+    def wait_staged(self):
+        last = self.last
+        if last is None or last.response is None or last.response.staging_completion.done():
+            return super().wait_staged()
+        started = time.perf_counter()
+        super().wait_staged()
+        self.log.staged.append((started, time.perf_counter(), self.log.current_save))
+
+
+class DcpBenchTrainer(Trainer):
+    """The real Trainer on every rank, its save commands timed, plus a bench command for the synchronous dcp.save
+    (broadcast from rank 0 as a save is); validation off."""
+
+    log = None
+
+    def _serve_commands(self):
+        self.log.ticks.append((self.global_step, time.process_time(), time.thread_time()))
+        return super()._serve_commands()
+
+    def _handle(self, command):
+        kind = command.get("type")
+        if kind == "bench_sync_save":
+            self._sync_save(command)
+        elif kind == "save":
+            self.log.current_save = len(self.log.saves)
+            started = time.perf_counter()
+            super()._handle(command)  # _decide: rank 0's manager -> _snapshot -> _start_folder_save; the others join
+            self.log.saves.append((command["name"], started, time.perf_counter()))
+        else:
+            super()._handle(command)
+
+    def _sync_save(self, command):
+        """The baseline: the same sharded state, saved by dcp.save in this thread on every rank into a new folder."""
+        from torch.distributed.checkpoint import FileSystemWriter, save
+        started = time.perf_counter()
+        save(distributed.sharded_state(self.model, self.optimizer), storage_writer=FileSystemWriter(command["path"]),
+             process_group=self.dist.checkpoint_group)
+        self.log.sync.append((command["name"], started, time.perf_counter()))
+
+    def _validate(self, model, loss_fn):
+        pass
+
+
+def folder_bytes(path):
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+def measure_dcp(context, data, folder, strategy, rounds, saves_per_round, quiet_steps, warmup=2):
+    """Every rank: the big model trained through the plan that rank 0's publish() drives; on rank 0, the figures
+    of every rank (else None)."""
+    log = DcpLog()
+    TimedShardWriter.log = DcpBenchTrainer.log = log
+    dcp_checkpoint.ShardWriter = TimedShardWriter  # what Trainer.__init__ builds its shard_writer from
+    checkpoint_manager.CheckpointWriter = timed_writer_class(log, 0)  # rank 0's wait_for_copies, timed
+    distributed.sharded_state = timed_part(log, "state", distributed.sharded_state)  # get_state_dict, in the save
+    for method in ("broadcast", "gather_objects"):  # the save's decisions and RNG states, on the training's group
+        setattr(distributed.DistributedContext, method,
+                timed_part(log, "collectives", getattr(distributed.DistributedContext, method)))
+    store.FolderStore.stage = timed_part(log, "stage", store.FolderStore.stage)
+    config = TrainConfig(**BIG, strategy=strategy, epochs=100_000, checkpoint_every_epochs=0, autosave_minutes=0.0,
+                         save_on_stop=False)
+    sync_root = os.path.join(folder, "sync")
+    gaps, labels, last, requests = {}, {}, [None], iter(range(10**6))
+
+    def async_save(name, kind):
+        trainer.commands.put({"type": "save", "name": name, "request_id": f"bench-{next(requests)}",
+                              "overwrite": True})
+        yield kind  # the next step serves it: snapshot, staging begun, wait_staged before its optimizer.step
+        while trainer.manager.writer.busy():  # every rank's part written, then rank 0's commit (record, hashes)
+            yield None if kind is None else "in flight"
+
+    def sync_save(name, kind):
+        trainer.commands.put({"type": "bench_sync_save", "name": name, "path": os.path.join(sync_root, name)})
+        yield kind
+
+    def script():  # yields what the coming step holds: its label, None for a step not counted
+        for _ in range(warmup):
+            yield None
+        yield from async_save(WARM, None)
+        yield from sync_save(WARM, None)
+        for r in range(rounds):
+            for _ in range(quiet_steps):
+                yield "quiet"
+            for i in range(saves_per_round):
+                yield from async_save(f"stall-{i % 2}", "async")
+            for i in range(saves_per_round):
+                yield from sync_save(f"sync-{r}-{i}", "sync")
+        trainer.commands.put({"type": "stop"})
+        while True:
+            yield None
+
+    steps = script()
+
+    def publish(event):  # rank 0's only (the others' is dropped); batch events come from the training thread
+        if event["type"] == "batch":
+            now, step = time.perf_counter(), event["global_step"]
+            if labels.get(step) is not None:
+                gaps.setdefault(labels[step], []).append(now - last[0])
+            last[0], labels[step + 1] = now, next(steps)
+
+    trainer = DcpBenchTrainer(config, data, context.device, folder, publish, dist=context)
+    trainer.setup()
+    trainer.train()
+    ranks = context.gather_objects({"saves": log.saves, "sync": log.sync, "staged": log.staged, "waits": log.waits,
+                                    "parts": log.parts, "ticks": log.ticks})
+    if not context.is_primary:
+        return None
+    run_folder = catalogue.checkpoint_folder(folder, trainer.run_id)
+    return {"world_size": context.world_size, "strategy": context.strategy(strategy),
+            "threads": torch.get_num_threads(), "params": count_parameters(trainer.raw_model),
+            "state_bytes": trainer.checkpoint_estimate(), "ranks": ranks, "gaps": gaps, "labels": labels,
+            "folder_bytes": folder_bytes(dcp_checkpoint.folder_path(run_folder, "stall-0")),
+            "sync_bytes": folder_bytes(os.path.join(sync_root, f"sync-{rounds - 1}-0"))}
+
+
+def dcp_worker(args):
+    """One rank of the DCP row, under torchrun; rank 0 writes every rank's figures to args.dcp_worker."""
+    torch.set_num_threads(1)
+    context = distributed.from_environment("cpu")
+    try:
+        data = load_data("arcagi")
+        with tempfile.TemporaryDirectory(prefix="bench-dcp-") as folder:
+            result = measure_dcp(context, data, folder, args.strategy, *plan(args.quick))
+        if context.is_primary:
+            with open(args.dcp_worker, "w", encoding="utf-8") as f:
+                json.dump(result, f)
+    finally:
+        context.close()
+
+
+def _ticks_with_children():
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15])  # utime, stime, and those of the children waited for
+
+
+def launch_dcp(quick, strategy, wait_idle):
+    """launch_dcp_once(), tried a second time after a failure, whose telling lines are printed (as scaling.py)."""
+    for attempt in (1, 2):
+        if wait_idle:
+            wait_for_idle(wait_idle)
+        try:
+            return launch_dcp_once(quick, strategy)
+        except RuntimeError as e:
+            if attempt == 2:
+                raise
+            lines = str(e).splitlines()
+            clues = [line.strip() for line in lines if any(w in line for w in ("terminate", "Error", "exitcode"))]
+            print(f"note: {lines[0]} launched again; it said: {' | '.join(clues[-4:])}", flush=True)
+
+
+def launch_dcp_once(quick, strategy):
+    """The DCP row in fresh processes: rank 0's figures, the launch's wall time and other processes' load."""
+    with tempfile.TemporaryDirectory(prefix="bench-dcp-out-") as out_folder:
+        out = os.path.join(out_folder, "dcp.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(DCP_PROCESSES),
+                   "--standalone", os.path.abspath(__file__), "--dcp-worker", out, "--strategy", strategy]
+        command += ["--quick"] if quick else []
+        hz, t0 = os.sysconf("SC_CLK_TCK"), time.monotonic()
+        machine0, own0 = _machine_busy_ticks(), _ticks_with_children()
+        done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=DCP_LAUNCH_TIMEOUT)
+        wall = time.monotonic() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"the DCP row failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
+                               f"{done.stderr[-4000:]}")
+        others = max(0.0, (_machine_busy_ticks() - machine0 - (_ticks_with_children() - own0)) / hz / wall)
+        with open(out, encoding="utf-8") as f:
+            return {**json.load(f), "wall": wall, "others": others}
+
+
+def cpu_by_label(rank, labels):
+    """{label: [(training-thread CPU s, other threads' CPU s)]} of one rank's steps (from its step boundaries)."""
+    ticks = {step: (process, thread) for step, process, thread in rank["ticks"]}
+    out = {}
+    for step, label in labels.items():
+        if label is not None and step in ticks and step - 1 in ticks:
+            (p0, t0), (p1, t1) = ticks[step - 1], ticks[step]
+            out.setdefault(label, []).append((t1 - t0, p1 - p0 - (t1 - t0)))
+    return out
+
+
+def cpu_excess(rank, labels, label):
+    """(training thread, other threads): median CPU s of a `label` step over the median quiet step, one rank."""
+    cpu = cpu_by_label(rank, labels)
+    return tuple(statistics.median(x[i] for x in cpu[label]) - statistics.median(x[i] for x in cpu["quiet"])
+                 for i in (0, 1))
+
+
+def summarize_dcp(result):
+    """Per-save stalls, the slower rank's (the ranks move in step), and the step-time view of the same saves."""
+    def counted(rank):  # [(save command s, waits s)] of the counted saves of one rank
+        return [(t1 - t0, sum(w1 - w0 for w0, w1, index in rank["staged"] + rank["waits"] if index == i))
+                for i, (name, t0, t1) in enumerate(rank["saves"]) if name != WARM]
+
+    def parts(rank, part):  # seconds of `part` inside each counted save command of one rank
+        return [sum(p1 - p0 for name, p0, p1 in rank["parts"] if name == part and t0 <= p0 and p1 <= t1)
+                for name, t0, t1 in rank["saves"] if name != WARM]
+
+    per_rank = [counted(rank) for rank in result["ranks"]]
+    sync = [[t1 - t0 for name, t0, t1 in rank["sync"] if name != WARM] for rank in result["ranks"]]
+    gaps = result["gaps"]
+    quiet = statistics.median(gaps["quiet"])
+    in_flight = gaps.get("in flight", [])
+    labels = {int(step): label for step, label in result["labels"].items()}
+    return {
+        "cpu_async": [cpu_excess(rank, labels, "async") for rank in result["ranks"]],
+        "cpu_sync": [cpu_excess(rank, labels, "sync") for rank in result["ranks"]],
+        "stall": [max(c + w for c, w in parts) for parts in zip(*per_rank)],
+        "command": [max(c for c, _ in parts) for parts in zip(*per_rank)],
+        "wait": [max(w for _, w in parts) for parts in zip(*per_rank)],
+        "command_by_rank": [[c for c, _ in rank] for rank in per_rank],
+        "state_by_rank": [parts(rank, "state") for rank in result["ranks"]],
+        "start_by_rank": [parts(rank, "start") for rank in result["ranks"]],
+        "collectives_by_rank": [parts(rank, "collectives") for rank in result["ranks"]],
+        "stage_by_rank": [parts(rank, "stage") for rank in result["ranks"]],
+        "sync": [max(parts) for parts in zip(*sync)],
+        "quiet": quiet, "quiet_p95": percentile(gaps["quiet"], 95),
+        "step_async": [g - quiet for g in gaps["async"]], "step_sync": [g - quiet for g in gaps["sync"]],
+        "in_flight_steps": len(in_flight) / len(gaps["async"]),
+        # what the steps while uploads and commits ran lost against quiet ones, per save
+        "lost_in_flight": (sum(in_flight) - len(in_flight) * quiet) / len(gaps["async"]),
+    }
+
+
+def print_dcp(r, s):
+    p = lambda xs, q: percentile(xs, q)  # noqa: E731
+    ranks = len(r["ranks"])
+    print(f"-- {ranks} processes (torchrun --nproc-per-node {ranks} --standalone, gloo, {r['threads']} thread each), "
+          f"big model under {r['strategy']}: {r['params']:,} parameters, state with Adam {r['state_bytes'] / 1e6:.1f} "
+          f"MB, DCP folder {r['folder_bytes'] / 1e6:.1f} MB (sync save's {r['sync_bytes'] / 1e6:.1f} MB), "
+          f"{len(s['stall'])} async + {len(s['sync'])} sync saves; launch {r['wall']:.0f} s, other processes used "
+          f"{r['others']:.2f} cores meanwhile")
+    print(f"   training-thread stall per async save (save command: Trainer._snapshot, FolderStore.stage, "
+          f"ShardWriter.start, RNG gather; + wait_staged, wait_for_copies; the slower rank): "
+          f"p50 {fmt_ms(p(s['stall'], 50))}  p95 {fmt_ms(p(s['stall'], 95))}  max {fmt_ms(max(s['stall']))}")
+    print(f"     of which the save command: p50 {fmt_ms(p(s['command'], 50))}  p95 {fmt_ms(p(s['command'], 95))} ("
+          + ", ".join(f"rank {i} p50 {fmt_ms(p(c, 50))}" for i, c in enumerate(s["command_by_rank"]))
+          + f");  waits for the staging copy: p50 {fmt_ms(p(s['wait'], 50))}  p95 {fmt_ms(p(s['wait'], 95))}")
+    print("     in the save command, p50 per rank: distributed.sharded_state (get_state_dict) "
+          + ", ".join(fmt_ms(p(x, 50)) for x in s["state_by_rank"]) + "; ShardWriter.start (dcp.async_save's call) "
+          + ", ".join(fmt_ms(p(x, 50)) for x in s["start_by_rank"]) + "; broadcasts and the RNG gather "
+          + ", ".join(fmt_ms(p(x, 50)) for x in s["collectives_by_rank"]) + "; FolderStore.stage (rank 0) "
+          + fmt_ms(p(s["stage_by_rank"][0], 50)))
+    print(f"   synchronous dcp.save of the same sharded_state in the training thread (the slower rank): "
+          f"p50 {fmt_ms(p(s['sync'], 50))}  p95 {fmt_ms(p(s['sync'], 95))}")
+    print(f"   rank 0's step time minus the median quiet step ({fmt_ms(s['quiet'])}, quiet p95 "
+          f"{fmt_ms(s['quiet_p95'])}): the step serving an async save p50 {fmt_ms(p(s['step_async'], 50))}  "
+          f"p95 {fmt_ms(p(s['step_async'], 95))}; a sync save p50 {fmt_ms(p(s['step_sync'], 50))}  "
+          f"p95 {fmt_ms(p(s['step_sync'], 95))}; the {s['in_flight_steps']:.1f} steps per save while its upload "
+          f"and commit ran lost {s['lost_in_flight'] * 1000:.0f} ms per save in all")
+    cpu = lambda pairs: ", ".join(f"rank {i} {t * 1000:+.0f} / {o * 1000:+.0f} ms"  # noqa: E731
+                                  for i, (t, o) in enumerate(pairs))
+    print(f"   CPU of a step over a quiet one's (median; training thread / the process's other threads): serving an "
+          f"async save {cpu(s['cpu_async'])}; a sync save {cpu(s['cpu_sync'])}")
+    print(f"   {f'{ranks} processes, DCP':<44}{'stall p50':>11}{'stall p95':>11}{'step +p50':>11}{'step +p95':>11}")
+    for what, stall, step in (("async: the real path (dcp.async_save)", s["stall"], s["step_async"]),
+                              ("sync: dcp.save in the training thread", s["sync"], s["step_sync"])):
+        print(f"   {what:<44}{fmt_ms(p(stall, 50)):>11}{fmt_ms(p(stall, 95)):>11}{fmt_ms(p(step, 50)):>11}"
+              f"{fmt_ms(p(step, 95)):>11}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one round, 4 saves, no prototypes: under a minute")
-    add_wait_option(parser)
-    args = parser.parse_args()
-    rounds, per_round, quiet = (1, 3, 4) if args.quick else (4, 5, 8)
-    header("checkpoint save stall, real Trainer + CheckpointWriter")
-    print(f"targets: (a) p95 stall ratio async/sync <= {STALL_RATIO_TARGET}; (b) steps/s with saves back to back / "
-          f"without >= {THROUGHPUT_TARGET}; (c) writer MB/s / plain write MB/s >= {WRITE_SPEED_TARGET}; (d) default "
-          f"model stall < {DEFAULT_STALL_TARGET * 1000:.0f} ms")
-    print(f"plan: big model TrainConfig({', '.join(f'{k}={v}' for k, v in BIG.items())}), {rounds} round(s) x "
-          f"({quiet} quiet steps, {per_round} async saves back to back, {per_round} sync saves, 2 plain writes); "
-          f"then the default model the same way" + ("" if args.quick else "; then write-path prototypes"))
-    print(f"before start: other processes kept {idle_check():.2f} cores busy")
-    started = time.perf_counter()
-    data = load_data("arcagi")
-    watch = LoadWatch()
-
-    big = run_scenario(data, BIG, rounds, per_round, quiet, wait_idle=args.wait_idle)
-    s = summarize(big)
-    print_summary("big model, current writer", big, s)
-    small = run_scenario(data, {}, rounds, per_round, quiet, wait_idle=args.wait_idle)
-    d = summarize(small)
-    print_summary("default model, current writer", small, d)
-    print(watch.line())
-
+def print_targets(big, s, small, d):
+    """Verdicts (a)-(d): the one-process scenarios."""
     stall_ratio = percentile(s["stall"], 95) / percentile(s["sync"], 95)
     throughput_ratio = s["rate"]["async"] / s["rate"]["quiet"]
     write_ratio = s["write_speed"] / s["raw_bg"]
-    print()
-    print("targets (big model, %.0f MB state):" % (big.state_bytes / 1e6))
     print(f"  (a) p95 stall async / p95 sync = {fmt_ms(percentile(s['stall'], 95))} / "
           f"{fmt_ms(percentile(s['sync'], 95))} = {stall_ratio:.4f}  target <= {STALL_RATIO_TARGET}: "
           f"{verdict(stall_ratio <= STALL_RATIO_TARGET)}   "
@@ -441,7 +738,71 @@ def main():
     print(f"  (d) default model stall per save p50 {fmt_ms(percentile(d['stall'], 50))}, p95 {fmt_ms(p95)}  "
           f"target < {DEFAULT_STALL_TARGET * 1000:.0f} ms: {verdict(p95 < DEFAULT_STALL_TARGET)}{caveat(small.others)}")
 
-    if not args.quick:
+
+def print_dcp_target(folders, f):
+    """Verdict (e): the DCP row, by the training thread's time in the save path; the step-time view beside it."""
+    ratio = percentile(f["stall"], 95) / percentile(f["sync"], 95)
+    step_ratio = percentile(f["step_async"], 95) / percentile(f["step_sync"], 95)
+    print(f"  (e) {DCP_PROCESSES} processes ({folders['strategy']}, DCP folders), p95 stall async / p95 sync "
+          f"dcp.save = {fmt_ms(percentile(f['stall'], 95))} / {fmt_ms(percentile(f['sync'], 95))} = {ratio:.4f}  "
+          f"target <= {STALL_RATIO_TARGET}: {verdict(ratio <= STALL_RATIO_TARGET)}   (p50 ratio "
+          f"{percentile(f['stall'], 50) / percentile(f['sync'], 50):.4f}){caveat(folders['others'])}")
+    print(f"      by step time over the quiet median, p95 async / p95 sync = {fmt_ms(percentile(f['step_async'], 95))}"
+          f" / {fmt_ms(percentile(f['step_sync'], 95))} = {step_ratio:.4f}  target <= {STALL_RATIO_TARGET}: "
+          f"{verdict(step_ratio <= STALL_RATIO_TARGET)}{caveat(folders['others'])}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round, 3 saves, no prototypes: about a minute")
+    parser.add_argument("--dcp-only", action="store_true",
+                        help=f"the {DCP_PROCESSES}-process DCP row alone: no one-process scenario, no prototypes")
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
+                        help=f"what the {DCP_PROCESSES}-process DCP row trains under")
+    add_wait_option(parser)
+    parser.add_argument("--dcp-worker", default="", metavar="OUT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dcp_worker:
+        return dcp_worker(args)
+    rounds, per_round, quiet = plan(args.quick)
+    one_process = not args.dcp_only
+    header("checkpoint save stall, real Trainer + CheckpointWriter")
+    print("targets: " + (f"(a) p95 stall ratio async/sync <= {STALL_RATIO_TARGET}; (b) steps/s with saves back to "
+                         f"back / without >= {THROUGHPUT_TARGET}; (c) writer MB/s / plain write MB/s >= "
+                         f"{WRITE_SPEED_TARGET}; (d) default model stall < {DEFAULT_STALL_TARGET * 1000:.0f} ms; "
+                         if one_process else "")
+          + f"(e) {DCP_PROCESSES} processes, DCP folders: p95 stall ratio async/sync <= {STALL_RATIO_TARGET}")
+    print("plan: " + (f"big model TrainConfig({', '.join(f'{k}={v}' for k, v in BIG.items())}), {rounds} round(s) "
+                      f"x ({quiet} quiet steps, {per_round} async saves back to back, {per_round} sync saves, 2 plain "
+                      f"writes); then the default model the same way; then " if one_process else "")
+          + f"the big model in {DCP_PROCESSES} processes under {args.strategy}, {rounds} round(s) x ({quiet} quiet "
+          f"steps, {per_round} async saves, {per_round} sync dcp.save)"
+          + ("; then write-path prototypes" if one_process and not args.quick else ""))
+    print(f"before start: other processes kept {idle_check():.2f} cores busy")
+    started = time.perf_counter()
+    data = load_data("arcagi") if one_process else None
+    watch = LoadWatch()
+
+    if one_process:
+        big = run_scenario(data, BIG, rounds, per_round, quiet, wait_idle=args.wait_idle)
+        s = summarize(big)
+        print_summary("big model, current writer", big, s)
+        small = run_scenario(data, {}, rounds, per_round, quiet, wait_idle=args.wait_idle)
+        d = summarize(small)
+        print_summary("default model, current writer", small, d)
+        print(watch.line())
+    folders = launch_dcp(args.quick, args.strategy, args.wait_idle)  # its own load figure: its processes excluded
+    f = summarize_dcp(folders)
+    print_dcp(folders, f)
+
+    print()
+    print("targets (big model, %.0f MB state):" % (folders["state_bytes"] / 1e6))
+    if one_process:
+        print_targets(big, s, small, d)
+    print_dcp_target(folders, f)
+
+    if one_process and not args.quick:
+        watch.start()  # from here: the probe and the prototypes (the DCP row's processes would count as others)
         print()
         print("GIL probe (no training; 0.5 ms sleeps): lateness of a thread here (GIL + CPU) vs a separate process "
               "(CPU only)")
