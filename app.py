@@ -25,7 +25,7 @@ import checkpoint as ckpt
 import shutdown
 from events import EventBus
 from train import PRESETS, TrainConfig
-from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker
+from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker, check_processes
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("lab", __name__)
@@ -249,7 +249,7 @@ def config_fields():
     presets = [{"name": name, "title": p.title, "description": p.description, "values": dict(p.values)}
                for name, p in PRESETS.items()]
     return jsonify(fields=fields, defaults=defaults, presets=presets,
-                   processes={"default": worker.processes, "low": 1, "high": MAX_PROCESSES})
+                   processes={"default": worker.processes, "low": 1, "high": min(MAX_PROCESSES, os.cpu_count() or 1)})
 
 
 @bp.get("/status")
@@ -507,6 +507,14 @@ def positive_gb(text):
     return value
 
 
+def processes_flag(text):
+    try:
+        return check_processes(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit() else
+                                         f"expected a whole number of processes, got {text!r}") from None
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="ARC Autoencoder Lab web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
@@ -516,7 +524,7 @@ def build_parser():
     data.add_argument("--dataset", default="arcagi", choices=("arcagi", "arcagi2"))
     data.add_argument("--data-dir", default="", help="folder of ARC task JSON files")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="a run's default number of "
+    p.add_argument("--nproc-per-node", type=processes_flag, default=1, metavar="N", help="a run's default number of "
                    "processes (the page's processes field): 1 trains in the server's worker thread; more launch a "
                    "process group (torch.distributed, as torchrun does), one process per GPU or CPU share")
     p.add_argument("--token", default=os.environ.get("ARC_LAB_TOKEN"),

@@ -8,6 +8,7 @@ A global batch is split across ranks in order, rank 0 first (split_rows); what t
 (normalised logits, in-batch negatives, Gumbel noise) reads the whole batch through rows / gather_rows / sum_rows.
 """
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,23 @@ def _attempt_store():
                           multi_tenant=True)
     attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
     return {"store": dist.PrefixStore(f"/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+
+
+def leave(code):
+    """The exit status for a script's last line: under torchrun with several processes, exit now, skipping the
+    interpreter's teardown. A process group's C++ threads may still be joinable when static objects are destroyed
+    at exit, which aborts the process (measured: about 1 launch in 10 of 2 processes here ended so, with its work
+    done: "terminate called without an active exception", SIGABRT), and torchrun reports the run as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return code
+    import logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def unwrap(model):

@@ -204,3 +204,5 @@ def _take_commands(channel, commands):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1])
+    import distributed
+    distributed.leave(0)

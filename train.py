@@ -761,10 +761,10 @@ class Trainer:
                                               if k.startswith(prefix)}}
             extra = {}
         else:
-            save = self._start_folder_save(name)
+            save, rng_states = self._start_folder_save(name)
             tensors = {"model_state_dict": None, "optimizer_state_dict": None, "encoder_state_dict": None,
                        "sharded_save": save}
-            extra = {ckpt.RANK_RNG_KEY: self.dist.gather_objects(self._rng_state()) if save.error is None else None,
+            extra = {ckpt.RANK_RNG_KEY: rng_states,
                      "dcp": {"world_size": self.dist.world_size, "strategy": self.dist.strategy(self.config.strategy),
                              "encoder_prefix": prefix}}
         extra.update(self.task.record_fields(self))
@@ -842,8 +842,8 @@ class Trainer:
         if not self.dist.is_primary:
             while (folder := self.dist.broadcast(None)) != "done":
                 if folder is not None:  # None: rank 0 could not start the save (disk full, say)
-                    self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), folder)
                     self.dist.gather_objects(self._rng_state())
+                    self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), folder)
             return None
         try:
             return call()
@@ -851,16 +851,18 @@ class Trainer:
             self.dist.broadcast("done")
 
     def _start_folder_save(self, name):
-        """Rank 0: stage the folder, have every rank start writing its part into it; the save, or why it could
-        not start (then the writer reports it as the save's failure)."""
+        """Rank 0: stage the folder, have every rank start writing its part into it; (the save, or why it could
+        not start, which the writer then reports as the save's failure; every rank's RNG state, or None)."""
         try:
             staging = self.manager.store.stage(name, self.checkpoint_estimate())
         except OSError as e:
             self.dist.broadcast(None)
-            return dcp_checkpoint.ShardedSave(error=e)
+            return dcp_checkpoint.ShardedSave(error=e), None
         self.dist.broadcast(staging.path)
-        return self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), staging.path,
-                                       staging)
+        # gathered before the save starts: its copy and planning threads would otherwise slow this collective
+        rng_states = self.dist.gather_objects(self._rng_state())
+        save = self.shard_writer.start(distributed.sharded_state(self.model, self.optimizer), staging.path, staging)
+        return save, rng_states
 
     def _save_now(self, command):
         name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
@@ -1482,4 +1484,4 @@ def checkpoint_argument(value, root):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(distributed.leave(main()))

@@ -421,9 +421,12 @@ def drive(trainer, run):
 
 
 def check_processes(value):
-    """A run's number of processes: 1 (a thread of the server) to MAX_PROCESSES; ValueError otherwise."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROCESSES:
-        raise ValueError(f"processes must be a whole number from 1 to {MAX_PROCESSES}, got {value!r}")
+    """A run's number of processes: 1 (a thread of the server) up to this machine's CPU cores (a process each at
+    least; a GPU machine has more cores than GPUs), and MAX_PROCESSES at most; ValueError otherwise."""
+    most = max(1, min(MAX_PROCESSES, os.cpu_count() or 1))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise ValueError(f"processes must be a whole number from 1 to {most} (this machine's CPU cores), "
+                         f"got {value!r}")
     return value
 
 

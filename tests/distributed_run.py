@@ -76,3 +76,4 @@ def main(spec_path, out_path):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    distributed.leave(0)

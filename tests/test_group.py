@@ -138,3 +138,13 @@ def test_a_bad_number_of_processes_is_a_400_naming_it(server, processes):
     live, _ = server
     response = post(live, "/start_training", **TINY, processes=processes)
     assert response.status_code == 400 and "processes" in response.json()["error"]
+
+
+@pytest.mark.parametrize("flag, message", [("0", "from 1 to"), ("x", "expected a whole number of processes"),
+                                           (str(os.cpu_count() + 1), "this machine's CPU cores")])
+def test_app_py_refuses_a_bad_nproc_per_node_in_one_line(flag, message, capsys):
+    import app
+    with pytest.raises(SystemExit) as exit_:
+        app.build_parser().parse_args(["--nproc-per-node", flag])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.strip().splitlines()[-1].startswith("usage") is False
