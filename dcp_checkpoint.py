@@ -555,10 +555,20 @@ class ShardedSave:
             self.response.staging_completion.result()
 
     def wait_uploaded(self):
-        """Block until every rank's part is written; raises what failed (this rank's or another's)."""
+        """Block until every rank's part is written; CheckpointError for what failed (this rank's or another's),
+        caused by the OSError (disk full, say) when one was the reason."""
         if self.error is not None:
             raise self.error
-        self.response.upload_completion.result()
+        try:
+            self.response.upload_completion.result()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException, with every rank's failure
+            causes = list(getattr(e, "failures", {}).values()) or [e]
+            cause = next((c for c in causes if isinstance(c, OSError)), causes[0])
+            text = str(cause).strip().splitlines()
+            raise ckpt.CheckpointError(f"the ranks could not write their parts: {text[0][:200] if text else e!r}"
+                                       ) from (cause if isinstance(cause, Exception) else None)
 
     def discard(self):
         if self.staging is not None:
@@ -567,41 +577,60 @@ class ShardedSave:
 
 class ShardWriter:
     """One rank's side of its run's folder saves: dcp.async_save of its part, copied to host memory in the
-    background (while the next forward and backward run) and written after that; one save at a time, so that
-    DCP's collectives of two saves never interleave. Its collectives run on a process group of their own
-    (group), never the training's."""
+    background (while the next forward and backward run) and written after that.
 
-    def __init__(self, group, device):
+    As many saves as there are groups are in flight, each in a slot of its own: its own process group for DCP's collectives
+    (never the training's), so that two saves' collectives never interleave on one group, and its own stager,
+    whose staging buffers a later save would otherwise reuse while the earlier one still writes from them. Every
+    rank starts the same saves in the same order, so each slot's group sees the same sequence on every rank."""
+
+    def __init__(self, groups, device):
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         cuda = torch.device(device).type == "cuda"
         # pinned host memory and non-blocking copies only where there is a GPU to copy from
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                    use_async_staging=True, use_non_blocking_copy=cuda))
-        self.group, self.last = group, None
+        options = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
+                                 use_non_blocking_copy=cuda)
+        self._slots = [{"group": group, "stager": DefaultStager(options), "save": None} for group in groups]
+        self._started = 0
 
     def start(self, state, path, staging=None):
-        """Begin saving state ({"model", "optimizer"} of sharded_state) into the folder at path."""
+        """Begin saving state ({"model", "optimizer"} of sharded_state) into the folder at path; waits only for the
+        save that last used this save's slot."""
         from torch.distributed.checkpoint import FileSystemWriter, async_save
-        self.wait_uploaded()
-        response = async_save(state, storage_writer=FileSystemWriter(path), process_group=self.group,
-                              async_stager=self._stager)
-        self.last = ShardedSave(staging, response)
-        return self.last
+        slot = self._slots[self._started % len(self._slots)]
+        self._started += 1
+        _wait_quietly(slot)
+        response = async_save(state, storage_writer=FileSystemWriter(path), process_group=slot["group"],
+                              async_stager=slot["stager"])
+        slot["save"] = ShardedSave(staging, response)
+        return slot["save"]
+
+    def staging_pending(self):
+        """Whether a save's copy of the state is still being made (wait_staged() would wait)."""
+        return any(slot["save"] is not None and slot["save"].response is not None
+                   and not slot["save"].response.staging_completion.done() for slot in self._slots)
 
     def wait_staged(self):
-        """Before the parameters change: the last save's copy of them must be complete."""
-        if self.last is not None:
-            self.last.wait_staged()
+        """Before the parameters change: every save's copy of them must be complete."""
+        for slot in self._slots:
+            if slot["save"] is not None:
+                slot["save"].wait_staged()
 
     def wait_uploaded(self):
-        """The last save's writing done, on every rank; a failure is rank 0's to report, so it is not raised here."""
-        last, self.last = self.last, None
-        if last is not None:
-            try:
-                last.wait_uploaded()
-            except Exception as e:  # rank 0 reports it as the save's checkpoint_error
-                ckpt.logger.debug("a folder save failed: %s", e)
+        """Every save's writing done, on every rank; a failure is rank 0's to report, so it is not raised here."""
+        for slot in self._slots:
+            _wait_quietly(slot)
 
     def close(self):
         self.wait_uploaded()
-        self._stager.close()
+        for slot in self._slots:
+            slot["stager"].close()
+
+
+def _wait_quietly(slot):
+    save, slot["save"] = slot["save"], None
+    if save is not None:
+        try:
+            save.wait_uploaded()
+        except ckpt.CheckpointError as e:  # rank 0 reports it as the save's checkpoint_error
+            ckpt.logger.debug("a folder save failed: %s", e)

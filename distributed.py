@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 # with several processes: replicate the model (ddp) or shard parameters, gradients and Adam's moments (fsdp)
 STRATEGIES = ("auto", "ddp", "fsdp")
+CHECKPOINT_SLOTS = 2  # checkpoint saves in flight at once (a best and a periodic save at one validation)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    checkpoint_group: object = None  # a gloo group of every rank for checkpoint I/O, apart from training's
+    checkpoint_groups: tuple = ()  # gloo groups of every rank for checkpoint I/O, apart from training's: a save each
 
     @property
     def is_primary(self):
@@ -163,10 +164,11 @@ def from_environment(device="auto"):
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", **_attempt_store())
-    # DCP's background saves run collectives while training runs its own: on a group of their own, in host memory
-    checkpoint_group = dist.new_group(backend="gloo")
+    # DCP's background saves run collectives while training runs its own: on groups of their own, in host memory,
+    # one for each save that may be in flight at once (dcp_checkpoint.ShardWriter's slots)
+    checkpoint_groups = tuple(dist.new_group(backend="gloo") for _ in range(CHECKPOINT_SLOTS))
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
-                              torch.device("cuda", local_rank) if cuda else torch.device("cpu"), checkpoint_group)
+                              torch.device("cuda", local_rank) if cuda else torch.device("cpu"), checkpoint_groups)
 
 
 def _attempt_store():

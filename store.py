@@ -69,6 +69,6 @@ class FolderStore(SingleFileStore):
         save = fields["sharded_save"]
         try:
             save.wait_uploaded()
-        except Exception:  # failed as well as abandoned: either way nothing is kept
+        except ckpt.CheckpointError:  # failed as well as abandoned: either way nothing is kept
             pass
         save.discard()

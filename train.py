@@ -572,7 +572,7 @@ class Trainer:
         self.paused = False
         # with several processes, every checkpoint is a DCP folder that each rank writes its part of
         self.shard_writer = None if self.batch_group is None else \
-            dcp_checkpoint.ShardWriter(self.dist.checkpoint_group, self.device)
+            dcp_checkpoint.ShardWriter(self.dist.checkpoint_groups, self.device)
 
     # ---- set-up
 

@@ -453,8 +453,7 @@ class TimedShardWriter(dcp_checkpoint.ShardWriter):
         return timed_part(self.log, "start", super().start)(state, path, staging)
 
     def wait_staged(self):
-        last = self.last
-        if last is None or last.response is None or last.response.staging_completion.done():
+        if not self.staging_pending():
             return super().wait_staged()
         started = time.perf_counter()
         super().wait_staged()
@@ -488,7 +487,7 @@ class DcpBenchTrainer(Trainer):
         from torch.distributed.checkpoint import FileSystemWriter, save
         started = time.perf_counter()
         save(distributed.sharded_state(self.model, self.optimizer), storage_writer=FileSystemWriter(command["path"]),
-             process_group=self.dist.checkpoint_group)
+             process_group=self.dist.checkpoint_groups[0])
         self.log.sync.append((command["name"], started, time.perf_counter()))
 
     def _validate(self, model, loss_fn):

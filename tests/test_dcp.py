@@ -325,3 +325,22 @@ def test_a_metadata_file_that_would_run_code_is_refused_without_running_it(copy,
     with pytest.raises(ckpt.CheckpointError, match="refused"):
         dcp_checkpoint.read_record(str(copy["dcp"]), verify_file=False)
     assert not marker.exists()
+
+
+def test_a_rank_that_fails_to_write_its_part_fails_the_save_naming_the_cause():
+    """DCP raises its CheckpointException (a BaseException) with each rank's failure; the save fails as a
+    CheckpointError caused by that OSError, so its checkpoint_error's reason is the errno's name (ENOSPC)."""
+    import concurrent.futures
+    import errno
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import checkpoint_manager
+    upload = concurrent.futures.Future()
+    upload.set_exception(CheckpointException("write", {1: OSError(errno.ENOSPC, "No space left on device")}))
+    save = dcp_checkpoint.ShardedSave(response=SimpleNamespace(upload_completion=upload))
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device") as failed:
+        save.wait_uploaded()
+    job = SimpleNamespace(cancel=threading.Event())
+    assert checkpoint_manager._failure_reason(job, failed.value) == "ENOSPC"
