@@ -344,3 +344,20 @@ def test_a_rank_that_fails_to_write_its_part_fails_the_save_naming_the_cause():
         save.wait_uploaded()
     job = SimpleNamespace(cancel=threading.Event())
     assert checkpoint_manager._failure_reason(job, failed.value) == "ENOSPC"
+
+
+def test_load_checkpoint_verifies_compares_and_lists_a_folder_like_a_file(copy, capsys):
+    code, out, err = main(capsys, copy["dcp"], "--verify", "--info-only")
+    assert code == 0 and "verify: OK: every file's size and SHA-256 match" in out, err
+    pth = copy["folder"] / "best_model.pth"
+    code, out, err = main(capsys, "--compare", pth, copy["dcp"], "--json")
+    assert code == 0, err
+    changes = json.loads(out)["tensor_changes"]
+    assert changes and all(c["l2_diff"] == 0 for c in changes)
+    code, out, err = main(capsys, "--list", copy["root"], "--json")
+    assert code == 0, err
+    row = next(m for m in json.loads(out)["checkpoints"] if m["name"] == "twin")
+    assert row["format"] == "dcp" and not row["damaged"]
+    (copy["dcp"] / "__0_0.distcp").write_bytes(b"x")
+    code, _, err = main(capsys, copy["dcp"], "--verify")
+    assert code == 1 and "__0_0.distcp is 1 bytes" in err and len(err.strip().splitlines()) == 1
