@@ -123,3 +123,25 @@ def capture_fields(trainer, kind, name):
         return trainer._snapshot(kind, name)
     finally:
         trainer.manager = None
+
+
+def torchrun_worker(out_path, threads, prefix, measure):
+    """One rank of a bench's torchrun launch: join the group, run measure(context, data, folder) on the bundled
+    data in a temporary folder, rank 0 writes its result as JSON to out_path; then leave as train.py does."""
+    import json
+    import tempfile
+
+    import distributed
+    from data import load_data
+    torch.set_num_threads(threads)
+    context = distributed.from_environment("cpu")
+    try:
+        data = load_data("arcagi", None)
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+            result = measure(context, data, folder)
+        if context.is_primary:
+            with open(out_path, "w", encoding="utf-8") as f:
+                json.dump(result, f)
+    finally:
+        context.close()
+    distributed.leave(0)

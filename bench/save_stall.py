@@ -40,7 +40,7 @@ import threading
 import time
 
 from common import (REPO, LoadWatch, _machine_busy_ticks, add_wait_option, capture_fields, caveat, fmt_ms, header,
-                    idle_check, percentile, verdict, wait_for_idle)
+                    idle_check, percentile, verdict, wait_for_idle, torchrun_worker)
 
 import torch  # noqa: E402
 
@@ -568,17 +568,8 @@ def measure_dcp(context, data, folder, strategy, rounds, saves_per_round, quiet_
 
 def dcp_worker(args):
     """One rank of the DCP row, under torchrun; rank 0 writes every rank's figures to args.dcp_worker."""
-    torch.set_num_threads(1)
-    context = distributed.from_environment("cpu")
-    try:
-        data = load_data("arcagi")
-        with tempfile.TemporaryDirectory(prefix="bench-dcp-") as folder:
-            result = measure_dcp(context, data, folder, args.strategy, *plan(args.quick))
-        if context.is_primary:
-            with open(args.dcp_worker, "w", encoding="utf-8") as f:
-                json.dump(result, f)
-    finally:
-        context.close()
+    torchrun_worker(args.dcp_worker, 1, "bench-dcp-", lambda context, data, folder: measure_dcp(
+        context, data, folder, args.strategy, *plan(args.quick)))
 
 
 def _ticks_with_children():

@@ -39,13 +39,11 @@ import tempfile
 import time
 
 from common import (REPO, _machine_busy_ticks, add_wait_option, caveat, header, idle_check, percentile, verdict,
-                    wait_for_idle)
+                    wait_for_idle, torchrun_worker)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import distributed  # noqa: E402
-from data import load_data  # noqa: E402
 from model import count_parameters  # noqa: E402
 from train import TrainConfig, Trainer  # noqa: E402
 
@@ -177,17 +175,8 @@ def measure(context, data, strategy, warmup, steps, checkpoint_dir):
 
 
 def worker(args):
-    torch.set_num_threads(args.threads)
-    context = distributed.from_environment("cpu")
-    try:
-        data = load_data("arcagi", None)
-        with tempfile.TemporaryDirectory(prefix="bench-scaling-") as folder:
-            result = measure(context, data, args.strategy, args.warmup, args.steps, folder)
-        if context.is_primary:
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(result, f)
-    finally:
-        context.close()
+    torchrun_worker(args.out, args.threads, "bench-scaling-", lambda context, data, folder: measure(
+        context, data, args.strategy, args.warmup, args.steps, folder))
 
 
 # ---------------------------------------------------------------------------------------------- the driver
