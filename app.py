@@ -21,6 +21,8 @@ from werkzeug.exceptions import HTTPException
 
 import catalogue
 import dcp_checkpoint
+import mirror
+import remote
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
@@ -55,13 +57,14 @@ class StrictJSONProvider(DefaultJSONProvider):
 def create_app(config=None, trainer=None):
     """App factory. config keys: CHECKPOINT_DIR, DATASET, DATA_DIR, DEVICE, TOKEN, TRAIN_DEFAULTS, DATA, START_WORKER,
     BIND_HOST and ALLOWED_HOSTS (the Host names answered besides loopback's), MAX_MEMORY_GB, SHUTDOWN_TIMEOUT,
-    PROCESSES (a run's default number of processes: 1 trains in the worker thread, more as a process group)."""
+    PROCESSES (a run's default number of processes: 1 trains in the worker thread, more as a process group), MIRROR
+    (a mirror.Mirror, not started, that uploads every checkpoint to object storage)."""
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(CHECKPOINT_DIR="checkpoints", DATASET="arcagi", DATA_DIR="", DEVICE="auto", TOKEN=None,
                             TRAIN_DEFAULTS={}, DATA=None, START_WORKER=True, MAX_CONTENT_LENGTH=1 << 20,
                             BIND_HOST=None, ALLOWED_HOSTS=(), MAX_MEMORY_GB=None, SHUTDOWN_TIMEOUT=30.0,
-                            PROCESSES=1)
+                            PROCESSES=1, MIRROR=None)
     app.config.update(config or {})
     defaults = {"dataset": app.config["DATASET"], "data_dir": app.config["DATA_DIR"], **app.config["TRAIN_DEFAULTS"]}
     TrainConfig.from_dict(defaults)  # bad server defaults fail at start-up, not at the first request
@@ -69,7 +72,8 @@ def create_app(config=None, trainer=None):
         trainer = TrainingWorker(app.config["CHECKPOINT_DIR"], EventBus(), device=app.config["DEVICE"],
                                  dataset=app.config["DATASET"], data_dir=app.config["DATA_DIR"],
                                  train_defaults=defaults, data=app.config["DATA"],
-                                 max_memory_gb=app.config.get("MAX_MEMORY_GB"), processes=app.config["PROCESSES"])
+                                 max_memory_gb=app.config.get("MAX_MEMORY_GB"), processes=app.config["PROCESSES"],
+                                 mirror=app.config["MIRROR"])
         if app.config["START_WORKER"]:
             trainer.start_thread()
     app.extensions["trainer"] = trainer
@@ -385,7 +389,7 @@ def save_request(request_id):
 
 LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
           "val_loss", "val_acc", "task_type", "bottleneck_type", "sha256", "damaged", "refused", "error", "problems",
-          "verified_at", "notes", "tags", "resume_command")
+          "verified_at", "notes", "tags", "resume_command", "mirror")
 
 
 @bp.get("/list_checkpoints")
@@ -421,8 +425,8 @@ def checkpoint_download(ident):
 def checkpoint_delete(ident):
     entry = _entry(ident)
     ckpt.delete_checkpoint(entry.path)
-    _worker().bus.publish("checkpoint_deleted", {"id": entry.id, "run_id": entry.run_id, "name": entry.name,
-                                                 "reason": "deleted by the user"})
+    _worker().publish({"type": "checkpoint_deleted", "id": entry.id, "run_id": entry.run_id, "name": entry.name,
+                       "reason": "deleted by the user"})  # the mirror, if any, follows
     return jsonify(deleted=entry.id)
 
 
@@ -536,9 +540,24 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=shutdown.seconds, default=shutdown.DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM or SIGINT, the saves in flight get this long to finish; those still unwritten "
                         "then are abandoned (nothing partial is left)")
+    p.add_argument("--mirror", default="", metavar="URL", help="also upload every checkpoint, once durable here, "
+                   "to this fsspec URL (e.g. s3://bucket/prefix), in the background")
+    p.add_argument("--mirror-retention", choices=mirror.RETENTION_CHOICES, default="both",
+                   help="what retention or a delete removes here it removes on the mirror too (both), or not (local)")
+    p.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for --mirror's store; "
+                   "credentials otherwise come from AWS_* variables or AWS_PROFILE")
     p.add_argument("--access-log", action="store_true", help="log a line per request (off: the log keeps to "
                    "start-up, warnings and errors, and the saves at exit)")
     return p
+
+
+def open_mirror(args):
+    """--mirror's Mirror, checked at start-up (RemoteError: wrong credentials, no bucket, no endpoint), or None."""
+    if not args.mirror:
+        return None
+    target = remote.ObjectRoot(args.mirror, remote.parse_storage_options(args.storage_options))
+    target.check()
+    return mirror.Mirror(args.checkpoint_dir, target, publish=None, retention=args.mirror_retention)
 
 
 def main(argv=None):
@@ -559,11 +578,16 @@ def main(argv=None):
             record.msg, record.args = colour.sub("", record.getMessage()), None
             return True
         requests_log.addFilter(without_colour)
+    try:
+        uploads = open_mirror(args)
+    except (ValueError, remote.RemoteError) as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        return 2
     app = create_app({"CHECKPOINT_DIR": args.checkpoint_dir, "DATASET": args.dataset, "DATA_DIR": args.data_dir,
                       "DEVICE": args.device, "TOKEN": args.token, "BIND_HOST": args.host,
                       "ALLOWED_HOSTS": tuple(args.allowed_hosts),
                       "MAX_MEMORY_GB": args.max_memory_gb, "SHUTDOWN_TIMEOUT": args.shutdown_timeout,
-                      "PROCESSES": args.nproc_per_node})
+                      "PROCESSES": args.nproc_per_node, "MIRROR": uploads})
     # Werkzeug's threaded server (no debugger, no reloader): a thread per connection, so streams never starve.
     server = make_server(args.host, args.port, app, threaded=True)
     worker, timeout = app.extensions["trainer"], app.config["SHUTDOWN_TIMEOUT"]

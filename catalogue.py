@@ -324,10 +324,11 @@ def list_checkpoints(root, run=None):
     metas = []
     for run_id in run_ids:
         metas.extend(_list_run(root, run_id))
-    return sorted(metas, key=_newest_first, reverse=True)
+    return sorted(metas, key=newest_first, reverse=True)
 
 
-def _newest_first(meta):
+def newest_first(meta):
+    """The sort key that lists checkpoints newest first: stored time, then step."""
     created, step = meta.get("created_at"), meta.get("global_step")
     return (created if isinstance(created, str) else "", step if isinstance(step, int) else 0)
 

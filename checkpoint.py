@@ -699,6 +699,16 @@ def _commit(path, temp, sidecar, had_old, old_raw):
             remove_quietly(backup)
 
 
+def place_file(path, temp, sidecar):
+    """Put a whole, checked temporary file and its sidecar in place as a new checkpoint (a restore), under its lock;
+    CheckpointExists if the name is taken."""
+    with checkpoint_lock(path):
+        if os.path.lexists(path) or os.path.lexists(path[:-len(".pth")] + ".dcp"):
+            raise CheckpointExists(f"a checkpoint named {os.path.basename(path)!r} already exists; not replaced")
+        fsync_folder(os.path.dirname(path))
+        _commit(path, temp, sidecar, False, None)
+
+
 def _backup_link(path):
     """A hard link to the .pth an overwrite replaces, so a failure after the rename can restore it; None where
     the file system has no hard links (then a failure after the rename keeps the new, complete pair)."""
@@ -743,7 +753,7 @@ SIDECAR_TYPES = {  # what each field a sidecar may hold must be; None is always 
     "task_type": str, "bottleneck_type": str, "num_distractors": int, "use_input_output_pairs": bool,
     "num_colors": int, "embedding_dim": int, "hidden_dim": int, "latent_dim": int, "num_conv_layers": int,
     "vocab_size": int, "max_message_length": int, "batch_size": int, "learning_rate": _NUMBER,
-    "temperature": _NUMBER, "format": str, "files": list, "dcp": dict,
+    "temperature": _NUMBER, "format": str, "files": list, "dcp": dict, "mirror": dict,
 }
 _TYPE_WORDS = {int: "an integer", _NUMBER: "a number", str: "text", bool: "true or false", dict: "an object",
                list: "a list"}

@@ -124,6 +124,22 @@ def _commit_locked(path, staging, record, files, overwrite):
     return sidecar
 
 
+def place(folder, staging, sidecar):
+    """Put a staged folder whose files match the given sidecar's manifest in place as a new checkpoint (a restore);
+    its path. CheckpointExists if the name is taken, CheckpointError if the files do not match."""
+    path = folder_path(folder, staging.name)
+    files = manifest(staging.path)
+    if files != sidecar.get("files") or manifest_digest(files) != sidecar.get("sha256"):
+        raise ckpt.CheckpointError(f"{path}: the fetched files do not match the sidecar's list; not restored")
+    ckpt.fsync_folder(staging.path)
+    with ckpt.checkpoint_lock(path):
+        if os.path.lexists(path) or os.path.lexists(path[:-len(SUFFIX)] + ".pth"):
+            raise ckpt.CheckpointExists(f"a checkpoint named {staging.name!r} already exists; not replaced")
+        os.remove(os.path.join(staging.path, WRITER_LOCK))
+        _put_in_place(path, staging.path, {**sidecar, "file": os.path.basename(path)}, False, None)
+    return path
+
+
 def _put_in_place(path, temp, sidecar, had_old, old_raw):
     """The sidecar, then the folder; the old folder (an overwrite) moved aside first and removed last. A failure
     on the way puts the old pair back; a crash is finished or undone by recover_leftover()."""

@@ -9,18 +9,25 @@
     python load_checkpoint.py PATH.pth --export-weights best.safetensors
     python load_checkpoint.py PATH.dcp --consolidate OUT.pth  # a multi-process run's folder -> one file
     python load_checkpoint.py PATH.pth --to-dcp OUT.dcp       # and back
+    python load_checkpoint.py s3://bucket/prefix/runs/RUN_ID/checkpoints/NAME.pth --verify   # any of the above
+    python load_checkpoint.py --list s3://bucket/prefix       # what a mirror or remote root holds
+    python load_checkpoint.py --restore RUN_ID:NAME --mirror s3://bucket/prefix --checkpoint-dir checkpoints
 
 PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth, or any copy of one) or a multi-process run's
-DCP folder (NAME.dcp, beside its NAME.json); a folder reads as the one record it consolidates to.
+DCP folder (NAME.dcp, beside its NAME.json); a folder reads as the one record it consolidates to. PATH (and --list,
+--compare) may be an fsspec URL: a checkpoint there is downloaded into a temporary folder, verified, and read as a
+local one. --restore fetches a checkpoint missing locally from a mirror into its run's folder.
 
 Files are read with torch.load(weights_only=True) only, after their size and SHA-256 match the sidecar;
 --skip-verify loads a file that fails verification (salvage). Exit codes: 0 fine, 1 refused or failed, 2 bad usage.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
+import tempfile
 import uuid
 import warnings
 
@@ -29,6 +36,7 @@ import torch
 import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
+import remote
 from data import NUM_COLORS, PAD
 from model import GRID_SIZE, count_parameters
 from train import TrainConfig, build_encoder, build_model
@@ -64,16 +72,24 @@ def build_parser():
                         "what a multi-process run saves")
     parser.add_argument("--force", action="store_true", help="let --export-weights or --consolidate replace an "
                         "existing OUT")
+    parser.add_argument("--restore", metavar="ID", help="fetch checkpoint RUN_ID:NAME from --mirror into its run's "
+                        "folder under --checkpoint-dir (verified before it is put in place)")
+    parser.add_argument("--mirror", metavar="URL", help="with --restore: the mirror's fsspec URL")
+    parser.add_argument("--checkpoint-dir", metavar="FOLDER", help="with --restore: the local checkpoint root")
+    parser.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for URLs; credentials "
+                        "otherwise come from AWS_* variables or AWS_PROFILE")
     return parser
 
 
 def check_usage(parser, args):
     """Exactly one of PATH, --list, --compare; every other flag only where it means something."""
-    modes = [name for name, given in (("PATH", args.path), ("--list", args.list), ("--compare", args.compare))
-             if given is not None]
+    modes = [name for name, given in (("PATH", args.path), ("--list", args.list), ("--compare", args.compare),
+                                      ("--restore", args.restore)) if given is not None]
     if len(modes) != 1:
-        parser.error("give exactly one of PATH, --list FOLDER, --compare A B" +
+        parser.error("give exactly one of PATH, --list FOLDER, --compare A B, --restore ID" +
                      (f" (got {', '.join(modes)})" if modes else ""))
+    if (args.restore is None) != (args.mirror is None) or (args.restore is None) != (args.checkpoint_dir is None):
+        parser.error("--restore ID needs --mirror URL and --checkpoint-dir FOLDER, and they only apply to it")
     for flag, given in (("--info-only", args.info_only), ("--verify", args.verify),
                         ("--export-weights", args.export_weights), ("--consolidate", args.consolidate),
                         ("--to-dcp", args.to_dcp)):
@@ -480,17 +496,62 @@ def print_comparison(result, paths):
 
 # ---------------------------------------------------------------------------------------------- main
 
+def restore(args, options):
+    run_id, name = catalogue.parse_id(args.restore)
+    if run_id is None:
+        raise ValueError(f"--restore needs a full id RUN_ID:NAME, not {args.restore!r}")
+    path = remote.ObjectRoot(args.mirror, options).restore(run_id, name, args.checkpoint_dir)
+    print(f"restored {catalogue.checkpoint_id(run_id, name)} from {args.mirror} to {path} (verified)")
+    print(f"resume: {catalogue.resume_command(args.checkpoint_dir, catalogue.checkpoint_id(run_id, name))}")
+    return 0
+
+
+def list_remote(url, run, options, as_json):
+    metas = remote.ObjectRoot(url, options).list_checkpoints(run=run)
+    if as_json:
+        print(json.dumps(ckpt.json_safe({"checkpoints": metas}), indent=1, default=str))
+        return 0
+    if not metas:
+        print(f"no checkpoints in {url}" + (f" for run {run}" if run else ""))
+        return 0
+    print(column_table(LISTED, [[human_size(m.get(k)) if k == "size" else m.get(k) for k in LISTED] for m in metas]))
+    for meta in metas:
+        if meta.get("damaged"):
+            print(f"damaged: {meta.get('id')}: {meta.get('error')}")
+    return 0
+
+
+def local_paths(args, options, stack):
+    """PATH and --compare's paths with every URL among them downloaded into a temporary root (removed at exit)."""
+    def local(path):
+        if not remote.is_url(path):
+            return path
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="load_checkpoint-"))
+        return remote.fetch(path, folder, options)
+    if args.path is not None:
+        args.path = local(args.path)
+    if args.compare is not None:
+        args.compare = [local(p) for p in args.compare]
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_usage(parser, args)
     try:
-        if args.list is not None:
-            return list_folder(args.list, args.run, args.json)
-        if args.compare is not None:
-            return compare(args.compare, args.skip_verify, args.json)
-        return inspect_file(args)
-    except (ckpt.CheckpointError, OSError) as e:
+        options = remote.parse_storage_options(args.storage_options)
+        if args.restore is not None:
+            return restore(args, options)
+        if args.list is not None and remote.is_url(args.list):
+            return list_remote(args.list, args.run, options, args.json)
+        with contextlib.ExitStack() as stack:
+            local_paths(args, options, stack)
+            if args.list is not None:
+                return list_folder(args.list, args.run, args.json)
+            if args.compare is not None:
+                return compare(args.compare, args.skip_verify, args.json)
+            return inspect_file(args)
+    except (ckpt.CheckpointError, OSError, ValueError, remote.RemoteError) as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
 

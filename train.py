@@ -28,6 +28,8 @@ import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
 import distributed
+import mirror
+import remote
 import restarts
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
@@ -1195,6 +1197,15 @@ def build_parser(add_help=True):
     parser.add_argument("--shutdown-timeout", type=shutdown.seconds, default=shutdown.DEFAULT_TIMEOUT,
                         metavar="SECONDS", help="on SIGTERM or SIGINT, the saves in flight get this long to finish; "
                         "those still unwritten then are abandoned (nothing partial is left)")
+    parser.add_argument("--mirror", default="", metavar="URL", help="also upload every checkpoint, once durable "
+                        "here, to this fsspec URL (e.g. s3://bucket/prefix), in the background")
+    parser.add_argument("--mirror-retention", choices=mirror.RETENTION_CHOICES, default="both",
+                        help="what retention deletes here it deletes on the mirror too (both), or not (local)")
+    parser.add_argument("--mirror-wait", type=shutdown.seconds, default=300.0, metavar="SECONDS",
+                        help="at the end, how long uploads still queued may take; those left are uploaded at the "
+                        "next start with the same --mirror")
+    parser.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for --mirror's "
+                        "store, e.g. {\"profile\": \"lab\"}; credentials otherwise come from AWS_* variables")
     return parser
 
 
@@ -1328,6 +1339,8 @@ class ConsoleProgress:
                 self.files.pop(event.get("id"), None)
             detail = event.get("path") or event.get("error") or event.get("reason")
             print(f"{kind}: {event.get('name')} {detail}", flush=True)
+        elif kind in ("checkpoint_mirrored", "mirror_error", "mirror_deleted"):
+            print(mirror_line(event), flush=True)
         elif kind == "training_started":
             parent = event.get("parent")
             origin = f", {parent['relation']} of {parent['id'] or parent['path']}" if parent else ""
@@ -1388,6 +1401,18 @@ class ConsoleProgress:
             self.bar = None
 
 
+def mirror_line(event):
+    """The CLI's line for a mirror event."""
+    where = f"{event['id']} -> {event['url']}"
+    if event["type"] == "checkpoint_mirrored":
+        return f"mirrored: {where} ({event['size']} bytes in {event['seconds']:g} s)"
+    if event["type"] == "mirror_deleted":
+        return f"mirror: deleted {where}"
+    then = f"retrying in {event['retry_in']:g} s" if event["retry_in"] is not None else "gave up until the next start"
+    return f"mirror_error: {event['action']} {where}, attempt {event['attempt']}/{event['attempts']}: " \
+           f"{event['error']}; {then}"
+
+
 def _error(e, code, note=""):
     """A CLI error: one line on stderr, and the exit status."""
     print(f"train.py: error: {' '.join(str(e).split())}{note}", file=sys.stderr)
@@ -1424,7 +1449,42 @@ def _train_main(args, config, data, device, context):
     run_id, latest = restarts.continuation(config.checkpoint_dir, context)  # torchrun restarted the group
     if latest and args.phase != "pretrain":
         args.resume = latest
-    trainer = Trainer(config, data, device, config.checkpoint_dir, progress, run_id=run_id, dist=context)
+    try:
+        uploads = open_cli_mirror(args, config, progress) if context.is_primary else None
+    except (ValueError, remote.RemoteError) as e:
+        return _error(e, 2)
+    publish = progress if uploads is None else uploads.following(progress)
+    trainer = Trainer(config, data, device, config.checkpoint_dir, publish, run_id=run_id, dist=context)
+    try:
+        return _train_and_report(args, trainer, progress, context)
+    finally:
+        if uploads is not None:
+            close_cli_mirror(uploads, args.mirror_wait)
+
+
+def open_cli_mirror(args, config, progress):
+    """--mirror's started Mirror (None without one), with every local checkpoint not yet there queued."""
+    if not args.mirror:
+        return None
+    options = remote.parse_storage_options(args.storage_options)
+    uploads = mirror.open_mirror(args.mirror, options, config.checkpoint_dir, progress,
+                                 retention=args.mirror_retention)
+    uploads.catch_up()
+    return uploads
+
+
+def close_cli_mirror(uploads, wait):
+    """Let the queued uploads finish (up to wait seconds), and say what is left for the next start."""
+    if uploads.pending():
+        print(f"mirror: waiting for {uploads.pending()} upload(s) to {uploads.url} (at most {wait:g} s)",
+              file=sys.stderr)
+    left = uploads.close(timeout=wait)
+    if left:
+        print(f"mirror: {left} upload(s) to {uploads.url} not done; they are uploaded at the next start with "
+              "the same --mirror", file=sys.stderr)
+
+
+def _train_and_report(args, trainer, progress, context):
     progress.trainer = trainer
     since = []  # how many save outcomes there were when the signal came
 

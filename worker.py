@@ -43,8 +43,9 @@ class Busy(Exception):
 
 class TrainingWorker:
     def __init__(self, checkpoint_dir, bus, device="auto", dataset="arcagi", data_dir="", train_defaults=None,
-                 data=None, max_memory_gb=None, processes=1):
+                 data=None, max_memory_gb=None, processes=1, mirror=None):
         self.checkpoint_dir, self.bus = checkpoint_dir, bus
+        self.mirror = mirror  # a mirror.Mirror (not started): follows every run's saves and deletes
         self.processes = check_processes(processes)  # a run's default: 1 in this thread, more as a process group
         self.device, self.dataset, self.data_dir = device, dataset, data_dir
         self.max_memory_gb = max_memory_gb
@@ -72,6 +73,10 @@ class TrainingWorker:
         assert self._thread is None, "the worker thread is already running"
         self._thread = threading.Thread(target=self._loop, name="training-worker", daemon=True)
         self._thread.start()
+        if self.mirror is not None:
+            self.mirror.publish = self.publish  # its events reach the page like a run's
+            self.mirror.start()
+            self.mirror.catch_up()
 
     def shutdown(self, timeout=30):
         """Stop the run at its next step, give the saves in flight `timeout` seconds to finish (those still unwritten
@@ -82,6 +87,10 @@ class TrainingWorker:
             self._thread.join(timeout + SHUTDOWN_GRACE)
             if self._thread.is_alive():
                 logger.error("the training worker did not stop within %g s", timeout + SHUTDOWN_GRACE)
+        if self.mirror is not None and self._thread is not None:
+            left = self.mirror.close(timeout=timeout)
+            if left:
+                logger.warning("mirror: %d upload(s) to %s left for the next start", left, self.mirror.url)
 
     def save_outcomes(self, after_event_id):
         """The checkpoint_saved and checkpoint_error events published after the event with that id, oldest first."""
@@ -307,7 +316,8 @@ class TrainingWorker:
 
     def status(self):
         with self._lock:
-            return {**self._status, "last_event_id": self.bus.last_id}
+            return {**self._status, "last_event_id": self.bus.last_id,
+                    "mirror": self.mirror.status() if self.mirror is not None else None}
 
     def samples(self):
         """The latest samples event of each split ("train", "val") of the current or last run."""
@@ -334,6 +344,8 @@ class TrainingWorker:
                 self.bus.publish(kind, event)
                 if kind.startswith("training_"):
                     self._publish_status()
+        if self.mirror is not None:
+            self.mirror.follow(event)
 
     def _update_status(self, event):
         kind, s = event["type"], self._status

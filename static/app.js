@@ -379,14 +379,31 @@ const breakable = (name) => String(name).split(/(?<=_)/).flatMap((part, i) => (i
 /** A table cell; data-label names the column when narrow screens show rows as cards. */
 const cell = (label, content, props = {}) => el("td", { "data-label": label, ...props }, content);
 
+/** Where a checkpoint is kept, when the server mirrors to object storage: local (not uploaded yet), mirrored, or
+ * upload failed (the reason in its title). Nothing without a mirror. */
+function mirrorBadge(c) {
+  const mirror = state.status && state.status.mirror;
+  if (!mirror || !usable(c)) return null;
+  const m = c.mirror || {};
+  if (m.state === "mirrored" && m.url === mirror.url && m.sha256 === c.sha256) {
+    return el("span", { className: "mirror mirrored", title: `mirrored to ${m.url} ${formatDate(m.at, true)}` },
+      " mirrored");
+  }
+  if (m.state === "failed") {
+    return el("span", { className: "mirror failed", title: m.error || "" }, " upload failed");
+  }
+  return el("span", { className: "mirror local", title: `not yet in ${mirror.url}` }, " local");
+}
+
 function checkpointRow(c) {
   const verified = c.verified_at
     ? el("span", { className: "verified", title: `verified ${formatDate(c.verified_at, true)}` }, "✓") : "";
   const refused = !usable(c);
   const name = el("td", { className: "name" }, ...breakable(c.name),
     c.damaged && !refused ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null,
-    refused ? el("span", { className: "damaged" }, " refused") : null,
-    refused ? el("div", { className: "row-error" }, c.error || "refused by the server") : null);
+    refused ? el("span", { className: "damaged" }, " refused") : null, mirrorBadge(c),
+    refused ? el("div", { className: "row-error" }, c.error || "refused by the server") : null,
+    c.mirror && c.mirror.state === "failed" ? el("div", { className: "row-error" }, c.mirror.error) : null);
   return el("tr", { "data-id": c.id, "data-name": c.name, "data-run-id": c.run_id,
     className: c.damaged || refused ? "is-damaged" : "" },
     cell("A", pickRadio("a", c), { className: "pick" }), cell("B", pickRadio("b", c), { className: "pick" }),
@@ -730,6 +747,13 @@ const HANDLERS = {
     refreshCheckpointsSoon();
   },
   checkpoint_deleted: onCheckpointDeleted,
+  checkpoint_mirrored: () => refreshCheckpointsSoon(),
+  mirror_error: (d) => {
+    const then = d.retry_in === null ? "gave up until the next start" : `retrying in ${d.retry_in} s`;
+    toast(`Mirror: ${d.action} of “${d.name}” failed (attempt ${d.attempt}/${d.attempts}): ${d.error}; ${then}`,
+      "error");
+    if (d.retry_in === null) refreshCheckpointsSoon();
+  },
   training_started: onTrainingStarted,
   training_stopped: (d) => onTrainingEnded("stopped", d),
   training_finished: (d) => onTrainingEnded("finished", d),

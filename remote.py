@@ -1,0 +1,601 @@
+"""Checkpoints in object storage through fsspec (s3fs for s3://), in the layout of a local root:
+
+    URL/runs/RUN_ID/checkpoints/NAME.json        the sidecar, written last: an object without one is never listed
+    URL/runs/RUN_ID/checkpoints/NAME.pth         the checkpoint; a DCP folder is NAME.dcp/FILE, one object a file
+
+A checkpoint is committed when its sidecar object is written. An upload first removes the old sidecar (the name is
+then unlisted, never listed with the wrong bytes), streams every file through fsspec's buffered writer (multipart
+for large files) hashing as it goes, refuses to complete a file whose SHA-256 is not the sidecar's, and writes the
+sidecar last. A cut-short upload leaves objects without a sidecar: not listed, and removed by recover().
+
+Keys are built only from a checked run id, a checked checkpoint name and file names of a fixed shape, and keys
+read from a listing are parsed against that shape: nothing from a request, a sidecar or the server addresses
+anything outside the prefix. Credentials come from the standard places (AWS_* variables, AWS_PROFILE, storage
+options), never from the URL, and every message passes through redact().
+"""
+import concurrent.futures
+import hashlib
+import os
+import re
+import threading
+
+import catalogue
+import checkpoint as ckpt
+
+PIECE = 8 << 20  # bytes read and written at a time; also the multipart part size
+URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}|\.metadata")  # a checkpoint's file or a DCP folder's
+SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                  "aws_session_token", "access_key", "secret_key", "session_token")
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SIDECAR_SUFFIX = ".json"
+LIST_WORKERS = 32  # sidecars fetched at once when listing
+
+
+class RemoteError(Exception):
+    """An object store refused or could not be reached; the message names the URL, never a secret."""
+
+
+def is_url(text):
+    """Whether text is a URL (s3://..., file://...) rather than a local path."""
+    return isinstance(text, str) and URL_PATTERN.match(text) is not None
+
+
+def check_url(url):
+    """url, if it is one fsspec can open and carries no credentials; ValueError naming it otherwise."""
+    import fsspec
+    if not is_url(url):
+        raise ValueError(f"{url!r} is not a URL (expected PROTOCOL://BUCKET/PREFIX, e.g. s3://bucket/checkpoints)")
+    protocol, rest = url.split("://", 1)
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError("a storage URL must not hold credentials (user:secret@): put them in AWS_* variables, "
+                         "AWS_PROFILE or --storage-options")
+    if not rest.strip("/"):
+        raise ValueError(f"{url!r} names no bucket or folder")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"cannot open {protocol}:// URLs: {e}") from None
+    return url.rstrip("/")
+
+
+def parse_storage_options(text):
+    """The --storage-options JSON: an object of fsspec options; ValueError naming the problem (never the text)."""
+    if not text:
+        return {}
+    try:
+        value = ckpt.loads_bounded(text, what="--storage-options", strict=True)
+    except ckpt.UnreadableFile:
+        raise ValueError("--storage-options is not valid JSON (its text is not shown: it may hold secrets)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--storage-options must be a JSON object, not {ckpt.json_kind(value)}")
+    return value
+
+
+def split_checkpoint_url(url):
+    """(root URL, run id, name) of a checkpoint's URL, ROOT/runs/RUN_ID/checkpoints/NAME.pth (or .pth.zst, .dcp, or
+    the sidecar NAME.json); ValueError for a URL of any other shape."""
+    url = check_url(url)
+    head, marker, tail = url.rpartition(f"/{catalogue.RUNS}/")
+    parts = tail.split("/")
+    if not marker or not head.split("://", 1)[1] or len(parts) != 3 or parts[1] != catalogue.CHECKPOINTS:
+        raise ValueError(f"{url!r} is not a checkpoint's URL (ROOT/runs/RUN_ID/checkpoints/NAME.pth)")
+    for suffix in (".pth.zst", ".pth", catalogue.FOLDER_SUFFIX, SIDECAR_SUFFIX):
+        if parts[2].endswith(suffix):
+            name = ckpt.check_name(parts[2][:-len(suffix)], automatic=True)
+            return head, catalogue.check_run_id(parts[0]), name
+    raise ValueError(f"{url!r} names no checkpoint file (NAME.pth, NAME.pth.zst or NAME.dcp)")
+
+
+def fetch(url, folder, storage_options=None):
+    """Download the checkpoint at a URL into a root folder, in its run's place there (with run.json, if the store
+    has one and the folder does not); its local path."""
+    root_url, run_id, name = split_checkpoint_url(url)
+    return ObjectRoot(root_url, storage_options).restore(run_id, name, folder)
+
+
+def _secrets_of(options):
+    found = [os.environ.get(v) for v in SECRET_VARIABLES]
+    stack = [options]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, str) and k.lower() in SECRET_OPTIONS:
+                    found.append(v)
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(value, list):
+            stack.extend(value)
+    return sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True)
+
+
+class ObjectRoot:
+    """One checkpoint root in object storage: upload, list, download, verify and delete checkpoints there."""
+
+    def __init__(self, url, storage_options=None):
+        import fsspec
+        self.url = check_url(url)
+        options = dict(storage_options or {})
+        self._secrets = _secrets_of(options)
+        protocol = self.url.split("://", 1)[0]
+        try:  # the listing cache is fsspec's default; a catalogue must see what is there now
+            self.fs = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False, **options)
+        except TypeError:
+            self.fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        except Exception as e:
+            raise RemoteError(self._message("cannot open", e)) from None
+        self.prefix = self.fs._strip_protocol(self.url).rstrip("/")
+        self._sidecars = {}  # key -> (etag or mtime, raw bytes): a listing fetches only sidecars that changed
+        self._sidecars_lock = threading.Lock()
+
+    def __repr__(self):
+        return f"ObjectRoot({self.url!r})"
+
+    # ---- messages
+
+    def redact(self, text):
+        """text with every secret this root knows of replaced by ***."""
+        text = str(text)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _message(self, doing, error, where=None):
+        return self.redact(f"{doing} {where or self.url}: {describe_error(error)}")
+
+    def error(self, doing, error, where=None):
+        """A RemoteError for a failure of `doing` at where (default the root's URL), redacted."""
+        return RemoteError(self._message(doing, error, where))
+
+    # ---- keys
+
+    def run_prefix(self, run_id):
+        return f"{self.prefix}/{catalogue.RUNS}/{catalogue.check_run_id(run_id)}/{catalogue.CHECKPOINTS}"
+
+    def key(self, run_id, file_name, inside=None):
+        """The key of a checkpoint's object: FILE, or INSIDE/FILE for a file of a DCP folder; ValueError for a
+        name that is not of that shape (.., a slash, an absolute path, odd characters)."""
+        for part in (file_name,) if inside is None else (inside, file_name):
+            if not isinstance(part, str) or not FILE_NAME.fullmatch(part) or part in (".", ".."):
+                raise ValueError(f"refused object name {str(part)[:60]!r}: not a checkpoint file name")
+        tail = file_name if inside is None else f"{inside}/{file_name}"
+        return f"{self.run_prefix(run_id)}/{tail}"
+
+    def run_file_key(self, run_id):
+        return f"{self.prefix}/{catalogue.RUNS}/{catalogue.check_run_id(run_id)}/{catalogue.RUN_FILE}"
+
+    def put_run_file(self, run_id, raw):
+        """Upload a run's run.json (what the run is), so that a restored checkpoint keeps its run's history."""
+        try:
+            self.fs.pipe_file(self.run_file_key(run_id), raw)
+        except Exception as e:
+            raise self.error("could not upload to", e, self.display(self.run_file_key(run_id))) from None
+
+    def get_run_file(self, run_id):
+        """A run's run.json bytes (bounded), or None if the store has none."""
+        try:
+            raw = self.fs.cat_file(self.run_file_key(run_id), end=ckpt.JSON_LIMIT + 1)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self.error("could not read", e, self.display(self.run_file_key(run_id))) from None
+        return raw if len(raw) <= ckpt.JSON_LIMIT else None
+
+    def sidecar_key(self, run_id, name):
+        return self.key(run_id, ckpt.check_name(name, automatic=True) + SIDECAR_SUFFIX)
+
+    def display(self, key):
+        """A key as a URL, for messages."""
+        return f"{self.url.split('://', 1)[0]}://{key}"
+
+    # ---- start-up
+
+    def check(self):
+        """RemoteError, naming the URL without secrets, unless the root can be listed and written: at start-up,
+        so that wrong credentials, a missing bucket or an unreachable endpoint stop a run before it trains."""
+        bucket = self.prefix.split("/", 1)[0]
+        probe = f"{self.prefix}/.probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.fs.ls(bucket, detail=False)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as e:  # s3fs raises botocore's and aiohttp's types as well as OSError
+            raise self.error("cannot use", e) from None
+
+    # ---- upload
+
+    def upload(self, local_path, sidecar, run_id, name, cancel=None, progress=None):
+        """Upload one local checkpoint (a file or a DCP folder) whose checked sidecar is given; the sidecar object
+        goes last. RemoteError on any failure, nothing listed for the name until a later upload succeeds."""
+        files = local_files(local_path, sidecar)
+        side_key = self.sidecar_key(run_id, name)
+        total, sent = sum(f[2] for f in files), 0
+        try:
+            if self.fs.exists(side_key):
+                self.fs.rm_file(side_key)  # uncommit first: the old sidecar must not describe new bytes
+            self._remove_other_form(run_id, name, os.path.basename(local_path))
+            for path, file_name, size, sha256 in files:
+                inside = os.path.basename(local_path) if file_name != os.path.basename(local_path) else None
+                key = self.key(run_id, file_name, inside)
+                self._put(path, key, sha256, cancel, lambda n: progress and progress(sent + n, total))
+                sent += size
+            ckpt.check_cancel(cancel)
+            self.fs.pipe_file(side_key, ckpt.dumps_strict(remote_sidecar(sidecar), indent=1).encode("utf-8"))
+        except (RemoteError, ckpt.CheckpointError):
+            raise
+        except Exception as e:
+            raise self.error("could not upload to", e, self.display(side_key)) from None
+
+    def _put(self, path, key, sha256, cancel, progress):
+        digest, done = hashlib.sha256(), 0
+        with os.fdopen(ckpt.open_regular(path), "rb") as source:
+            out = self.fs.open(key, "wb", block_size=PIECE)
+            try:
+                for piece in iter(lambda: source.read(PIECE), b""):
+                    ckpt.check_cancel(cancel)
+                    digest.update(piece)
+                    out.write(piece)
+                    done += len(piece)
+                    progress(done)
+                if digest.hexdigest() != sha256:  # before close(): a multipart upload completes only there
+                    raise ckpt.CheckpointError(f"{os.path.basename(path)} changed while it was uploaded (its "
+                                               "SHA-256 is not the sidecar's); not committed")
+                out.close()
+            except BaseException:
+                _discard(out)
+                raise
+
+    def _remove_other_form(self, run_id, name, file_name):
+        """A name saved before as the other form (.pth then .dcp, or back) must not leave its old objects."""
+        for other in (name + ".pth", name + ".pth.zst", name + catalogue.FOLDER_SUFFIX):
+            if other != file_name:
+                key = self.key(run_id, other)
+                if self.fs.exists(key):
+                    self.fs.rm(key, recursive=True)
+
+    # ---- listing
+
+    def list_checkpoints(self, run=None):
+        """Every committed checkpoint (or run's), newest first: one LIST of the prefix, then the sidecars that
+        changed since the last listing, fetched concurrently. Each has location "remote"; damaged says an object
+        is missing or its size is not the sidecar's (sizes only: listing never downloads a checkpoint)."""
+        base = f"{self.prefix}/{catalogue.RUNS}" if run is None else self.run_prefix(run)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self.error("could not list", e) from None
+        objects = {}
+        for key, info in found.items():
+            parsed = self._parse_key(key)
+            if parsed is not None:
+                objects[parsed] = info
+        sidecars = self._fetch_sidecars({k: info for k, info in objects.items() if k[2] == SIDECAR_SUFFIX})
+        metas = [self._describe(run_id, name, sidecars[(run_id, name, SIDECAR_SUFFIX)], objects)
+                 for run_id, name, kind in objects if kind == SIDECAR_SUFFIX]
+        return sorted(metas, key=catalogue.newest_first, reverse=True)
+
+    def _parse_key(self, key):
+        """(run_id, name, what) for a key of the layout (what: ".json", ".pth", ".pth.zst" or ".dcp/FILE"), or
+        None for anything else (a stray object, a probe, a hostile name)."""
+        head = f"{self.prefix}/{catalogue.RUNS}/"
+        if not key.startswith(head):
+            return None
+        parts = key[len(head):].split("/")
+        if len(parts) not in (3, 4) or parts[1] != catalogue.CHECKPOINTS:
+            return None
+        try:
+            catalogue.check_run_id(parts[0])
+        except ValueError:
+            return None
+        file_name = parts[2]
+        for suffix in (SIDECAR_SUFFIX, ".pth.zst", ".pth", catalogue.FOLDER_SUFFIX):
+            if file_name.endswith(suffix) and (len(parts) == 4) == (suffix == catalogue.FOLDER_SUFFIX):
+                name = file_name[:-len(suffix)]
+                try:
+                    ckpt.check_name(name, automatic=True)
+                except ValueError:
+                    return None
+                what = suffix if len(parts) == 3 else f"{suffix}/{parts[3]}"
+                return parts[0], name, what
+        return None
+
+    def _fetch_sidecars(self, infos):
+        """{(run_id, name, ".json"): raw bytes or an exception}: changed ones fetched concurrently, bounded."""
+        result, wanted = {}, {}
+        with self._sidecars_lock:
+            for k, info in infos.items():
+                tag = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+                cached = self._sidecars.get(info["name"])
+                if (info.get("size") or 0) > ckpt.JSON_LIMIT:
+                    result[k] = ckpt.UnreadableFile(f"sidecar larger than {ckpt.JSON_LIMIT} bytes")
+                elif cached is not None and tag is not None and cached[0] == tag:
+                    result[k] = cached[1]
+                else:
+                    wanted[k] = (info["name"], tag)
+        with concurrent.futures.ThreadPoolExecutor(LIST_WORKERS) as pool:
+            fetched = dict(zip(wanted, pool.map(self._cat_quietly, [key for key, _ in wanted.values()])))
+        with self._sidecars_lock:
+            for k, raw in fetched.items():
+                key, tag = wanted[k]
+                if isinstance(raw, bytes) and tag is not None:
+                    self._sidecars[key] = (tag, raw)
+                result[k] = raw
+        return result
+
+    def _cat_quietly(self, key):
+        try:
+            return self.fs.cat_file(key, end=ckpt.JSON_LIMIT + 1)
+        except Exception as e:  # one unreadable sidecar is listed as damaged; the others are still listed
+            return e
+
+    def _describe(self, run_id, name, raw, objects):
+        identity = {"id": catalogue.checkpoint_id(run_id, name), "run_id": run_id, "name": name,
+                    "location": "remote", "url": self.display(self.run_prefix(run_id))}
+        sidecar, problem = parse_sidecar(raw)
+        if sidecar is None:
+            return {**identity, "damaged": True, "size": None, "sha256": None, "problems": [], "error": problem}
+        meta = {**sidecar, **identity, "problems": [], "damaged": False, "error": None}
+        problem = _missing_object(run_id, name, sidecar, objects)
+        if problem:
+            meta.update(damaged=True, error=problem)
+        return meta
+
+    # ---- reading back
+
+    def read_sidecar(self, run_id, name):
+        """The checked sidecar of a committed checkpoint; FileNotFoundError if there is none."""
+        key = self.sidecar_key(run_id, name)
+        try:
+            raw = self.fs.cat_file(key, end=ckpt.JSON_LIMIT + 1)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint {name!r} of run {run_id} in {self.url}") from None
+        except Exception as e:
+            raise self.error("could not read", e, self.display(key)) from None
+        sidecar, problem = parse_sidecar(raw)
+        if sidecar is None:
+            raise RemoteError(f"{self.display(key)}: {problem}")
+        return sidecar
+
+    def download(self, run_id, name, folder, cancel=None):
+        """Fetch a committed checkpoint into the local folder (a run's checkpoint folder), verified against its
+        sidecar before anything is put in place; its local path. FileExistsError if the name is taken there."""
+        sidecar = self.read_sidecar(run_id, name)
+        file_name = sidecar.get("file") or ""
+        os.makedirs(folder, exist_ok=True)
+        if file_name.endswith(catalogue.FOLDER_SUFFIX):
+            return self._download_folder(run_id, name, sidecar, folder, cancel)
+        if file_name not in (name + ".pth", name + ".pth.zst"):
+            raise RemoteError(f"{self.display(self.sidecar_key(run_id, name))}: its file {file_name[:60]!r} is not "
+                              "the checkpoint's")
+        path = os.path.join(folder, file_name)
+        _refuse_taken(folder, name)
+        temp = ckpt.temp_path(path)
+        try:
+            self._get(self.key(run_id, file_name), temp, sidecar.get("size"), sidecar.get("sha256"), cancel)
+            ckpt.place_file(path, temp, sidecar)
+        finally:
+            ckpt.remove_quietly(temp)
+        return path
+
+    def restore(self, run_id, name, root):
+        """Download a checkpoint into a local root, in its run's folder (run.json too, if missing there); its path."""
+        path = self.download(run_id, name, catalogue.checkpoint_folder(root, run_id))
+        run_file = os.path.join(catalogue.run_folder(root, run_id), catalogue.RUN_FILE)
+        raw = None if os.path.lexists(run_file) else self.get_run_file(run_id)
+        if raw is not None:
+            try:
+                ckpt.write_durable(run_file, raw)
+            except FileExistsError:  # written meanwhile by whoever restored another of the run's checkpoints
+                pass
+        return path
+
+    def _download_folder(self, run_id, name, sidecar, folder, cancel):
+        import dcp_checkpoint
+        files, problem = dcp_checkpoint.listed_files(sidecar)
+        if problem:
+            raise RemoteError(f"{self.display(self.sidecar_key(run_id, name))}: {problem}")
+        _refuse_taken(folder, name)
+        staging = dcp_checkpoint.stage(folder, name, sum(f["size"] for f in files))
+        try:
+            for f in files:
+                self._get(self.key(run_id, f["path"], name + catalogue.FOLDER_SUFFIX),
+                          os.path.join(staging.path, f["path"]), f["size"], f["sha256"], cancel)
+            return dcp_checkpoint.place(folder, staging, sidecar)
+        finally:
+            staging.discard()
+
+    def _get(self, key, path, size, sha256, cancel):
+        """Stream one object into a new local file, refusing more bytes than the sidecar recorded or other ones."""
+        if not isinstance(size, int) or not isinstance(sha256, str):
+            raise RemoteError(f"{self.display(key)}: its sidecar records no size and SHA-256 to check it against")
+        digest, done = hashlib.sha256(), 0
+
+        def write(out):
+            nonlocal done
+            with self.fs.open(key, "rb", block_size=PIECE) as source:
+                for piece in iter(lambda: source.read(PIECE), b""):
+                    ckpt.check_cancel(cancel)
+                    done += len(piece)
+                    if done > size:
+                        raise RemoteError(f"{self.display(key)} is larger than its sidecar records ({size} bytes)")
+                    digest.update(piece)
+                    out.write(piece)
+        try:
+            ckpt.write_durable_with(path, write)
+        except (RemoteError, ckpt.CheckpointError):
+            raise
+        except FileNotFoundError:
+            raise RemoteError(f"{self.display(key)}: missing, though its sidecar lists it") from None
+        except Exception as e:
+            raise self.error("could not download", e, self.display(key)) from None
+        if done != size or digest.hexdigest() != sha256:
+            raise RemoteError(f"{self.display(key)}: {done} bytes whose SHA-256 does not match its sidecar "
+                              "(corrupt or replaced); not restored")
+
+    def verify(self, run_id, name):
+        """(ok, reason): every object of the checkpoint streams back with the size and SHA-256 its sidecar holds."""
+        sidecar = self.read_sidecar(run_id, name)
+        try:
+            for file_name, inside, size, sha256 in remote_files(name, sidecar):
+                key = self.key(run_id, file_name, inside)
+                digest, done = hashlib.sha256(), 0
+                with self.fs.open(key, "rb", block_size=PIECE) as source:
+                    for piece in iter(lambda: source.read(PIECE), b""):
+                        digest.update(piece)
+                        done += len(piece)
+                if done != size or digest.hexdigest() != sha256:
+                    return False, f"{self.display(key)}: size or SHA-256 does not match the sidecar"
+        except FileNotFoundError:
+            return False, f"{self.display(self.run_prefix(run_id))}: an object of {name!r} is missing"
+        except (ValueError, ckpt.CheckpointError) as e:
+            return False, str(e)
+        except Exception as e:
+            raise self.error("could not verify", e) from None
+        return True, "every object's size and SHA-256 match"
+
+    # ---- deleting, recovering
+
+    def delete(self, run_id, name):
+        """Remove a checkpoint's objects, the sidecar first (it is unlisted at once); FileNotFoundError if none."""
+        side_key = self.sidecar_key(run_id, name)
+        try:
+            had_sidecar = self.fs.exists(side_key)
+            if had_sidecar:
+                self.fs.rm_file(side_key)
+            gone = self._remove_objects(run_id, name)
+        except Exception as e:
+            raise self.error("could not delete from", e, self.display(side_key)) from None
+        if not had_sidecar and not gone:
+            raise FileNotFoundError(f"no checkpoint {name!r} of run {run_id} in {self.url}")
+
+    def _remove_objects(self, run_id, name):
+        gone = False
+        for file_name in (name + ".pth", name + ".pth.zst", name + catalogue.FOLDER_SUFFIX):
+            key = self.key(run_id, file_name)
+            if self.fs.exists(key):
+                self.fs.rm(key, recursive=True)
+                gone = True
+        return gone
+
+    def recover(self, runs=None):
+        """Remove the objects of uploads cut short (no sidecar) in the given runs (default every run): only call
+        it where no other process is uploading into those runs. The names removed."""
+        removed = []
+        try:
+            found = self.fs.find(f"{self.prefix}/{catalogue.RUNS}")
+        except FileNotFoundError:
+            return removed
+        except Exception as e:
+            raise self.error("could not list", e) from None
+        parsed = {p for p in map(self._parse_key, found) if p is not None}
+        committed = {(r, n) for r, n, what in parsed if what == SIDECAR_SUFFIX}
+        for run_id, name in sorted({(r, n) for r, n, _ in parsed} - committed):
+            if runs is None or run_id in runs:
+                self._remove_objects(run_id, name)
+                removed.append(catalogue.checkpoint_id(run_id, name))
+        return removed
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def describe_error(error):
+    """One line for an error an object store raised: what went wrong, without a traceback."""
+    if isinstance(error, PermissionError):
+        return f"access denied ({_first_line(error)})"
+    if isinstance(error, FileNotFoundError):
+        return f"no such bucket or object ({_first_line(error)})"
+    name = type(error).__name__
+    if "EndpointConnection" in name or "ClientConnector" in name or isinstance(error, ConnectionError):
+        return f"cannot reach the endpoint ({_first_line(error)})"
+    return f"{name}: {_first_line(error)}"
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _discard(out):
+    """Abort a half-written object: a multipart upload is aborted, so nothing of it appears."""
+    try:
+        if hasattr(out, "discard"):
+            out.discard()
+        else:
+            out.close()
+    except Exception:  # the store is gone, say: the object was never committed; at most an unlisted part is left
+        pass
+    finally:
+        out.closed = True  # else closing it when it is collected would try to finish the upload
+
+
+def remote_sidecar(sidecar):
+    """The sidecar as uploaded: without the local side's mirror state."""
+    return {k: v for k, v in sidecar.items() if k != "mirror"}
+
+
+def parse_sidecar(raw):
+    """(checked sidecar, None) or (None, why) for the bytes of a sidecar object (or the error fetching them)."""
+    if isinstance(raw, Exception):
+        return None, f"sidecar unreadable: {describe_error(raw)}"
+    if len(raw) > ckpt.JSON_LIMIT:
+        return None, f"sidecar unreadable: larger than {ckpt.JSON_LIMIT} bytes"
+    try:
+        value = ckpt.loads_bounded(raw.decode("utf-8"), what="sidecar")
+    except (ValueError, UnicodeDecodeError, ckpt.UnreadableFile) as e:
+        return None, f"sidecar unreadable: {e}"
+    if not isinstance(value, dict):
+        return None, f"sidecar unreadable: it holds {ckpt.json_kind(value)}, not an object"
+    return ckpt.check_sidecar(value)[0], None
+
+
+def local_files(path, sidecar):
+    """[(local path, file name, size, sha256)] of a local checkpoint: the file itself, or each file of a DCP
+    folder as its sidecar lists it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        import dcp_checkpoint
+        files, problem = dcp_checkpoint.listed_files(sidecar)
+        if problem:
+            raise ckpt.CheckpointError(f"{path}: {problem}")
+        return [(os.path.join(path, f["path"]), f["path"], f["size"], f["sha256"]) for f in files]
+    if not isinstance(sidecar.get("size"), int) or not isinstance(sidecar.get("sha256"), str):
+        raise ckpt.CheckpointError(f"{path}: its sidecar records no size and SHA-256; not uploaded")
+    return [(path, os.path.basename(path), sidecar["size"], sidecar["sha256"])]
+
+
+def remote_files(name, sidecar):
+    """[(file name, folder or None, size, sha256)] of a committed checkpoint's objects, from its sidecar."""
+    file_name = sidecar.get("file") or ""
+    if file_name == name + catalogue.FOLDER_SUFFIX:
+        import dcp_checkpoint
+        files, problem = dcp_checkpoint.listed_files(sidecar)
+        if problem:
+            raise ckpt.CheckpointError(problem)
+        return [(f["path"], file_name, f["size"], f["sha256"]) for f in files]
+    if file_name not in (name + ".pth", name + ".pth.zst"):
+        raise ckpt.CheckpointError(f"its sidecar names the file {file_name[:60]!r}, not one of {name!r}")
+    return [(file_name, None, sidecar.get("size"), sidecar.get("sha256"))]
+
+
+def _missing_object(run_id, name, sidecar, objects):
+    """Why a listed checkpoint's objects do not match its sidecar (sizes from the LIST), or None."""
+    try:
+        expected = remote_files(name, sidecar)
+    except ckpt.CheckpointError as e:
+        return str(e)
+    for file_name, inside, size, _ in expected:
+        what = f"{catalogue.FOLDER_SUFFIX}/{file_name}" if inside else file_name[len(name):]
+        info = objects.get((run_id, name, what))
+        if info is None:
+            return f"{file_name} is missing"
+        if info.get("size") != size:
+            return f"{file_name} is {info.get('size')} bytes, the sidecar recorded {size}"
+    return None
+
+
+def _refuse_taken(folder, name):
+    for suffix in (".pth", ".pth.zst", catalogue.FOLDER_SUFFIX):
+        if os.path.lexists(os.path.join(folder, name + suffix)):
+            raise FileExistsError(f"a checkpoint named {name!r} is already in {folder}; not replaced")

@@ -1,0 +1,368 @@
+"""Checkpoints mirrored to object storage and read back, against a real S3 server (moto_server, over HTTP): the
+sidecar goes last, listing is one LIST plus the sidecars, retention follows on both sides or one, a restored
+checkpoint resumes bit-identically, and faults (the store gone mid-upload, wrong credentials, no bucket, no
+endpoint, hostile keys) lose nothing and leak no secret."""
+import hashlib
+import json
+import os
+import pathlib
+
+import pytest
+import requests
+import torch
+
+import catalogue
+import checkpoint as ckpt
+import load_checkpoint
+import mirror
+import remote
+import train
+from conftest import LiveServer, build_app, wait_for, write_task_folder
+from s3server import InProcessS3Server, S3Server, free_port
+from test_live import start
+
+FAIL_FAST = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # botocore's: a store gone fails at once
+TINY = ["--embedding-dim", "4", "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2",
+        "--batch-size", "8", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s3 = S3Server().start()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture
+def s3(server, monkeypatch):
+    for key, value in server.environment().items():
+        monkeypatch.setenv(key, value)
+    return server
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return str(write_task_folder(tmp_path_factory.mktemp("tasks"), n_training=6, n_evaluation=2, seed=5))
+
+
+def train_cli(capsys, root, tasks, *flags):
+    code = train.main(["--checkpoint-dir", str(root), "--data-dir", tasks, *TINY, *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def only_run(root):
+    runs = [r["run_id"] for r in catalogue.list_runs(str(root)) if not r.get("legacy")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def everything_under(*folders):
+    """The bytes of every file under the folders, joined: to look for a secret."""
+    return b"".join(p.read_bytes() for folder in folders for p in pathlib.Path(folder).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def test_a_run_mirrors_each_checkpoint_and_retention_deletes_on_both_sides(s3, capsys, tmp_path, tasks):
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lab"
+    code, out, err = train_cli(capsys, tmp_path / "ck", tasks, "--epochs", "3", "--checkpoint-every-epochs", "1",
+                               "--keep-last", "1", "--mirror", url)
+    assert code == 0, err
+    run_id = only_run(tmp_path / "ck")
+    where = f"lab/runs/{run_id}"
+    assert s3.keys(bucket) == sorted([f"{where}/run.json"] + [f"{where}/checkpoints/{n}{s}" for n in (
+        "best_model", "checkpoint_epoch_3") for s in (".json", ".pth")])  # epoch 1 and 2: gone on both sides
+    assert out.count("mirrored: ") >= 2  # epoch 1 may be gone here before its turn came: then it is skipped
+    target = remote.ObjectRoot(url)
+    listed = target.list_checkpoints()
+    local = {m["id"]: m for m in catalogue.list_checkpoints(str(tmp_path / "ck"))}
+    assert sorted(m["id"] for m in listed) == sorted(local)
+    for meta in listed:
+        assert not meta["damaged"] and target.verify(run_id, meta["name"]) == (True, mirror_ok())
+        folder = catalogue.checkpoint_folder(str(tmp_path / "ck"), run_id)
+        side = json.loads(pathlib.Path(folder, meta["name"] + ".json").read_text())
+        assert side["mirror"] == {"state": "mirrored", "url": url, "sha256": side["sha256"],
+                                  "at": side["mirror"]["at"]}
+        uploaded = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{where}/checkpoints/{meta['name']}.json")[
+            "Body"].read())
+        assert uploaded == {k: v for k, v in side.items() if k != "mirror"}
+    remote_bytes = b"".join(s3.client().get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(bucket))
+    assert s3.secret.encode() not in out.encode() + err.encode() + everything_under(tmp_path / "ck") + remote_bytes
+
+
+def mirror_ok():
+    return "every object's size and SHA-256 match"
+
+
+def test_local_retention_keeps_the_mirror_whole_and_a_restored_checkpoint_resumes_bit_identically(
+        s3, capsys, tmp_path, tasks):
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lab"
+    code, _, err = train_cli(capsys, tmp_path / "ck", tasks, "--epochs", "3", "--checkpoint-every-epochs", "1",
+                             "--keep-last", "1", "--mirror", url, "--mirror-retention", "local")
+    assert code == 0, err
+    run_id = only_run(tmp_path / "ck")
+    folder = pathlib.Path(catalogue.checkpoint_folder(str(tmp_path / "ck"), run_id))
+    assert not (folder / "checkpoint_epoch_1.pth").exists()
+    assert {m["name"] for m in remote.ObjectRoot(url).list_checkpoints()} >= {"checkpoint_epoch_1",
+                                                                               "checkpoint_epoch_2"}
+    # Restore the epoch-1 checkpoint, gone here, into a fresh root; resume it there to the end.
+    fresh = tmp_path / "fresh"
+    ident = f"{run_id}:checkpoint_epoch_1"
+    assert load_checkpoint.main(["--restore", ident, "--mirror", url, "--checkpoint-dir", str(fresh)]) == 0
+    assert "restored" in capsys.readouterr().out
+    restored = catalogue.locate(str(fresh), ident).path
+    assert ckpt.verify(restored) == (True, "size and SHA-256 match")
+    assert catalogue.read_run(str(fresh), run_id)["run_id"] == run_id  # its run.json came along
+    config = train.TrainConfig.from_dict(dict(embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2,
+                                              batch_size=8, device="cpu", epochs=3, data_dir=tasks,
+                                              checkpoint_dir=str(fresh), checkpoint_every_epochs=0))
+    resumed = train.Trainer(config, train.load_data(data_dir=tasks), "cpu", str(fresh), [].append)
+    resumed.resume(restored)
+    resumed.train()
+    final = torch.load(folder / "checkpoint_epoch_3.pth")
+    assert resumed.global_step == final["global_step"]
+    for key, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, final["model_state_dict"][key]), key
+    # Restoring what is already here is refused, leaving it as it was.
+    assert load_checkpoint.main(["--restore", ident, "--mirror", url, "--checkpoint-dir", str(fresh)]) == 1
+    assert "already" in capsys.readouterr().err
+
+
+def test_load_checkpoint_reads_urls_like_paths(s3, capsys, tmp_path, tasks):
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lab"
+    assert train_cli(capsys, tmp_path / "ck", tasks, "--max-steps", "3", "--mirror", url)[0] == 0
+    run_id = only_run(tmp_path / "ck")
+    object_url = f"{url}/runs/{run_id}/checkpoints/best_model.pth"
+    assert load_checkpoint.main([object_url, "--verify"]) == 0
+    assert "match" in capsys.readouterr().out
+    assert load_checkpoint.main(["--list", url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [m["id"] for m in listed] == [f"{run_id}:best_model"] and listed[0]["location"] == "remote"
+    assert load_checkpoint.main([f"{url}/runs/{run_id}/checkpoints/nothing.pth", "--info-only"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- the object root
+
+def saved_checkpoint(folder, name="m", size=1 << 16, seed=0):
+    """A checkpoint file and its sidecar in folder (a run's checkpoint folder): random bytes, true size and hash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path = folder / f"{name}.pth"
+    path.write_bytes(data.numpy().tobytes())
+    sidecar = {"name": name, "kind": "manual", "file": path.name, "size": size, "created_at": ckpt.utc_now(),
+               "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "global_step": seed}
+    (folder / f"{name}.json").write_text(json.dumps(sidecar))
+    return str(path), sidecar
+
+
+def test_an_upload_whose_bytes_do_not_match_the_sidecar_commits_nothing(s3, tmp_path):
+    bucket = s3.new_bucket()
+    target = remote.ObjectRoot(f"s3://{bucket}/p")
+    path, sidecar = saved_checkpoint(tmp_path / "r1")
+    with pytest.raises(ckpt.CheckpointError, match="changed while it was uploaded"):
+        target.upload(path, {**sidecar, "sha256": "0" * 64}, "r1", "m")
+    assert s3.keys(bucket) == [] and target.list_checkpoints() == []
+    target.upload(path, sidecar, "r1", "m")
+    assert target.verify("r1", "m")[0]
+    # The object replaced behind the sidecar's back: verify says so, and restore puts nothing in place.
+    key = "p/runs/r1/checkpoints/m.pth"
+    s3.client().put_object(Bucket=bucket, Key=key, Body=b"x" * sidecar["size"])
+    assert target.verify("r1", "m") == (False, f"s3://{bucket}/{key}: size or SHA-256 does not match the sidecar")
+    with pytest.raises(remote.RemoteError, match="does not match"):
+        target.download("r1", "m", str(tmp_path / "restored"))
+    assert [p.name for p in (tmp_path / "restored").iterdir() if not p.name.startswith(".")] == []
+    s3.client().put_object(Bucket=bucket, Key=key, Body=b"short")
+    assert target.list_checkpoints()[0]["damaged"] and "5 bytes" in target.list_checkpoints()[0]["error"]
+
+
+def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
+    bucket = s3.new_bucket()
+    target = remote.ObjectRoot(f"s3://{bucket}/p")
+    for run_id, file_name in (("r1", "../../escape.pth"), ("r1", "/etc/passwd"), ("r1", "a/b.pth"),
+                              ("r1", "x\n.pth"), ("r1", ".."), ("../r1", "m.pth"), ("r1/../..", "m.pth")):
+        with pytest.raises(ValueError):
+            target.key(run_id, file_name)
+    for name in ("../m", "a/b", ""):
+        with pytest.raises(ValueError):
+            target.sidecar_key("r1", name)
+    good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
+    client = s3.client()
+    for key in ("p/runs/r1/checkpoints/../../../x.json", "p/runs/../checkpoints/m.json", "p/runs/r1/m.json",
+                "p/runs/r 1/checkpoints/m.json", "p/runs/r1/checkpoints/sub/m.json", "q/runs/r1/checkpoints/m.json"):
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(good).encode())
+    assert target.list_checkpoints() == []  # none of those is of the layout
+    # A sidecar that points its file outside the checkpoint's name is refused, and nothing is written.
+    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json",
+                      Body=json.dumps({**good, "file": "../../../../etc/passwd"}).encode())
+    with pytest.raises(remote.RemoteError, match="not the checkpoint's"):
+        target.download("r1", "m", str(tmp_path / "out"))
+    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json", Body=json.dumps(
+        {**good, "file": "m.dcp", "files": [{"path": "../evil", "size": 1, "sha256": "0" * 64}]}).encode())
+    with pytest.raises(remote.RemoteError, match="malformed"):
+        target.download("r1", "m", str(tmp_path / "out"))
+    assert not (tmp_path / "evil").exists() and not list((tmp_path / "out").glob("m*"))
+
+
+def test_a_dcp_folder_round_trips_file_by_file(s3, capsys, tmp_path, tasks):
+    import dcp_checkpoint
+    bucket = s3.new_bucket()
+    target = remote.ObjectRoot(f"s3://{bucket}/p")
+    folder = tmp_path / "runs" / "r1" / "checkpoints"
+    folder.mkdir(parents=True)
+    assert train_cli(capsys, tmp_path / "one", tasks, "--max-steps", "2")[0] == 0
+    record = ckpt.load_checkpoint(catalogue.locate(str(tmp_path / "one"), "best_model").path)
+    dcp_checkpoint.write_record(str(folder / "m.dcp"), {**record, "name": "m", "kind": "manual"})
+    sidecar = ckpt.read_sidecar(str(folder / "m.dcp"))
+    target.upload(str(folder / "m.dcp"), sidecar, "r1", "m")
+    assert target.verify("r1", "m")[0] and not target.list_checkpoints()[0]["damaged"]
+    restored = target.restore("r1", "m", str(tmp_path / "fresh"))
+    assert ckpt.verify(restored)[0]
+    back = ckpt.load_checkpoint(restored)["model_state_dict"]
+    assert back.keys() == record["model_state_dict"].keys()
+    assert all(torch.equal(back[k], record["model_state_dict"][k]) for k in back)
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+class StopsTheServer(remote.ObjectRoot):
+    """An ObjectRoot whose store goes away once, when the first piece of a large file is sent."""
+
+    def __init__(self, url, server):
+        super().__init__(url, FAIL_FAST)
+        self.fs.retries = 1  # s3fs's own retries (a class attribute, no option): the mirror retries by itself
+        self.server, self.stopped = server, False
+
+    def _put(self, path, key, sha256, cancel, progress):
+        def and_stop(done):
+            if done >= remote.PIECE and os.path.getsize(path) > remote.PIECE and not self.stopped:
+                self.stopped = True
+                self.server.stop()
+        return super()._put(path, key, sha256, cancel, and_stop)
+
+
+def test_the_store_going_away_mid_upload_leaves_nothing_listed_and_its_return_lets_the_next_upload_succeed(
+        tmp_path, monkeypatch):
+    store = InProcessS3Server().start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        bucket = store.new_bucket()
+        url = f"s3://{bucket}/p"
+        folder = tmp_path / "ck" / "runs" / "r1" / "checkpoints"
+        events = []
+        uploads = mirror.Mirror(str(tmp_path / "ck"), StopsTheServer(url, store), events.append, attempts=1).start()
+        saved_checkpoint(folder, size=1 << 10, seed=1)
+        uploads.upload("r1", "m")
+        assert uploads.wait(30) and events[-1]["type"] == "checkpoint_mirrored"
+        _, sidecar = saved_checkpoint(folder, size=remote.PIECE + 4096, seed=2)  # saved again, in two parts
+        uploads.upload("r1", "m")
+        assert uploads.wait(60)
+        failure = events[-1]
+        assert failure["type"] == "mirror_error" and failure["retry_in"] is None, failure
+        assert "cannot reach the endpoint" in failure["error"] and store.secret not in failure["error"]
+        state = ckpt.read_sidecar(str(folder / "m.pth"))["mirror"]
+        assert state["state"] == "failed" and state["error"] == failure["error"]
+        store.start()  # back, with what it held
+        target = remote.ObjectRoot(url)
+        assert target.list_checkpoints() == []  # the old version was uncommitted first, the new one never was
+        assert target.recover() == ["r1:m"] and store.keys(bucket) == []
+        uploads.catch_up()  # what the next start does: every checkpoint not mirrored is queued
+        assert uploads.wait(60) and events[-1]["type"] == "checkpoint_mirrored", events[-1]
+        assert target.list_checkpoints()[0]["sha256"] == sidecar["sha256"] and target.verify("r1", "m")[0]
+        uploads.close()
+    finally:
+        store.stop()
+
+
+def test_the_web_app_mirrors_saves_shows_failures_and_training_goes_on(tmp_path, arc_data, monkeypatch):
+    store = InProcessS3Server().start()
+    for key, value in store.environment().items():
+        monkeypatch.setenv(key, value)
+    bucket = store.new_bucket()
+    target = remote.ObjectRoot(f"s3://{bucket}/app", FAIL_FAST)
+    target.fs.retries = 1
+    uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, attempts=2, first_backoff=0.05)
+    server = LiveServer(build_app(tmp_path / "ck", arc_data, MIRROR=uploads))
+    try:
+        start(server)
+
+        def row(name, state):
+            rows = requests.get(server.url + "/list_checkpoints", timeout=10).json()["checkpoints"]
+            found = [r for r in rows if r["name"] == name and (r.get("mirror") or {}).get("state") == state]
+            return found[0] if found else None
+
+        def save(name):
+            answer = requests.post(server.url + "/save_checkpoint", json={"name": name, "wait": True}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+        saved = save("online")
+        assert wait_for(lambda: row("online", "mirrored"), what="the save to be mirrored")
+        assert requests.get(server.url + "/status", timeout=10).json()["mirror"]["url"] == target.url
+        store.stop()
+        offline = save("offline")  # acknowledged: it is durable here
+        failed = wait_for(lambda: row("offline", "failed"), what="the upload to fail")
+        assert "cannot reach the endpoint" in failed["mirror"]["error"]
+        step = requests.get(server.url + "/status", timeout=10).json()["global_step"]
+        wait_for(lambda: requests.get(server.url + "/status", timeout=10).json()["global_step"] > step + 2,
+                 what="training to go on")
+        store.start()
+        save("back")
+        wait_for(lambda: row("back", "mirrored"), what="the next save to be mirrored")
+        assert {m["name"] for m in target.list_checkpoints()} == {"online", "back"}
+        ident = catalogue.checkpoint_id(saved["run_id"], "back")
+        assert requests.delete(f"{server.url}/checkpoints/{ident}", json={}, timeout=10).status_code == 200
+        wait_for(lambda: {m["name"] for m in target.list_checkpoints()} == {"online"}, what="the remote delete")
+        assert offline["state"] == "saved"
+        page = requests.get(server.url + "/status", timeout=10).text
+        assert store.secret not in page
+    finally:
+        requests.post(server.url + "/stop", json={}, timeout=10)
+        server.close()
+        store.stop()
+
+
+@pytest.mark.parametrize("fault", ["wrong credentials", "no bucket", "no endpoint"])
+def test_a_store_that_cannot_be_used_is_one_clear_error_at_start_up(fault, capsys, tmp_path, tasks, monkeypatch):
+    store = S3Server(auth=True).start()
+    try:
+        environment = store.environment()
+        bucket = store.new_bucket()
+        if fault == "wrong credentials":
+            environment["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-Xq42"
+        elif fault == "no bucket":
+            bucket = "no-such-bucket-here"
+        else:
+            environment["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{bucket}/lab"
+        code, out, err = train_cli(capsys, tmp_path / "ck", tasks, "--max-steps", "2", "--mirror", url,
+                                   "--storage-options", json.dumps(FAIL_FAST))
+        assert code == 2 and err.count("\n") == 1 and url in err, err
+        assert {"wrong credentials": "access denied", "no bucket": "no such bucket",
+                "no endpoint": "cannot reach the endpoint"}[fault] in err
+        assert environment["AWS_SECRET_ACCESS_KEY"] not in out + err and "training" not in out
+    finally:
+        store.stop()
+
+
+def test_the_web_app_refuses_to_start_with_a_mirror_it_cannot_use(s3, capsys, tmp_path):
+    import app
+    code = app.main(["--checkpoint-dir", str(tmp_path / "ck"), "--mirror", "s3://no-such-bucket-here/x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("app.py: error: cannot use s3://no-such-bucket-here/x: no such bucket")
+
+
+def test_bad_mirror_settings_are_one_line_errors(capsys, tmp_path, tasks):
+    for flags, message in ((["--mirror", "s3://AKIAX:hunter2-value@bucket/x"], "must not hold credentials"),
+                           (["--mirror", "nosuchprotocol://b/x"], "cannot open nosuchprotocol:// URLs"),
+                           (["--mirror", "s3://b/x", "--storage-options", "{not json"], "not valid JSON"),
+                           (["--mirror", "s3://b/x", "--storage-options", "[1]"], "must be a JSON object")):
+        code, _, err = train_cli(capsys, tmp_path / "ck", tasks, "--max-steps", "1", *flags)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert "hunter2" not in err
