@@ -26,7 +26,7 @@ import remote
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
-from train import PRESETS, TrainConfig
+from train import PRESETS, TrainConfig, check_local_root
 from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker, check_processes
 
 logger = logging.getLogger(__name__)
@@ -523,7 +523,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="ARC Autoencoder Lab web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
     p.add_argument("--port", type=int, default=5002)
-    p.add_argument("--checkpoint-dir", default="checkpoints")
+    p.add_argument("--checkpoint-dir", default="checkpoints", metavar="FOLDER",
+                   help="the local folder every run's checkpoints go into (--mirror uploads them elsewhere)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--dataset", default="arcagi", choices=("arcagi", "arcagi2"))
     data.add_argument("--data-dir", default="", help="folder of ARC task JSON files")
@@ -579,6 +580,7 @@ def main(argv=None):
             return True
         requests_log.addFilter(without_colour)
     try:
+        check_local_root(args.checkpoint_dir)
         uploads = open_mirror(args)
     except (ValueError, remote.RemoteError) as e:
         print(f"app.py: error: {e}", file=sys.stderr)

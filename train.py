@@ -139,6 +139,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         config = cls(**{name: _check_value(fields[name], value) for name, value in values.items()})
+        check_local_root(config.checkpoint_dir)
         if config.min_temperature > config.temperature:
             raise ValueError("min_temperature must not exceed temperature")
         if config.task_type == "reconstruction" and config.cell_channels and config.num_conv_layers < 2:
@@ -151,6 +152,15 @@ class TrainConfig:
 
     def replace(self, **changes):
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def check_local_root(checkpoint_dir):
+    """checkpoint_dir, if it is a local folder; a URL is refused (it would silently become a local folder named
+    after it: s3://b/x as ./s3:/b/x), pointing at --mirror, which uploads each checkpoint there."""
+    if remote.is_url(checkpoint_dir):
+        raise ValueError(f"checkpoint_dir {checkpoint_dir!r} is a URL: checkpoints are written to a local folder; "
+                         f"keep --checkpoint-dir local and add --mirror {checkpoint_dir} to upload each one there")
+    return checkpoint_dir
 
 
 @dataclass(frozen=True)

@@ -366,3 +366,17 @@ def test_bad_mirror_settings_are_one_line_errors(capsys, tmp_path, tasks):
         code, _, err = train_cli(capsys, tmp_path / "ck", tasks, "--max-steps", "1", *flags)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("program", ["train.py", "app.py"])
+def test_a_url_as_checkpoint_dir_is_refused_in_one_line_and_creates_no_local_folder(program, capsys, tmp_path,
+                                                                                     tasks, monkeypatch):
+    import app
+    monkeypatch.chdir(tmp_path)  # before the fix, s3://bucket/x made the local folders s3:/bucket/x here
+    if program == "train.py":
+        code = train.main(["--checkpoint-dir", "s3://bucket/x", "--data-dir", tasks, *TINY, "--max-steps", "1"])
+    else:
+        code = app.main(["--checkpoint-dir", "s3://bucket/x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--mirror s3://bucket/x" in err, err
+    assert list(tmp_path.iterdir()) == []
