@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog=PROG, description="Inspect, verify, list, compare and export checkpoints.")
-    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth file or .dcp folder")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth or .pth.zst file or .dcp folder")
     parser.add_argument("--info-only", action="store_true", help="metadata only; do not rebuild the model (a "
                         "folder's shards are not read: their names, shapes and types come from DCP's metadata)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -102,8 +102,7 @@ def check_usage(parser, args):
         parser.error("--force only applies to --export-weights, --consolidate, --export and --decompress")
     if (args.contents is not None or args.compression is not None) and not args.export:
         parser.error("--contents and --compression only apply to --export")
-    if args.decompress and (folder or not ckpt.is_compressed(args.path) or args.decompress.endswith(ckpt.ZSTD_SUFFIX)
-                            or not args.decompress.endswith(".pth")):
+    if args.decompress and (folder or not ckpt.is_compressed(args.path) or not args.decompress.endswith(".pth")):
         parser.error("--decompress turns a .pth.zst into OUT.pth: give PATH ending .pth.zst and OUT ending .pth")
     if args.export and folder:
         parser.error("--export reads a file: turn a .dcp folder into one with --consolidate first")

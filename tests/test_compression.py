@@ -268,7 +268,11 @@ def test_a_sidecar_lying_about_compression_or_payload_fails_verification(zstd_fi
 # ---------------------------------------------------------------------------------------------- load_checkpoint.py
 
 def cli(capsys, *argv):
-    code = load_checkpoint.main([str(a) for a in argv])
+    """load_checkpoint.py in this process: (exit code, stdout, stderr); a usage error exits as the CLI would."""
+    try:
+        code = load_checkpoint.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -312,6 +316,24 @@ def test_cli_refuses_bad_options_in_one_line(saved, tmp_path, capsys):
     assert code == 0  # another folder: a copy
     code, _, err = cli(capsys, path, "--info-only", "--export", path)
     assert code == 1 and "would replace the checkpoint" in err
+
+
+def test_cli_decompress_and_export_need_names_that_say_their_form(saved, tmp_path, capsys):
+    plain = saved["events"][("full", "none")]["path"]
+    code, _, err = cli(capsys, plain, "--decompress", tmp_path / "out.pth")
+    assert code == 2 and "--decompress turns a .pth.zst into OUT.pth" in err
+    code, _, err = cli(capsys, plain, "--compression", "zstd")
+    assert code == 2 and "--contents and --compression only apply to --export" in err
+
+
+def test_dcp_folders_hold_the_full_state_uncompressed_only():
+    import store
+    store.check_folder_options("full", "none")
+    for contents, compression in (("weights", "none"), ("full", "zstd")):
+        with pytest.raises(ValueError, match="multi-process run saves DCP folders"):
+            store.check_folder_options(contents, compression)
+    with pytest.raises(ValueError, match="got 'lz4'"):
+        store.check_folder_options("full", "lz4")
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
