@@ -299,6 +299,8 @@ def start_training():
         raise ValueError("skip_verify must be true or false")
     pretrained = _take_name(body, "pretrained_encoder", skip_verify)
     resume_from = _take_name(body, "resume_from", skip_verify)
+    if resume_from:  # refused here, not in the run: its sidecar says so without a tensor read
+        ckpt.check_resumable(ckpt.read_sidecar(resume_from) or {}, os.path.basename(resume_from))
     fine_tune_from = _take_name(body, "fine_tune_from", skip_verify)
     if resume_from and (fine_tune_from or pretrained):
         raise ValueError("resume_from continues a run exactly; it cannot be combined with fine_tune_from "
@@ -336,18 +338,21 @@ def resume_training():
 def save_checkpoint():
     """Queue a save (202 with its request_id); with "wait": true, answer once it is saved or failed."""
     body = _body()
-    unknown = set(body) - {"name", "overwrite", "wait", "timeout"}
+    unknown = set(body) - {"name", "overwrite", "wait", "timeout", "contents", "compression"}
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}; "
-                         "send name, overwrite, wait and timeout only")
+                         "send name, overwrite, contents, compression, wait and timeout only")
     name, overwrite, wait = body.get("name"), body.get("overwrite", False), body.get("wait", False)
+    contents = ckpt.check_contents(body.get("contents", "full"))
+    compression = ckpt.check_compression(body.get("compression", "none"))
     if name is not None and not isinstance(name, str):
         raise ValueError("name must be a string")
     for key, value in (("overwrite", overwrite), ("wait", wait)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
     timeout = _wait_timeout(body.get("timeout", SAVE_WAIT_SECONDS))
-    request_id, name = _worker().request_save(name or None, overwrite=overwrite)
+    request_id, name = _worker().request_save(name or None, overwrite=overwrite, contents=contents,
+                                              compression=compression)
     if not wait:
         return jsonify(request_id=request_id, name=name, state="queued"), 202
     return _save_answer(_worker().wait_for_save(request_id, timeout))
@@ -389,7 +394,7 @@ def save_request(request_id):
 
 LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
           "val_loss", "val_acc", "task_type", "bottleneck_type", "sha256", "damaged", "refused", "error", "problems",
-          "verified_at", "notes", "tags", "resume_command", "mirror")
+          "verified_at", "notes", "tags", "resume_command", "contents", "compression", "mirror")
 
 
 @bp.get("/list_checkpoints")

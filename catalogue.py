@@ -2,7 +2,8 @@
 
     ROOT/runs/RUN_ID/run.json                 what the run is: phase, config, start time, parent
     ROOT/runs/RUN_ID/metrics.jsonl            its metric history (the web app keeps it)
-    ROOT/runs/RUN_ID/checkpoints/NAME.pth     its checkpoints, each with NAME.json beside it
+    ROOT/runs/RUN_ID/checkpoints/NAME.pth     its checkpoints, each with NAME.json beside it (or NAME.pth.zst,
+                                              compressed; a NAME.dcp folder from a multi-process run)
     ROOT/NAME.pth                             a flat folder written by version 0.6.0 or before: the run "legacy"
 
 A run never writes outside its own folder, so no run overwrites or deletes another's checkpoint. A checkpoint's
@@ -190,7 +191,7 @@ def _count_checkpoints(root, run_id):
     try:
         if not _folder_chain_is_real(root, run_id):
             return 0, []
-        return sum(1 for e in os.scandir(folder) if _is_checkpoint_entry(e)), []
+        return len(_checkpoint_entries(folder)[0]), []
     except ValueError as e:
         return 0, [str(e)]
     except OSError as e:
@@ -274,19 +275,49 @@ def _entry(root, run_id, name):
 
 
 def _entry_at(root, run_id, name):
-    """The Entry of the checkpoint name in run_id's folder: its DCP folder where one is there, else its .pth."""
-    stem = os.path.join(os.path.realpath(checkpoint_folder(root, run_id)), name)
-    path = stem + FOLDER_SUFFIX if os.path.lexists(stem + FOLDER_SUFFIX) else stem + ".pth"
+    """The Entry of the checkpoint name in run_id's folder: its DCP folder where one is there, else its .pth or
+    .pth.zst (ckpt.existing_file: the one its sidecar names where both are), else where a .pth would go."""
+    folder = os.path.realpath(checkpoint_folder(root, run_id))
+    stem = os.path.join(folder, name)
+    if os.path.lexists(stem + FOLDER_SUFFIX):
+        path = stem + FOLDER_SUFFIX
+    else:
+        path = ckpt.existing_file(folder, name) or stem + ".pth"
     return Entry(checkpoint_id(run_id, name), run_id, name, path)
 
 
 def _is_checkpoint_entry(entry):
-    """A .pth file, or a .dcp folder (a link of either name too: listed as refused); never a dot-file."""
+    """A .pth or .pth.zst file, or a .dcp folder (a link of any of those names too: listed as refused); never a
+    dot-file."""
     if entry.name.startswith("."):
         return False
-    if entry.name.endswith(".pth"):
+    if entry.name.endswith(ckpt.FILE_SUFFIXES):
         return not entry.is_dir(follow_symlinks=False)  # a folder named x.pth is not a checkpoint
     return entry.name.endswith(FOLDER_SUFFIX) and not entry.is_file(follow_symlinks=False)
+
+
+def _checkpoint_entries(folder):
+    """The checkpoint entries of a folder, one per checkpoint: of a NAME.pth and NAME.pth.zst both there, the one
+    ckpt.existing_file reads, the other named in shadowed {listed entry: the other's file name}."""
+    entries = [e for e in os.scandir(folder) if _is_checkpoint_entry(e)]
+    by_name, kept, shadowed = {}, [], {}
+    for entry in entries:
+        if entry.name.endswith(ckpt.FILE_SUFFIXES):
+            by_name.setdefault(ckpt.name_of(entry.name), []).append(entry)
+        else:
+            kept.append(entry)
+    for name, forms in by_name.items():
+        if len(forms) == 1:
+            kept.append(forms[0])
+            continue
+        try:
+            chosen = os.path.basename(ckpt.existing_file(folder, name))
+        except ValueError:  # a name the rules refuse: both are listed as refused
+            kept.extend(forms)
+            continue
+        kept.extend(e for e in forms if e.name == chosen)
+        shadowed[chosen] = [e.name for e in forms if e.name != chosen][0]
+    return kept, shadowed
 
 
 def entry_for(root, run_id, name):
@@ -301,8 +332,10 @@ def describe(entry, root=None):
     damaged or refused files say why."""
     meta = ckpt.read_metadata(entry.path)
     described = {**meta, "id": entry.id, "run_id": entry.run_id, "path": entry.path}
-    if root is not None and not meta.get("damaged") and not meta.get("refused"):
-        described["resume_command"] = resume_command(root, entry.id, meta.get("kind"))
+    if not meta.get("damaged") and not meta.get("refused"):
+        described.update(contents=ckpt.contents_of(meta), compression=meta.get("compression") or "none")
+        if root is not None and described["contents"] == "full":  # weights only: fine-tuned from, not resumed
+            described["resume_command"] = resume_command(root, entry.id, meta.get("kind"))
     return described
 
 
@@ -341,12 +374,12 @@ def _list_run(root, run_id):
         return []  # the run itself is listed as refused by list_runs
     folder = os.path.realpath(checkpoint_folder(root, run_id))
     try:
-        entries = [e for e in os.scandir(folder) if _is_checkpoint_entry(e)]
+        entries, shadowed = _checkpoint_entries(folder)
     except OSError:
         return []
     metas = []
     for dir_entry in entries:
-        name = os.path.splitext(dir_entry.name)[0]
+        name = ckpt.name_of(dir_entry.name)
         try:
             ckpt.check_name(name, automatic=True)
         except ValueError:
@@ -355,9 +388,14 @@ def _list_run(root, run_id):
                           "error": f"its name breaks the naming rules ({ckpt.NAME_RULE}); rename the file"})
             continue
         try:
-            metas.append(describe(Entry(checkpoint_id(run_id, name), run_id, name, dir_entry.path), root))
+            meta = describe(Entry(checkpoint_id(run_id, name), run_id, name, dir_entry.path), root)
         except FileNotFoundError:  # deleted (retention, another request) since the folder was scanned
             continue
+        if dir_entry.name in shadowed:
+            meta["problems"] = list(meta.get("problems") or []) + [
+                f"{shadowed[dir_entry.name]} is on disk under the same name, left by an overwrite into the other "
+                f"form cut short; {dir_entry.name} (the file its sidecar names) is the checkpoint: delete the other"]
+        metas.append(meta)
     return metas
 
 

@@ -2,7 +2,10 @@
 verify it, and lock it while doing so.
 
 A checkpoint is NAME.pth (loads with plain torch.load, weights_only) plus NAME.json, its sidecar: every field
-but the tensors, with the .pth's size and SHA-256. Where checkpoints live (runs, ids, listing, recovery) is
+but the tensors, with the .pth's size and SHA-256. Saved with compression "zstd" it is NAME.pth.zst instead (the
+same bytes through zstd; its sidecar also holds the decompressed payload's size and SHA-256), read back here
+transparently; a name has one checkpoint, in one of the two forms. Its contents are "full" (resumes exactly) or
+weights only ("weights", "weights-bf16": no optimizer or RNG state; fine-tunable, not resumable). Where checkpoints live (runs, ids, listing, recovery) is
 catalogue.py's business; when to save and what to keep is checkpoint_manager.py's.
 
 Everything read from disk may lie: files are opened without following symlinks, JSON is read with a size and a
@@ -23,12 +26,14 @@ import pickle
 import re
 import shutil
 import stat
+import tempfile
 import threading
 import time
 import uuid
 import warnings
 
 import torch
+import zstandard
 from torch.utils.serialization import config as torch_serialization
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,18 @@ FLAT_CONFIG_KEYS = (
 TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state")
 RANK_RNG_KEY = "rng_states"  # a multi-process record's: every rank's rng_state, in rank order (tensors too)
 USER_FIELDS = ("notes", "tags")  # edited after the save; an overwrite carries them to the new sidecar
+CONTENTS = ("full", "weights", "weights-bf16")  # a record without "contents" is full
+COMPRESSIONS = ("none", "zstd")
+ZSTD_SUFFIX = ".pth.zst"
+FILE_SUFFIXES = (".pth", ZSTD_SUFFIX)  # the two forms of a single-file checkpoint, in the order ties are read
+ZSTD_LEVEL = 3  # zstd's default: about 8% off float32 weights at hundreds of MB/s; higher levels gain little
+TRAINING_STATE = ("optimizer_state_dict", "rng_state", RANK_RNG_KEY)  # what only resuming needs
+WEIGHT_KEYS = ("model_state_dict", "encoder_state_dict")
+FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+# A checkpoint's tensors shrink by a few % under zstd, never 100 times: a file that decompresses to more than this
+# many times its size (and no sidecar says how much to expect) is refused as a zstd bomb.
+BOMB_RATIO = 100
 
 
 class CheckpointError(Exception):
@@ -119,13 +136,67 @@ def _folders():
     return dcp_checkpoint
 
 
+def check_contents(value):
+    """Return value if it is one of CONTENTS; ValueError naming it otherwise."""
+    if not isinstance(value, str) or value not in CONTENTS:
+        raise ValueError(f"contents must be one of {', '.join(CONTENTS)}, got {value!r}")
+    return value
+
+
+def check_compression(value):
+    """Return value if it is one of COMPRESSIONS; ValueError naming it otherwise."""
+    if not isinstance(value, str) or value not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {value!r}")
+    return value
+
+
+def is_compressed(path):
+    return str(path).endswith(ZSTD_SUFFIX)
+
+
+def suffix_for(compression):
+    return ZSTD_SUFFIX if check_compression(compression) == "zstd" else ".pth"
+
+
+def stem_of(path):
+    """path less its checkpoint suffix (.pth.zst, .pth, .dcp): its sidecar and lock are named from it."""
+    return str(path)[:-len(ZSTD_SUFFIX)] if is_compressed(path) else os.path.splitext(path)[0]
+
+
+def name_of(path):
+    """The checkpoint name a file or folder on disk stands for."""
+    return os.path.basename(stem_of(os.path.normpath(path)))
+
+
 def sidecar_path(pth_path):
-    return os.path.splitext(pth_path)[0] + ".json"
+    return stem_of(pth_path) + ".json"
 
 
 def lock_path(pth_path):
     folder, file = os.path.split(pth_path)
-    return os.path.join(folder, "." + os.path.splitext(file)[0] + LOCK_SUFFIX)
+    return os.path.join(folder, "." + name_of(file) + LOCK_SUFFIX)
+
+
+def form_paths(folder, name):
+    """The paths checkpoint `name` may have as a single file in folder: NAME.pth, NAME.pth.zst."""
+    stem = os.path.join(os.path.realpath(folder), check_name(name, automatic=True))
+    return [stem + suffix for suffix in FILE_SUFFIXES]
+
+
+def existing_file(folder, name):
+    """The file checkpoint `name` is read from, or None: of NAME.pth and NAME.pth.zst, the one on disk; where both
+    are (an overwrite into the other form cut short before it removed the old file), the one its sidecar names,
+    else NAME.pth."""
+    present = [p for p in form_paths(folder, name) if os.path.lexists(p)]
+    if len(present) > 1:
+        named = (read_sidecar(present[0]) or {}).get("file")
+        present.sort(key=lambda p: os.path.basename(p) != named)  # stable: NAME.pth first when it names neither
+    return present[0] if present else None
+
+
+def other_form(path):
+    """The path of the same checkpoint in the other single-file form."""
+    return stem_of(path) + (".pth" if is_compressed(path) else ZSTD_SUFFIX)
 
 
 def temp_path(path, tag=""):
@@ -290,25 +361,28 @@ def utc_now():
 
 def save_full_checkpoint(folder, name, *, kind, config, model_state_dict, encoder_state_dict,
                          optimizer_state_dict, progress, rng_state, dataset, metrics, extra=None,
-                         overwrite=False, verify_after_save=False, cancel=None):
+                         overwrite=False, verify_after_save=False, cancel=None, contents="full", compression="none"):
     """Build the one checkpoint record and write it atomically with its sidecar; return the sidecar dict.
 
     progress: epoch, batch, global_step, val_loss, val_acc. extra: further plain fields (run_id, num_classes,
-    trainer, checkpoint_manager). cancel: see write_checkpoint.
+    trainer, checkpoint_manager). cancel: see write_checkpoint. contents: one of CONTENTS (see with_contents);
+    compression: one of COMPRESSIONS.
     """
     record = build_record(name, kind=kind, config=config, model_state_dict=model_state_dict,
                           encoder_state_dict=encoder_state_dict, optimizer_state_dict=optimizer_state_dict,
-                          progress=progress, rng_state=rng_state, dataset=dataset, metrics=metrics, extra=extra)
-    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save, cancel=cancel)
+                          progress=progress, rng_state=rng_state, dataset=dataset, metrics=metrics, extra=extra,
+                          contents=contents)
+    return write_checkpoint(folder, record, overwrite=overwrite, verify_after_save=verify_after_save, cancel=cancel,
+                            compression=compression)
 
 
 def build_record(name, *, kind, config, model_state_dict, encoder_state_dict, optimizer_state_dict, progress,
-                 rng_state, dataset, metrics, extra=None):
+                 rng_state, dataset, metrics, extra=None, contents="full"):
     """The one checkpoint record, every store's: what torch.load gives back for a .pth."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     check_name(name, automatic=kind != "manual")
-    return {
+    return with_contents({
         "format_version": FORMAT_VERSION, "name": name, "kind": kind, "created_at": utc_now(),
         "epoch": progress["epoch"], "batch": progress["batch"], "global_step": progress["global_step"],
         "val_loss": progress.get("val_loss"), "val_acc": progress.get("val_acc"),
@@ -318,7 +392,97 @@ def build_record(name, *, kind, config, model_state_dict, encoder_state_dict, op
         "config": dict(config), "rng_state": rng_state, "dataset": dataset, "metrics": metrics,
         "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION},
         **(extra or {}),
-    }
+    }, contents)
+
+
+# ---------------------------------------------------------------------------------------------- contents
+
+def contents_of(record):
+    """A record's or sidecar's contents: "full" where it does not say."""
+    return record.get("contents") or "full"
+
+
+def without_training_state(fields):
+    """A copy of a record (or a snapshot's fields) without what only resuming needs: the optimizer and RNG states.
+    The manager drops them before the copy thread clones a weights-only snapshot, build_record again after."""
+    return {**{k: v for k, v in fields.items() if k != RANK_RNG_KEY}, "optimizer_state_dict": None,
+            "rng_state": None}
+
+
+def with_contents(record, contents):
+    """The record as `contents` holds it: full as it is; weights without the optimizer and RNG states, marked not
+    resumable; weights-bf16 the same with its floating weights cast to bfloat16 (see cast_weights)."""
+    have = contents_of(record)
+    if check_contents(contents) == "full":
+        if have != "full":
+            raise ValueError(f"the record holds weights only (contents {have}): it cannot be saved as full")
+        return record
+    if have == "weights-bf16" and contents == "weights":
+        raise ValueError("the weights were cast to bfloat16: they cannot be saved as float32 weights again")
+    shaped = {**without_training_state(record), "contents": contents, "resumable": False}
+    return cast_weights(shaped) if contents == "weights-bf16" else shaped
+
+
+def check_resumable(record, path):
+    """ValueError, in one line, for a record (or sidecar) of weights only: nothing to resume from."""
+    contents = contents_of(record)
+    if contents != "full" or record.get("resumable") is False:
+        raise ValueError(f"{path} holds weights only (contents {contents}: no optimizer or RNG state), so it cannot be "
+                         "resumed; fine-tune from it instead (fine_tune_from), or resume from a full checkpoint")
+
+
+def _recast(state, dtype_of, memo):
+    """state with each tensor named by dtype_of cast to its dtype; tensors that shared storage still share it."""
+    out = {}
+    for key, tensor in state.items():
+        dtype = dtype_of(key, tensor)
+        if dtype is None or tensor.dtype == dtype:
+            out[key] = tensor
+            continue
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tuple(tensor.stride()), dtype)
+        if identity not in memo:
+            memo[identity] = tensor.to(dtype)
+        out[key] = memo[identity]
+    return out
+
+
+def cast_weights(record):
+    """The record with the floating tensors of its weights cast to bfloat16, and "cast" recording each one's dtype
+    before, so that load_checkpoint casts them back."""
+    memo, cast, out = {}, {}, dict(record)
+    for key in WEIGHT_KEYS:
+        state = record.get(key)
+        if not isinstance(state, dict):
+            continue
+        cast[key] = {k: str(t.dtype).replace("torch.", "") for k, t in state.items()
+                     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.bfloat16}
+        out[key] = _recast(state, lambda k, t: torch.bfloat16 if k in cast[key] else None, memo)
+    out["cast"] = {"dtype": "bfloat16", "from": cast}
+    return out
+
+
+def restore_dtypes(record, path):
+    """A weights-bf16 record's weights cast back to the dtypes its "cast" recorded (float32 as trained);
+    CheckpointError for a cast record that does not fit the tensors."""
+    cast = record.get("cast")
+    if cast is None:
+        return record
+    restored = {k: v for k, v in record.items() if k != "cast"}
+    origins = cast.get("from") if isinstance(cast, dict) else None
+    if not isinstance(origins, dict):
+        raise CheckpointError(f"{path}: its cast record is not an object of dtypes per tensor")
+    memo = {}
+    for key, dtypes in origins.items():
+        state = record.get(key)
+        if key not in WEIGHT_KEYS or not isinstance(state, dict) or not isinstance(dtypes, dict):
+            raise CheckpointError(f"{path}: its cast record names {str(key)[:60]!r}, not a state dict it holds")
+        for name, dtype in dtypes.items():
+            if dtype not in FLOAT_DTYPES or not isinstance(state.get(name), torch.Tensor):
+                raise CheckpointError(f"{path}: its cast record says {str(name)[:60]!r} was {str(dtype)[:20]!r}: "
+                                      "no such floating dtype or tensor")
+        restored[key] = _recast(state, lambda k, t: FLOAT_DTYPES[dtypes[k]] if k in dtypes else None, memo)
+    return restored
 
 
 def estimate_size(record):
@@ -602,16 +766,18 @@ def remove_quietly(path):
         pass
 
 
-def write_checkpoint(folder, record, overwrite=False, verify_after_save=False, cancel=None):
-    """Write record as NAME.pth + NAME.json, atomically, holding the checkpoint's lock throughout.
+def write_checkpoint(folder, record, overwrite=False, verify_after_save=False, cancel=None, compression="none"):
+    """Write record as NAME.pth (or, compressed, NAME.pth.zst) + NAME.json, atomically, holding the checkpoint's lock
+    throughout.
 
     CheckpointError on any failure, with the previous pair (if any) intact and nothing left behind. cancel (a
     threading.Event) abandons the save when set while the lock is awaited or the .pth is written (a failure like
-    any other); once the file is whole, the save is finished."""
+    any other); once the file is whole, the save is finished. A checkpoint of the name in the other form is the one
+    an overwrite replaces: it is removed once the new pair is in place."""
     name = record["name"]
     try:
         os.makedirs(folder, exist_ok=True)
-        path = checkpoint_path(folder, name)
+        path = checkpoint_path(folder, name, suffix_for(compression))
         with checkpoint_lock(path, cancel=cancel):
             return _write_locked(path, record, overwrite, verify_after_save, cancel)
     except OSError as e:
@@ -620,8 +786,8 @@ def write_checkpoint(folder, record, overwrite=False, verify_after_save=False, c
 
 def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
     name, folder = record["name"], os.path.dirname(path)
-    had_old = os.path.lexists(path)
-    if (had_old and not overwrite) or os.path.lexists(path[:-len(".pth")] + ".dcp"):
+    had_old, other = os.path.lexists(path), other_form(path)
+    if ((had_old or os.path.lexists(other)) and not overwrite) or os.path.lexists(stem_of(path) + ".dcp"):
         raise CheckpointExists(f"a checkpoint named {name!r} already exists; choose another name")
     needed, free = estimate_size(record) * SPACE_MARGIN, shutil.disk_usage(folder).free
     if free < needed:
@@ -629,14 +795,15 @@ def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
                                     f"{free / 1e6:.1f} MB free")
     temp = temp_path(path)
     try:
-        size, sha256 = _write_record(temp, record, cancel)
+        size, sha256, payload = _write_record(temp, record, cancel, compressed=is_compressed(path))
         old_raw, old_fields = old_sidecar(path)
         carried = {k: old_fields[k] for k in USER_FIELDS if k in old_fields}
         sidecar = {**metadata_of(record), **carried, "file": os.path.basename(path), "size": size,
-                   "sha256": sha256, "verified_at": None}
+                   "sha256": sha256, **payload, "verified_at": None}
         _commit(path, temp, sidecar, had_old, old_raw)
     finally:
         remove_quietly(temp)
+    _remove_replaced_form(other)
     if verify_after_save:
         ok, reason = _verify_unlocked(path)
         if not ok:
@@ -646,21 +813,52 @@ def _write_locked(path, record, overwrite, verify_after_save, cancel=None):
     return sidecar
 
 
-def _write_record(temp, record, cancel=None):
-    """torch.save the record into temp, durable on return; (size, SHA-256) of what was written."""
-    hashing = None
+def _remove_replaced_form(other):
+    """After an overwrite into the other form: remove the old file. Until then its sidecar names the new file, which
+    listing and reading take (existing_file); a link there is left alone, never deleted through."""
+    try:
+        if stat.S_ISREG(os.lstat(other).st_mode):
+            os.remove(other)
+            fsync_folder(os.path.dirname(other))
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # the new pair is in place and complete; the old file is only shadowed
+        logger.warning("%s: saved in the other form, but the old file could not be removed: %s", other, e.strerror)
+
+
+def _write_record(temp, record, cancel=None, compressed=False):
+    """torch.save the record into temp (through zstd when compressed), durable on return; (size, SHA-256 of what was
+    written, and for a compressed file the payload's fields: compression, payload_size, payload_sha256)."""
+    files = []
     try:
         with contextlib.closing(open_for_checkpoint(temp)) as raw, _Crc32Off(), \
-                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as hasher:
-            hashing = _HashingFile(raw, hasher, cancel)
-            torch.save(record, hashing)
+                concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="checkpoint-hash") as hasher:
+            files.append(_HashingFile(raw, hasher, cancel))
+            if compressed:
+                _save_compressed(record, files, hasher, cancel)
+            else:
+                torch.save(record, files[0])
             raw.finish()
-    except RuntimeError as e:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
-        cause = hashing.error if hashing is not None else None
+    except (RuntimeError, zstandard.ZstdError) as e:  # torch's zip writer reports a failed write as RuntimeError
+        cause = next((f.error for f in files if f.error is not None), None)
         if cause is not None:
             raise cause from e
         raise OSError(errno.EIO, str(e).strip().splitlines()[0]) from e
-    return hashing.size, hashing.sha256.hexdigest()
+    written = files[0]
+    if not compressed:
+        return written.size, written.sha256.hexdigest(), {}
+    payload = files[1]
+    return written.size, written.sha256.hexdigest(), {
+        "compression": "zstd", "payload_size": payload.size, "payload_sha256": payload.sha256.hexdigest()}
+
+
+def _save_compressed(record, files, hasher, cancel):
+    """torch.save through a zstd stream into files[0], hashing the payload on its way in (appended to files)."""
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(
+        files[0], write_size=_HashingFile.PARALLEL_FROM, closefd=False)
+    files.append(_HashingFile(compressor, hasher, cancel))
+    torch.save(record, files[1])
+    compressor.flush(zstandard.FLUSH_FRAME)
 
 
 def old_sidecar(path):
@@ -753,7 +951,8 @@ SIDECAR_TYPES = {  # what each field a sidecar may hold must be; None is always 
     "task_type": str, "bottleneck_type": str, "num_distractors": int, "use_input_output_pairs": bool,
     "num_colors": int, "embedding_dim": int, "hidden_dim": int, "latent_dim": int, "num_conv_layers": int,
     "vocab_size": int, "max_message_length": int, "batch_size": int, "learning_rate": _NUMBER,
-    "temperature": _NUMBER, "format": str, "files": list, "dcp": dict, "mirror": dict,
+    "temperature": _NUMBER, "format": str, "files": list, "dcp": dict, "contents": str, "resumable": bool,
+    "cast": dict, "compression": str, "payload_size": int, "payload_sha256": str, "mirror": dict,
 }
 _TYPE_WORDS = {int: "an integer", _NUMBER: "a number", str: "text", bool: "true or false", dict: "an object",
                list: "a list"}
@@ -796,6 +995,9 @@ def check_sidecar(value):
     clean, problems = check_types(value, SIDECAR_TYPES)
     checks = (("kind", lambda k: k in KINDS, f"one of {', '.join(KINDS)}"),
               ("sha256", lambda s: _SHA256.fullmatch(s), "64 hexadecimal digits"),
+              ("payload_sha256", lambda s: _SHA256.fullmatch(s), "64 hexadecimal digits"),
+              ("contents", lambda c: c in CONTENTS, f"one of {', '.join(CONTENTS)}"),
+              ("compression", lambda c: c in COMPRESSIONS, f"one of {', '.join(COMPRESSIONS)}"),
               ("tags", lambda tags: all(isinstance(t, str) for t in tags), "a list of text"))
     for key, ok, wanted in checks:
         if clean.get(key) is not None and not ok(clean[key]):
@@ -851,7 +1053,8 @@ def verify(path, mark=False):
     return ok, reason
 
 
-def _verify_unlocked(path):
+def _verify_unlocked(path, payload=True):
+    """verify() under the lock; payload=False skips decompressing a .pth.zst (loading checks its payload anyway)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -868,15 +1071,87 @@ def _verify_unlocked(path):
     size, sha256 = sidecar.get("size"), sidecar.get("sha256")
     if size is None or sha256 is None:
         return False, f"{path}: its sidecar {name} records no size and SHA-256 to verify against"
+    mismatch = _form_mismatch(path, sidecar)
+    if mismatch:
+        return False, f"{path}: {mismatch}"
     actual = os.path.getsize(path)
     if actual != size:
         return False, f"{path}: size {actual} bytes, the sidecar recorded {size} (truncated or replaced)"
     try:
         if file_sha256(path) != sha256:
             return False, f"{path}: SHA-256 does not match the sidecar (the file is corrupt)"
+        if is_compressed(path) and payload:
+            with os.fdopen(open_regular(path), "rb") as source:
+                decompress(path, source, _HashOnly(), sidecar)
     except UnreadableFile as e:
         return False, f"{path}: {e}"
+    except CheckpointError as e:
+        return False, str(e)
+    if is_compressed(path):
+        return True, "size and SHA-256 match" + (", and so do the decompressed payload's" if payload else
+                                                 " (the compressed file's; its payload was not decompressed)")
     return True, "size and SHA-256 match"
+
+
+def _form_mismatch(path, sidecar):
+    """Why a sidecar does not describe the file's form (compressed or plain), or None: it may lie."""
+    says = sidecar.get("compression") or "none"
+    if is_compressed(path) and says != "zstd":
+        return f"a zstd-compressed file, but its sidecar records compression {says!r}"
+    if not is_compressed(path) and says != "none":
+        return f"a plain .pth, but its sidecar records compression {says!r} (it describes {sidecar.get('file')})"
+    if is_compressed(path) and (sidecar.get("payload_size") is None or sidecar.get("payload_sha256") is None):
+        return "its sidecar records no payload_size and payload_sha256 to check the decompressed bytes against"
+    return None
+
+
+class _HashOnly:
+    """A sink for decompress() that keeps nothing: verification only hashes the payload."""
+
+    def write(self, data):
+        return len(data)
+
+
+def decompress(path, source, sink, sidecar=None):
+    """Stream the zstd file open as source into sink.write; (payload size, SHA-256). Never holds more than a chunk:
+    at most the sidecar's payload_size bytes come out (or BOMB_RATIO times the file's size where no sidecar says),
+    and a payload whose size or SHA-256 differs from the sidecar's is refused. CheckpointError for data that is not
+    zstd, cut short, or too large."""
+    recorded_size, recorded_sha = (sidecar or {}).get("payload_size"), (sidecar or {}).get("payload_sha256")
+    limit = recorded_size if recorded_size is not None else os.fstat(source.fileno()).st_size * BOMB_RATIO + (1 << 20)
+    digest, size = hashlib.sha256(), 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20)
+        for chunk in iter(lambda: reader.read(1 << 20), b""):
+            size += len(chunk)
+            if size > limit:
+                raise CheckpointError(f"{path}: decompresses to more than {limit:,} bytes ("
+                                      + ("the size its sidecar recorded" if recorded_size is not None else
+                                         f"{BOMB_RATIO} times the file's size") + "); refused as a zstd bomb")
+            digest.update(chunk)
+            sink.write(chunk)
+    except zstandard.ZstdError as e:
+        raise CheckpointError(f"{path}: not zstd-compressed data ({str(e)[:100]})") from None
+    if recorded_size is not None and size != recorded_size:
+        raise CheckpointError(f"{path}: decompresses to {size:,} bytes, its sidecar recorded {recorded_size:,} "
+                              "(cut short or replaced)")
+    if recorded_sha is not None and digest.hexdigest() != recorded_sha:
+        raise CheckpointError(f"{path}: the decompressed payload's SHA-256 does not match the sidecar (corrupt)")
+    return size, digest.hexdigest()
+
+
+@contextlib.contextmanager
+def open_payload(path, sidecar=None):
+    """The torch file a checkpoint holds, open for reading: the .pth itself (never through a link), or a .pth.zst's
+    payload streamed to an anonymous temporary file (bounded: see decompress)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        if not is_compressed(path):
+            yield f
+            return
+        with tempfile.TemporaryFile(prefix="checkpoint-payload-") as payload:
+            decompress(path, f, payload, sidecar)
+            payload.seek(0)
+            yield payload
 
 
 def load_checkpoint(path, verify_file=True, map_location="cpu"):
@@ -888,17 +1163,17 @@ def load_checkpoint(path, verify_file=True, map_location="cpu"):
         raise CheckpointError(f"{path}: no such checkpoint file")
     with read_lock(path):
         if verify_file:
-            ok, reason = _verify_unlocked(path)
+            ok, reason = _verify_unlocked(path, payload=False)  # the payload is checked as it is decompressed
             if not ok:
                 raise CheckpointError(f"{reason}. Refusing to load; pass skip-verify to salvage it anyway")
         try:
-            with os.fdopen(open_regular(path), "rb") as f:
+            with open_payload(path, read_sidecar(path) if verify_file else None) as f:
                 record = torch_load(path, f, map_location)
         except (OSError, UnreadableFile) as e:
             raise CheckpointError(f"{path}: cannot read it: {e.strerror if isinstance(e, OSError) else e}") from None
     if not isinstance(record, dict) or "model_state_dict" not in record:
         raise CheckpointError(f"{path}: a torch file, but not a checkpoint of this project (no model_state_dict)")
-    return record
+    return restore_dtypes(record, path)
 
 
 def torch_load(path, source, map_location, mmap=False):
@@ -921,7 +1196,7 @@ def read_metadata(path):
 
     name and file always come from the file's own name on disk. damaged and error say whether it can be trusted;
     problems lists sidecar fields that were ignored. Never raises for what is on disk, only FileNotFoundError."""
-    identity = {"name": os.path.splitext(os.path.basename(path))[0], "file": os.path.basename(path)}
+    identity = {"name": name_of(path), "file": os.path.basename(path)}
     mode = os.lstat(path).st_mode
     if is_folder(path) and stat.S_ISDIR(mode):
         return _folders().metadata(path, identity)
@@ -950,7 +1225,11 @@ def _metadata_from_sidecar(path, identity):
                                                            f"{sidecar.get('size')} (truncated or replaced)")
         return meta
     try:
-        record = torch_load(path, path, "cpu", mmap=True)
+        if is_compressed(path):
+            with open_payload(path) as payload:
+                record = torch_load(path, payload, "cpu")
+        else:
+            record = torch_load(path, path, "cpu", mmap=True)
         if not isinstance(record, dict) or "model_state_dict" not in record:
             raise CheckpointError("no model_state_dict")
     except Exception as e:  # any failure to read means the file is listed as damaged, never a crash
@@ -984,7 +1263,7 @@ def update_unlocked(path, changes):
 
 
 def delete_checkpoint(path):
-    """Remove the .pth at path and its sidecar, under its lock. The sidecar goes first: a delete that fails there
+    """Remove the .pth (or .pth.zst) at path and its sidecar, under its lock. The sidecar goes first: a delete that fails there
     changes nothing, and one cut after it leaves the bare .pth, listed, not lost. Refuses a symlink: nothing is
     ever deleted through one."""
     if is_folder(path):
@@ -1001,6 +1280,7 @@ def delete_checkpoint(path):
         if os.path.lexists(side):
             os.remove(side)
         os.remove(path)
+        _remove_replaced_form(other_form(path))  # a name has one checkpoint: a shadowed old form goes with it
         fsync_folder(os.path.dirname(path))
 
 
@@ -1036,9 +1316,9 @@ def recover_folder(folder):
 
 
 def _leftover_stem(entry):
-    """The checkpoint name a leftover ".NAME.pth.tmp-...", ".NAME.dcp.tmp-...", ".NAME.json.tmp-..." or
-    ".NAME.json.pending" belongs to."""
-    for marker in (".pth" + TEMP_MARK, ".dcp" + TEMP_MARK, ".json" + TEMP_MARK):
+    """The checkpoint name a leftover ".NAME.pth.tmp-...", ".NAME.pth.zst.tmp-...", ".NAME.dcp.tmp-...",
+    ".NAME.json.tmp-..." or ".NAME.json.pending" belongs to."""
+    for marker in (ZSTD_SUFFIX + TEMP_MARK, ".pth" + TEMP_MARK, ".dcp" + TEMP_MARK, ".json" + TEMP_MARK):
         if marker in entry:
             return entry[1:entry.index(marker)]
     if entry.endswith(".json" + PENDING_SIDECAR):
@@ -1055,9 +1335,10 @@ def _recover_one(folder, pth, names, removed, problems):
             if _folders().recover_leftover(folder, dcp_path, entry, read_sidecar(dcp_path)):
                 removed.append(entry)
             continue
-        if ".pth" + TEMP_MARK in entry and TEMP_MARK + "old-" not in entry and sidecar is not None \
-                and _matches(leftover, sidecar) and not _matches(pth, sidecar):
-            os.replace(leftover, pth)  # cut between the sidecar's rename and the .pth's: finish it
+        target = pth + ".zst" if ZSTD_SUFFIX + TEMP_MARK in entry else pth
+        if (".pth" + TEMP_MARK in entry or ZSTD_SUFFIX + TEMP_MARK in entry) and TEMP_MARK + "old-" not in entry \
+                and sidecar is not None and _matches(leftover, sidecar) and not _matches(target, sidecar):
+            os.replace(leftover, target)  # cut between the sidecar's rename and the .pth's: finish it
             fsync_folder(folder)
             continue
         if entry.endswith(PENDING_SIDECAR):  # version 0.6.0 renamed the .pth first, then this

@@ -139,9 +139,10 @@ class CheckpointManager:
         if epoch_done and p.every_epochs and epoch % p.every_epochs == 0:
             self._save_recent("periodic", f"checkpoint_epoch_{epoch}", global_step)
 
-    def on_request(self, name, request_id=None, overwrite=False):
-        """A manual save into this run."""
-        self._submit("manual", name, request_id=request_id, overwrite=overwrite)
+    def on_request(self, name, request_id=None, overwrite=False, contents="full", compression="none"):
+        """A manual save into this run, of the contents and compression asked for (ckpt.CONTENTS, COMPRESSIONS)."""
+        self._submit("manual", name, request_id=request_id, overwrite=overwrite,
+                     options={"contents": contents, "compression": compression})
 
     def save_final(self, kind, global_step):
         """The last checkpoint of a run that was stopped (kind interrupted) or failed (kind error), as Lightning's
@@ -214,9 +215,13 @@ class CheckpointManager:
         self.publish({"type": "checkpoint_deleted", "id": entry.id, "run_id": self.run_id, "name": name,
                       "reason": reason})
 
-    def _submit(self, kind, name, request_id=None, overwrite=True, after=(None, None)):
+    def _submit(self, kind, name, request_id=None, overwrite=True, after=(None, None), options=None):
         on_saved, on_failed = after
+        options = {"contents": "full", "compression": "none", **(options or {})}
         fields = self.snapshot(kind, name)  # after the decision: the record holds the state that includes it
+        if options["contents"] != "full":  # not resumable: the copy thread need not clone the optimizer's state
+            fields = ckpt.without_training_state(fields)
+        fields = {**fields, **options}
         self.writer.submit(SaveJob(fields, self.folder, self.run_id, request_id=request_id, overwrite=overwrite,
                                    verify_after_save=self.policy.verify_after_save, on_saved=on_saved,
                                    on_failed=on_failed, store=self.store))
@@ -408,7 +413,8 @@ class CheckpointWriter:
                           job.run_id, job.name), "run_id": job.run_id, "name": job.name, "kind": sidecar["kind"],
                       "path": path, "epoch": sidecar["epoch"], "batch": sidecar["batch"],
                       "global_step": sidecar["global_step"], "size": sidecar["size"], "sha256": sidecar["sha256"],
-                      "verified": sidecar["verified_at"] is not None})
+                      "verified": sidecar["verified_at"] is not None, "contents": ckpt.contents_of(sidecar),
+                      "compression": sidecar.get("compression") or "none"})
         if job.on_saved is not None:
             try:
                 job.on_saved(sidecar)

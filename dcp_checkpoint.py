@@ -110,7 +110,8 @@ def commit(folder, staging, record, overwrite=False, verify_after_save=False, ca
 def _commit_locked(path, staging, record, files, overwrite):
     name = record["name"]
     had_old = os.path.lexists(path)
-    if (had_old and not overwrite) or os.path.lexists(path[:-len(SUFFIX)] + ".pth"):
+    if (had_old and not overwrite) or any(os.path.lexists(path[:-len(SUFFIX)] + suffix)
+                                          for suffix in ckpt.FILE_SUFFIXES):
         raise ckpt.CheckpointExists(f"a checkpoint named {name!r} already exists; choose another name")
     if had_old and (os.path.islink(path) or not os.path.isdir(path)):
         raise ckpt.CheckpointError(f"{path} is a symbolic link or not a folder; it is never replaced through")

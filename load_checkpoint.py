@@ -9,14 +9,17 @@
     python load_checkpoint.py PATH.pth --export-weights best.safetensors
     python load_checkpoint.py PATH.dcp --consolidate OUT.pth  # a multi-process run's folder -> one file
     python load_checkpoint.py PATH.pth --to-dcp OUT.dcp       # and back
+    python load_checkpoint.py PATH.pth --export OUT.pth.zst --contents weights --compression zstd
+    python load_checkpoint.py PATH.pth.zst --decompress OUT.pth  # the plain file: loads with plain torch.load
     python load_checkpoint.py s3://bucket/prefix/runs/RUN_ID/checkpoints/NAME.pth --verify   # any of the above
     python load_checkpoint.py --list s3://bucket/prefix       # what a mirror or remote root holds
     python load_checkpoint.py --restore RUN_ID:NAME --mirror s3://bucket/prefix --checkpoint-dir checkpoints
 
-PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth, or any copy of one) or a multi-process run's
-DCP folder (NAME.dcp, beside its NAME.json); a folder reads as the one record it consolidates to. PATH (and --list,
---compare) may be an fsspec URL: a checkpoint there is downloaded into a temporary folder, verified, and read as a
-local one. --restore fetches a checkpoint missing locally from a mirror into its run's folder.
+PATH is a file (checkpoints/runs/RUN_ID/checkpoints/NAME.pth or NAME.pth.zst, or any copy of one; a .pth.zst
+reads as the .pth it compresses) or a multi-process run's DCP folder (NAME.dcp, beside its NAME.json); a folder
+reads as the one record it consolidates to. PATH (and --list, --compare) may be an fsspec URL: a checkpoint there
+is downloaded into a temporary folder, verified, and read as a local one. --restore fetches a checkpoint missing
+locally from a mirror into its run's folder.
 
 Files are read with torch.load(weights_only=True) only, after their size and SHA-256 match the sidecar;
 --skip-verify loads a file that fails verification (salvage). Exit codes: 0 fine, 1 refused or failed, 2 bad usage.
@@ -54,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog=PROG, description="Inspect, verify, list, compare and export checkpoints.")
-    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth file or .dcp folder")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="a checkpoint .pth or .pth.zst file or .dcp folder")
     parser.add_argument("--info-only", action="store_true", help="metadata only; do not rebuild the model (a "
                         "folder's shards are not read: their names, shapes and types come from DCP's metadata)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -70,8 +73,16 @@ def build_parser():
                         "checkpoint file, with its sidecar: it loads with plain torch.load and resumes anywhere")
     parser.add_argument("--to-dcp", metavar="OUT.dcp", help="write PATH (a .pth) as a DCP folder, with its sidecar: "
                         "what a multi-process run saves")
-    parser.add_argument("--force", action="store_true", help="let --export-weights or --consolidate replace an "
-                        "existing OUT")
+    parser.add_argument("--export", metavar="OUT", help="write PATH as a new checkpoint OUT (OUT.pth, or OUT.pth.zst "
+                        "with --compression zstd), with its sidecar, holding --contents")
+    parser.add_argument("--contents", help=f"with --export: {', '.join(ckpt.CONTENTS)} (default: PATH's own); "
+                        "weights holds no optimizer state (fine-tunable, not resumable), weights-bf16 casts it to "
+                        "bfloat16")
+    parser.add_argument("--compression", help=f"with --export: {', '.join(ckpt.COMPRESSIONS)} (default none)")
+    parser.add_argument("--decompress", metavar="OUT.pth", help="write PATH (a .pth.zst) as the plain OUT.pth, with "
+                        "its sidecar: it loads with plain torch.load")
+    parser.add_argument("--force", action="store_true", help="let --export-weights, --consolidate, --export or "
+                        "--decompress replace an existing OUT")
     parser.add_argument("--restore", metavar="ID", help="fetch checkpoint RUN_ID:NAME from --mirror into its run's "
                         "folder under --checkpoint-dir (verified before it is put in place)")
     parser.add_argument("--mirror", metavar="URL", help="with --restore: the mirror's fsspec URL")
@@ -92,7 +103,7 @@ def check_usage(parser, args):
         parser.error("--restore ID needs --mirror URL and --checkpoint-dir FOLDER, and they only apply to it")
     for flag, given in (("--info-only", args.info_only), ("--verify", args.verify),
                         ("--export-weights", args.export_weights), ("--consolidate", args.consolidate),
-                        ("--to-dcp", args.to_dcp)):
+                        ("--to-dcp", args.to_dcp), ("--export", args.export), ("--decompress", args.decompress)):
         if given and args.path is None:
             parser.error(f"{flag} needs PATH")
     folder = args.path is not None and dcp_checkpoint.is_folder_checkpoint(os.path.normpath(args.path))
@@ -104,8 +115,26 @@ def check_usage(parser, args):
         parser.error("--run only applies to --list")
     if args.skip_verify and args.list is not None:
         parser.error("--skip-verify does not apply to --list (listing never loads tensors)")
-    if args.force and not (args.export_weights or args.consolidate):
-        parser.error("--force only applies to --export-weights and --consolidate")
+    if args.force and not (args.export_weights or args.consolidate or args.export or args.decompress):
+        parser.error("--force only applies to --export-weights, --consolidate, --export and --decompress")
+    if (args.contents is not None or args.compression is not None) and not args.export:
+        parser.error("--contents and --compression only apply to --export")
+    if args.decompress and (folder or not ckpt.is_compressed(args.path) or not args.decompress.endswith(".pth")):
+        parser.error("--decompress turns a .pth.zst into OUT.pth: give PATH ending .pth.zst and OUT ending .pth")
+    if args.export and folder:
+        parser.error("--export reads a file: turn a .dcp folder into one with --consolidate first")
+
+
+def check_export_options(args):
+    """ValueError, naming the value, for --contents or --compression outside their choices, or an OUT whose name
+    does not say its compression."""
+    if args.contents is not None:
+        ckpt.check_contents(args.contents)
+    compression = ckpt.check_compression(args.compression or "none")
+    if not args.export.endswith(ckpt.suffix_for(compression)) or \
+            (compression == "none" and args.export.endswith(ckpt.ZSTD_SUFFIX)):
+        raise ValueError(f"--export {args.export!r} with compression {compression}: its name must end "
+                         f"{ckpt.suffix_for(compression)}")
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -178,7 +207,7 @@ def metadata(path, record):
     info = {**{k: v for k, v in sidecar.items() if k not in record}, **ckpt.metadata_of(record)}
     info.setdefault("size", os.path.getsize(path))
     info.pop("files", None)  # a folder's manifest: --verify checks it; the listing shows its total size
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = ckpt.name_of(path)
     if info.get("name") != name:  # a renamed copy: the file's name is its name, as listings show it
         info.update(name=name, saved_as=info.get("name"))
     info["lineage"] = lineage_of(path)
@@ -339,6 +368,23 @@ def to_folder(record, out):
     return {"path": out, "size": sidecar["size"], "sha256": sidecar["sha256"]}
 
 
+def export(record, path, out, contents, compression, force):
+    """--export and --decompress: the record as a new checkpoint OUT with `contents` (the record's own when None)
+    and compression, and its sidecar, written atomically (checkpoint.py); never the file it was read from."""
+    name = _output_name(out, ckpt.suffix_for(compression))
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.realpath(folder) == os.path.realpath(os.path.dirname(os.path.abspath(path))) \
+            and name == ckpt.name_of(path) and not force:
+        raise ckpt.CheckpointError(f"{out} would replace the checkpoint {ckpt.name_of(path)!r} itself (a name has one "
+                                   "checkpoint, in one form); choose another name, or pass --force to convert it")
+    try:
+        shaped = ckpt.with_contents({**record, "name": name}, contents or ckpt.contents_of(record))
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}: {e}") from None
+    sidecar = ckpt.write_checkpoint(folder, shaped, overwrite=force, compression=compression)
+    return {"path": os.path.join(folder, sidecar["file"]), "size": sidecar["size"], "sha256": sidecar["sha256"]}
+
+
 def _output_name(out, suffix):
     """OUT's checkpoint name (its file name less suffix), under the naming rules: it names the sidecar too."""
     name = os.path.basename(os.path.normpath(out))[:-len(suffix)]
@@ -391,6 +437,11 @@ def inspect_file(args):
         report["converted"] = consolidate(record, args.path, args.consolidate, args.force)
     if args.to_dcp:
         report["converted"] = to_folder(record, args.to_dcp)
+    if args.export:
+        report["converted"] = export(record, args.path, args.export, args.contents, args.compression or "none",
+                                     args.force)
+    if args.decompress:
+        report["converted"] = export(record, args.path, args.decompress, None, "none", args.force)
     if args.json:
         print(json.dumps(ckpt.json_safe(report), indent=1, default=str))
     else:
@@ -538,6 +589,12 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_usage(parser, args)
+    if args.export:
+        try:
+            check_export_options(args)
+        except ValueError as e:
+            print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+            return 2
     try:
         options = remote.parse_storage_options(args.storage_options)
         if args.restore is not None:

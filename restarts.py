@@ -47,7 +47,8 @@ def find_run(root, ours):
 def latest_good_checkpoint(root, run_id):
     """The path of the run's checkpoint with the most steps that verifies (newest first among equals), or None."""
     rows = [r for r in catalogue.list_checkpoints(root, run=run_id)
-            if not r.get("damaged") and r.get("kind") not in NOT_RESUMABLE and isinstance(r.get("global_step"), int)]
+            if not r.get("damaged") and r.get("kind") not in NOT_RESUMABLE and isinstance(r.get("global_step"), int)
+            and r.get("contents", "full") == "full"]  # weights only: not resumable
     rows.sort(key=lambda r: (r["global_step"], r.get("created_at") or ""), reverse=True)
     for row in rows:
         if ckpt.verify(row["path"])[0]:

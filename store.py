@@ -1,7 +1,8 @@
 """Where a checkpoint's bytes go: a store writes, finds and deletes the checkpoints of one run's folder.
 
 The CheckpointManager decides what to save and what to keep; its writer hands each snapshot to the run's store.
-SingleFileStore keeps a checkpoint as one .pth and its .json sidecar, written atomically by checkpoint.py;
+SingleFileStore keeps a checkpoint as one .pth (or .pth.zst) and its .json sidecar, written atomically by
+checkpoint.py;
 FolderStore, a multi-process run's, as a DCP folder and its sidecar (dcp_checkpoint.py). An object store is
 another class with the same methods; nothing above a store spells a file name.
 """
@@ -23,9 +24,9 @@ class SingleFileStore:
         return ckpt.checkpoint_path(self.folder, name, suffix=self.suffix)
 
     def exists(self, name):
-        """Whether anything, a symlink included, takes the name, in either form (.pth or DCP folder)."""
+        """Whether anything, a symlink included, takes the name, in any form (.pth, .pth.zst or DCP folder)."""
         stem = os.path.join(self.folder, ckpt.check_name(name, automatic=True))
-        return os.path.lexists(stem + ".pth") or os.path.lexists(stem + dcp_checkpoint.SUFFIX)
+        return any(os.path.lexists(stem + suffix) for suffix in (*ckpt.FILE_SUFFIXES, dcp_checkpoint.SUFFIX))
 
     def write(self, fields, overwrite=False, verify_after_save=False, cancel=None):
         """Write one checkpoint durably (all or nothing); its sidecar and path."""
@@ -39,7 +40,11 @@ class SingleFileStore:
     def delete(self, name):
         """Remove a checkpoint (sidecar first, so no listing shows a file without it); FileNotFoundError if gone,
         CheckpointError for a symlink (never deleted through)."""
-        ckpt.delete_checkpoint(os.path.join(self.folder, ckpt.check_name(name, automatic=True) + self.suffix))
+        ckpt.delete_checkpoint(ckpt.existing_file(self.folder, name) or self._plain_path(name))
+
+    def _plain_path(self, name):
+        """Where the checkpoint of this store's form would be, a link there included (delete refuses it)."""
+        return os.path.join(self.folder, ckpt.check_name(name, automatic=True) + self.suffix)
 
 
 class FolderStore(SingleFileStore):
@@ -53,9 +58,11 @@ class FolderStore(SingleFileStore):
 
     def write(self, fields, overwrite=False, verify_after_save=False, cancel=None):
         """Once every rank's part is written (fields["sharded_save"] says when), commit the folder."""
-        save, rest = fields["sharded_save"], {k: v for k, v in fields.items() if k != "sharded_save"}
+        save = fields["sharded_save"]
+        rest = {k: v for k, v in fields.items() if k not in ("sharded_save", "compression")}
         try:
             save.wait_uploaded()
+            check_folder_options(rest.get("contents", "full"), fields.get("compression", "none"))
         except BaseException:
             save.discard()
             raise
@@ -63,6 +70,9 @@ class FolderStore(SingleFileStore):
         sidecar = dcp_checkpoint.commit(self.folder, save.staging, record, overwrite=overwrite,
                                         verify_after_save=verify_after_save, cancel=cancel)
         return sidecar, self.path(fields["name"])
+
+    def delete(self, name):
+        ckpt.delete_checkpoint(self._plain_path(name))
 
     def discard(self, fields):
         """Wait for the ranks' writing to end (their collectives must finish), then remove what they wrote."""
@@ -72,3 +82,11 @@ class FolderStore(SingleFileStore):
         except ckpt.CheckpointError:  # failed as well as abandoned: either way nothing is kept
             pass
         save.discard()
+
+
+def check_folder_options(contents, compression):
+    """ValueError for what a DCP folder cannot hold: its ranks write the full state, each its part, uncompressed."""
+    if ckpt.check_contents(contents) != "full" or ckpt.check_compression(compression) != "none":
+        raise ValueError(f"a multi-process run saves DCP folders, which hold the full state uncompressed: contents "
+                         f"{contents!r} and compression {compression!r} are for single-process runs (convert a "
+                         "folder with load_checkpoint.py --consolidate, then --export)")

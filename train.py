@@ -551,7 +551,8 @@ def stop_command(timeout):
 class Trainer:
     """Owns the model, optimizer and data position; talks to the world through publish() and a command queue.
 
-    Commands (dicts on `commands`): {"type": "save", "name", "request_id", "overwrite"}, {"type": "pause"},
+    Commands (dicts on `commands`): {"type": "save", "name", "request_id", "overwrite", "contents",
+    "compression"}, {"type": "pause"},
     {"type": "resume"}, {"type": "stop"} (stop_command() adds a deadline for the saves in flight). Events go out
     through publish(dict) from this thread and the writer's.
     Checkpoints go into this run's own folder under checkpoint_dir (the root), through a CheckpointManager.
@@ -674,9 +675,17 @@ class Trainer:
 
     def checkpoint_estimate(self):
         """Bytes a checkpoint of this run will take: weights plus Adam's two moments, plus a margin."""
+        return self.checkpoint_estimates()["full"]
+
+    def checkpoint_estimates(self):
+        """Bytes a checkpoint of this run will take, by contents (ckpt.CONTENTS), uncompressed: weights (floating ones
+        at half size in bfloat16), plus Adam's two moments for a full one, plus a margin."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        return weights + 2 * trainable + 256 * 1024
+        halved = sum(p.numel() * min(p.element_size(), 2) if p.is_floating_point() else p.numel() * p.element_size()
+                     for p in self.model.parameters())
+        margin = 256 * 1024
+        return {"full": weights + 2 * trainable + margin, "weights": weights + margin, "weights-bf16": halved + margin}
 
     def resume(self, path, verify_file=True):
         """Restore model, optimizer, position, RNG states and best score from a checkpoint: training goes on exactly."""
@@ -686,6 +695,7 @@ class Trainer:
             ckpt.load_checkpoint(path, verify_file=verify_file)
         if record.get("kind") == "pretrained":
             raise ValueError(f"{path} is a pretrained encoder; pass it as pretrained_encoder, not resume_from")
+        ckpt.check_resumable(record, path)
         trained_on = (record.get("dataset") or {}).get("name")
         if trained_on and trained_on != self.data.name:  # the data is loaded before the checkpoint is read
             raise ValueError(f"{path} was trained on {trained_on}, but this run's data is {self.data.name}; "
@@ -878,7 +888,9 @@ class Trainer:
 
     def _save_now(self, command):
         name = command.get("name") or self.manager.unique_name(f"checkpoint_epoch_{self.epoch}_batch_{self.batch}")
-        self.manager.on_request(name, command.get("request_id"), command.get("overwrite", False))
+        self.manager.on_request(name, command.get("request_id"), command.get("overwrite", False),
+                                contents=command.get("contents", "full"),
+                                compression=command.get("compression", "none"))
         if self.paused:  # nothing to overlap with: finish the copy now
             self.manager.wait_for_copies()
 
@@ -1078,7 +1090,8 @@ class Trainer:
                           "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
                           "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                           "batches_per_epoch": len(self.train_batches),
-                          "checkpoint_estimate_bytes": self.checkpoint_estimate()})
+                          "checkpoint_estimate_bytes": self.checkpoint_estimate(),
+                          "checkpoint_estimates": self.checkpoint_estimates()})
             self._run_epochs(self.model, self.train_batches, self.task.loss)
 
         return self._run(body)
@@ -1126,7 +1139,7 @@ def lineage(path, record, relation):
     run_id = catalogue.run_of_path(path)
     if run_id is None and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(path)), catalogue.RUNS)):
         run_id = catalogue.LEGACY_RUN  # a file at the top of a checkpoint root: the flat folder of older versions
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = ckpt.name_of(path)
     return {"relation": relation, "run_id": run_id, "name": name,
             "id": catalogue.checkpoint_id(run_id, name) if run_id else None,
             "global_step": record.get("global_step"), "path": os.path.abspath(path)}
@@ -1548,7 +1561,7 @@ def train_or_pretrain(trainer, args, signals):
 def checkpoint_argument(value, root):
     """A --resume or --pretrained-encoder value as a path: a file as given, or an id (RUN_ID:NAME, or a bare name:
     the newest run's) in the checkpoint root."""
-    if os.path.isfile(value) or value.endswith((".pth", dcp_checkpoint.SUFFIX)):
+    if os.path.isfile(value) or value.endswith((*ckpt.FILE_SUFFIXES, dcp_checkpoint.SUFFIX)):
         return value
     return catalogue.locate(root, value).path
 

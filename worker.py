@@ -16,6 +16,7 @@ import uuid
 
 import catalogue
 import checkpoint as ckpt
+import store
 from data import load_data
 from group import GroupFailed, GroupRun
 from events import parse_sse
@@ -30,7 +31,8 @@ SHUTDOWN_GRACE = 60.0  # seconds beyond the saves' timeout for the run to reach 
 SAVE_REQUESTS_KEPT = 256  # finished save requests GET /save_requests/ID still answers for
 MAX_PROCESSES = 64  # of one run on this machine
 SAVE_STATES = ("queued", "copying", "writing", "saved", "failed")
-SAVED_FIELDS = ("id", "name", "kind", "path", "size", "sha256", "epoch", "batch", "global_step", "verified")
+SAVED_FIELDS = ("id", "name", "kind", "path", "size", "sha256", "epoch", "batch", "global_step", "verified",
+                "contents", "compression")
 
 
 class Conflict(Exception):
@@ -241,11 +243,16 @@ class TrainingWorker:
             self._status = {**self._status, "paused": paused}
         self.commands.put({"type": "pause" if paused else "resume"})
 
-    def request_save(self, name=None, overwrite=False):
-        """Queue a manual save; returns (request_id, name: None until the trainer names it). Conflict outside main
-        training, Busy when full."""
+    def request_save(self, name=None, overwrite=False, contents="full", compression="none"):
+        """Queue a manual save of these contents and compression (ckpt.CONTENTS, COMPRESSIONS); returns (request_id,
+        name: None until the trainer names it). ValueError for a bad option, Conflict outside main training, Busy
+        when full."""
+        ckpt.check_contents(contents)
+        ckpt.check_compression(compression)
         with self._lock:
             status = self._status
+            if (status.get("processes") or 1) > 1:
+                store.check_folder_options(contents, compression)
             if status["phase"] != "training":
                 raise Conflict(f"checkpoints can be saved during main training only; the worker is {status['phase']}"
                                + (" (pretraining keeps pretrained_encoder_*.pth by itself)"
@@ -261,7 +268,8 @@ class TrainingWorker:
                                "choose another name or send overwrite: true")
             request_id = uuid.uuid4().hex[:12]
             self._track_save(request_id, name)
-            self.commands.put({"type": "save", "name": name, "request_id": request_id, "overwrite": overwrite})
+            self.commands.put({"type": "save", "name": name, "request_id": request_id, "overwrite": overwrite,
+                               "contents": contents, "compression": compression})
         return request_id, name
 
     def _track_save(self, request_id, name):
@@ -359,7 +367,8 @@ class TrainingWorker:
         elif kind == "training_started":
             self._status = {**s, "epoch": event["epoch"], "batch": event["batch"], "global_step": event["global_step"],
                             "batches_per_epoch": event["batches_per_epoch"], "config": event["config"],
-                            "checkpoint_estimate_bytes": event.get("checkpoint_estimate_bytes")}
+                            "checkpoint_estimate_bytes": event.get("checkpoint_estimate_bytes"),
+                            "checkpoint_estimates": event.get("checkpoint_estimates")}
         elif kind == "training_error":
             self._status = {**s, "phase": "error", "error": event["error"]}
         elif kind in ("training_paused", "training_resumed"):
@@ -415,7 +424,8 @@ class TrainingWorker:
     def _idle_status():
         return {"phase": "idle", "paused": False, "run_id": None, "mode": None, "config": None, "epoch": 0,
                 "epochs": None, "batch": 0, "batches_per_epoch": None, "global_step": 0, "train": {}, "val": {},
-                "samples_per_sec": None, "error": None, "checkpoint_estimate_bytes": None, "processes": None}
+                "samples_per_sec": None, "error": None, "checkpoint_estimate_bytes": None, "checkpoint_estimates": None,
+                "processes": None}
 
 
 def drive(trainer, run):

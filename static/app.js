@@ -199,20 +199,67 @@ function pauseOrResume() {
 const AUTOMATIC_NAME = "leave empty: named by its position when saved " +
   "(checkpoint_epoch_E_batch_B: E epochs completed, B batches into the next)";
 
+/** Bytes a save of these contents is estimated to take, uncompressed, or null: the status carries one estimate per
+ * contents (checkpoint_estimates), and the full one alone from a server that sends no others. */
+function saveEstimate(status, contents) {
+  const bytes = (status.checkpoint_estimates || {})[contents] ??
+    (contents === "full" ? status.checkpoint_estimate_bytes : undefined);
+  return typeof bytes === "number" ? bytes : null;
+}
+
+const fitsOnDisk = (bytes, free) => !(typeof bytes === "number" && typeof free === "number" && free < DISK_MARGIN * bytes);
+
+/** zstd's ratio is not known before it runs: a compressed save takes at most the uncompressed estimate. */
+function estimateText(status, contents, compression) {
+  const bytes = saveEstimate(status, contents);
+  const size = bytes === null ? "unknown" : `${compression === "zstd" ? "at most" : "about"} ${formatBytes(bytes)}`;
+  return `Estimated size: ${size} · free disk space: ${formatBytes(status.disk_free_bytes)}`;
+}
+
+/** The save dialog: resolves to {name, contents, compression}, or null when cancelled (Cancel, Escape). */
+function askSaveOptions(status) {
+  const dialog = $("save-dialog");
+  const name = $("save-name");
+  const contents = $("save-contents");
+  const compression = $("save-compression");
+  name.value = "";
+  contents.value = "full";
+  compression.value = "none";
+  $("save-name-hint").textContent = AUTOMATIC_NAME;
+  const update = () => {
+    const fits = fitsOnDisk(saveEstimate(status, contents.value), status.disk_free_bytes);
+    $("save-estimate").textContent = estimateText(status, contents.value, compression.value) +
+      (fits ? "" : " (not enough for this one)");
+    $("save-estimate").classList.toggle("too-large", !fits);
+    $("save-confirm").disabled = !fits;
+  };
+  contents.onchange = update;
+  compression.onchange = update;
+  update();
+  dialog.returnValue = "";
+  dialog.showModal();
+  name.focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue !== "save" ? null
+      : { name: name.value.trim(), contents: contents.value, compression: compression.value }), { once: true });
+  });
+}
+
 async function saveCheckpoint() {
   const status = state.status;
-  const estimate = status.checkpoint_estimate_bytes;
+  const smallest = saveEstimate(status, "weights-bf16") ?? saveEstimate(status, "full");
   const free = status.disk_free_bytes;
-  if (typeof estimate === "number" && typeof free === "number" && free < DISK_MARGIN * estimate) {
-    toast(`Not enough disk space: the checkpoint needs about ${formatBytes(estimate)} ` +
-      `(with margin ${formatBytes(DISK_MARGIN * estimate)}), only ${formatBytes(free)} free`, "error");
+  if (!fitsOnDisk(smallest, free)) {
+    toast(`Not enough disk space: the smallest checkpoint needs about ${formatBytes(smallest)} ` +
+      `(with margin ${formatBytes(DISK_MARGIN * smallest)}), only ${formatBytes(free)} free`, "error");
     return;
   }
-  const answer = window.prompt(`Checkpoint name (${AUTOMATIC_NAME})\nEstimated size: ${formatBytes(estimate)} · ` +
-    `free disk space: ${formatBytes(free)}`, "");
-  if (answer === null) return; // cancelled
-  const name = answer.trim();
-  const result = await send("POST", "/save_checkpoint", name ? { name } : {});
+  const choice = await askSaveOptions(status);
+  if (choice === null) return; // cancelled
+  const { name, contents, compression } = choice;
+  const body = { ...(name ? { name } : {}), ...(contents !== "full" ? { contents } : {}),
+    ...(compression !== "none" ? { compression } : {}) }; // the defaults are the server's: not sent
+  const result = await send("POST", "/save_checkpoint", body);
   // the checkpoint_saved event names an unnamed save, as the trainer named it
   if (result.ok) toast(name ? `Saving “${name}”…` : "Saving; it is named when saved…", "info");
 }
@@ -362,8 +409,9 @@ function checkpointActions(c) {
   if (!usable(c)) return el("td", { className: "actions muted" }, "no actions: fix or remove the file by hand");
   const busy = ACTIVE_PHASES.includes(state.status.phase);
   const trainable = c.kind !== "pretrained" && !c.damaged;
+  const resumable = trainable && (c.contents || "full") === "full"; // weights only: fine-tuned from, not resumed
   return el("td", { className: "actions" }, el("div", { className: "action-buttons" },
-    trainable ? actionButton("resume", c, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
+    resumable ? actionButton("resume", c, "Resume", { "data-needs-idle": true, disabled: busy }) : null,
     trainable ? actionButton("fine-tune", c, "Fine-tune from", { "data-needs-idle": true, disabled: busy }) : null,
     actionButton("verify", c, "Verify"),
     c.resume_command ? actionButton("copy-command", c, "Copy command", { title: `copy: ${c.resume_command}`,
@@ -395,11 +443,20 @@ function mirrorBadge(c) {
   return el("span", { className: "mirror local", title: `not yet in ${mirror.url}` }, " local");
 }
 
+/** What a checkpoint holds and how it is stored, where that is not the default (full, uncompressed). */
+function storedAs(c) {
+  const parts = [c.contents && c.contents !== "full" ? c.contents : null,
+    c.compression && c.compression !== "none" ? c.compression : null].filter(Boolean);
+  return parts.length ? el("span", { className: "stored-as", title: "contents · compression" },
+    ` ${parts.join(" · ")}`) : null;
+}
+
 function checkpointRow(c) {
   const verified = c.verified_at
     ? el("span", { className: "verified", title: `verified ${formatDate(c.verified_at, true)}` }, "✓") : "";
   const refused = !usable(c);
   const name = el("td", { className: "name" }, ...breakable(c.name),
+    storedAs(c),
     c.damaged && !refused ? el("span", { className: "damaged", title: c.error || "" }, " damaged") : null,
     refused ? el("span", { className: "damaged" }, " refused") : null, mirrorBadge(c),
     refused ? el("div", { className: "row-error" }, c.error || "refused by the server") : null,

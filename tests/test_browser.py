@@ -2,6 +2,7 @@
 saving, the checkpoints table grouped by run (compare, delete, resume, by checkpoint id RUN_ID:NAME). One server
 and one browser for the module; the tests run in file order and share the run they start."""
 import contextlib
+import json
 import os
 import re
 import threading
@@ -126,17 +127,27 @@ def wait_until_stopped(page):
     expect(page.locator("#start-training")).to_be_enabled()
 
 
-def save_via_prompt(ui, answer):
-    """Click Save Checkpoint and answer its prompt; returns the prompt's text and default value."""
-    seen = {}
-
-    def on_dialog(dialog):
-        seen.update(message=dialog.message, default=dialog.default_value, type=dialog.type)
-        dialog.accept(answer) if answer is not None else dialog.dismiss()
-
-    ui.page.once("dialog", on_dialog)
-    ui.page.click("#save-checkpoint")
-    expect(ui.page.locator("#save-checkpoint")).to_be_enabled()  # the page is responsive again
+def save_via_prompt(ui, answer, contents=None, compression=None):
+    """Click Save Checkpoint and answer its dialog (a name, or None to cancel; contents and compression picked when
+    given); returns the dialog's text, its name field's starting value and its estimate as they were first shown."""
+    page = ui.page
+    page.click("#save-checkpoint")
+    dialog = page.locator("#save-dialog")
+    expect(dialog).to_be_visible()
+    seen = {"type": "dialog", "message": dialog.inner_text(), "default": page.input_value("#save-name"),
+            "estimate": page.locator("#save-estimate").text_content()}
+    if answer is None:
+        page.click("#save-cancel")
+    else:
+        page.fill("#save-name", answer)
+        if contents is not None:
+            page.select_option("#save-contents", contents)
+        if compression is not None:
+            page.select_option("#save-compression", compression)
+        seen["chosen_estimate"] = page.locator("#save-estimate").text_content()
+        page.click("#save-confirm")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#save-checkpoint")).to_be_enabled()  # the page is responsive again
     return seen
 
 
@@ -323,10 +334,10 @@ def test_pause_and_resume(ui):
 def test_save_checkpoint_from_the_prompt(ui):
     page = ui.page
     seen = save_via_prompt(ui, "my save")
-    assert seen["type"] == "prompt"
+    assert seen["type"] == "dialog"
     assert seen["default"] == ""  # no guessed name: the trainer names an unnamed save where it saves it
     assert "leave empty: named by its position when saved (checkpoint_epoch_E_batch_B" in seen["message"]
-    assert "Estimated size" in seen["message"] and "free disk space" in seen["message"]
+    assert "Estimated size: about" in seen["message"] and "free disk space" in seen["message"]
     expect(page.locator(".toast.toast-success", has_text="my save")).to_be_visible()
     ui.training_run = current_run(page)
     saved = row(page, f"{ui.training_run}:my save")
@@ -379,20 +390,31 @@ def test_a_save_that_would_not_fit_is_refused_up_front(ui, monkeypatch):
     page = ui.page
     expect(page.locator("#save-checkpoint")).to_have_attribute("title", re.compile(r", 1000 B free$"))
     before = sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts)
-    dialogs = []
-
-    def on_dialog(dialog):
-        dialogs.append(dialog.type)
-        dialog.dismiss()
-
-    page.on("dialog", on_dialog)
     page.click("#save-checkpoint")
     expect(page.locator(".toast.toast-error", has_text="Not enough disk space")).to_be_visible()
     page.wait_for_timeout(300)
-    page.remove_listener("dialog", on_dialog)
-    assert dialogs == [] and sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
+    expect(page.locator("#save-dialog")).to_be_hidden()  # refused before the dialog opens
+    assert sum(u.endswith("/save_checkpoint") for _, u, _ in ui.posts) == before
     monkeypatch.undo()  # the next tests save again: wait until the page has heard of the real free space
     expect(page.locator("#save-checkpoint")).not_to_have_attribute("title", re.compile(r", 1000 B free$"))
+
+
+def test_a_weights_only_compressed_save_from_the_dialog_is_listed_as_such(ui):
+    page = ui.page
+    seen = save_via_prompt(ui, "archive", contents="weights", compression="zstd")
+    assert seen["estimate"].startswith("Estimated size: about")
+    assert seen["chosen_estimate"].startswith("Estimated size: at most")  # zstd's ratio is known only after
+    status = fetch_json(page, "/status")
+    assert seen["chosen_estimate"] != seen["estimate"] and \
+        status["checkpoint_estimates"]["weights"] < status["checkpoint_estimates"]["full"]
+    sent = [b for _, u, b in ui.posts if u.endswith("/save_checkpoint")][-1]
+    assert json.loads(sent) == {"name": "archive", "contents": "weights", "compression": "zstd"}
+    expect(page.locator(".toast.toast-success", has_text="archive")).to_be_visible()
+    saved = row(page, f"{ui.training_run}:archive")
+    expect(saved.locator(".stored-as")).to_have_text(" weights · zstd")
+    expect(saved.locator('[data-action="download"]')).to_have_attribute("download", "archive.pth.zst")
+    expect(saved.locator('[data-action="resume"]')).to_have_count(0)  # weights only: not resumable
+    expect(saved.locator('[data-action="fine-tune"]')).to_have_count(1)
 
 
 def test_compare_two_checkpoints(ui):
