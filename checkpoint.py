@@ -901,7 +901,7 @@ def place_file(path, temp, sidecar):
     """Put a whole, checked temporary file and its sidecar in place as a new checkpoint (a restore), under its lock;
     CheckpointExists if the name is taken."""
     with checkpoint_lock(path):
-        if os.path.lexists(path) or os.path.lexists(path[:-len(".pth")] + ".dcp"):
+        if any(os.path.lexists(stem_of(path) + suffix) for suffix in (".pth", ".pth.zst", ".dcp")):
             raise CheckpointExists(f"a checkpoint named {os.path.basename(path)!r} already exists; not replaced")
         fsync_folder(os.path.dirname(path))
         _commit(path, temp, sidecar, False, None)

@@ -380,3 +380,26 @@ def test_a_url_as_checkpoint_dir_is_refused_in_one_line_and_creates_no_local_fol
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--mirror s3://bucket/x" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compressed_checkpoint_is_mirrored_and_restored_as_it_is(s3, capsys, tmp_path, tasks):
+    bucket = s3.new_bucket()
+    target = remote.ObjectRoot(f"s3://{bucket}/p")
+    assert train_cli(capsys, tmp_path / "one", tasks, "--max-steps", "2")[0] == 0
+    plain = catalogue.locate(str(tmp_path / "one"), "best_model").path
+    folder = tmp_path / "ck" / "runs" / "r1" / "checkpoints"
+    folder.mkdir(parents=True)
+    packed = str(folder / "archive.pth.zst")
+    assert load_checkpoint.main([plain, "--export", packed, "--contents", "weights", "--compression", "zstd"]) == 0
+    capsys.readouterr()
+    uploads = mirror.Mirror(str(tmp_path / "ck"), target, [].append).start()
+    assert uploads.catch_up() == 1 and uploads.wait(30)
+    uploads.close()
+    assert [k.rsplit("/", 1)[1] for k in s3.keys(bucket, "p/runs/r1/checkpoints/")] == ["archive.json",
+                                                                                        "archive.pth.zst"]
+    listed = target.list_checkpoints()[0]
+    assert listed["compression"] == "zstd" and listed["contents"] == "weights" and not listed["damaged"]
+    restored = target.restore("r1", "archive", str(tmp_path / "fresh"))
+    assert restored.endswith("archive.pth.zst") and ckpt.verify(restored)[0]
+    back, original = ckpt.load_checkpoint(restored), ckpt.load_checkpoint(plain)
+    assert all(torch.equal(back["model_state_dict"][k], v) for k, v in original["model_state_dict"].items())
