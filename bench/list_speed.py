@@ -1,17 +1,23 @@
 """How long catalogue.list_checkpoints takes for 200 checkpoints in 10 runs, with and without sidecars.
 
-    python bench/list_speed.py           # 200 checkpoints, 20 timed listings (+ 5 without sidecars)
-    python bench/list_speed.py --quick   # 200 checkpoints, 5 timed listings (+ 3 without sidecars)
+    python bench/list_speed.py           # 200 checkpoints, 20 timed listings (+ 5 without sidecars, + remote)
+    python bench/list_speed.py --quick   # 200 checkpoints, 5 timed listings (+ 3 without sidecars, + remote)
 
 The checkpoint root holds RUNS runs, each a folder made by catalogue.create_run (its run.json) with PER_RUN
 checkpoints in ROOT/runs/RUN_ID/checkpoints/: real records of a tiny selection model, written by
 checkpoint.save_full_checkpoint with the fields Trainer._snapshot builds. Each listing is one
 catalogue.list_checkpoints(root) over every run. Without sidecars, listing falls back to torch.load(mmap=True)
 of every file.
+
+The remote row uploads the same 200 checkpoints to moto's S3 server (a process of its own on a loopback port, as
+the tests run it) and times remote.ObjectRoot.list_checkpoints: one LIST of the prefix plus the sidecars, fetched
+concurrently; cold (a new ObjectRoot: every sidecar fetched) and warm (the same one again: only sidecars whose ETag
+changed are fetched, here none).
 """
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -24,6 +30,7 @@ from model import count_parameters  # noqa: E402
 from train import TrainConfig, Trainer  # noqa: E402
 
 RUNS, PER_RUN = 10, 20
+REMOTE_TARGET = 1.0  # seconds to list 200 checkpoints in object storage
 COUNT = RUNS * PER_RUN
 TARGET = 0.100  # seconds to list 200 checkpoints with sidecars
 TINY = dict(task_type="selection", embedding_dim=4, hidden_dim=8, latent_dim=8, num_conv_layers=3, vocab_size=4,
@@ -84,6 +91,33 @@ def show(label, times, metas):
           f"per checkpoint)")
 
 
+def time_remote(root, run_ids, repeats):
+    """(cold times, warm times, listed) of listing the root's checkpoints uploaded to a moto S3 server."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import remote
+    from s3server import S3Server
+    server = S3Server().start()
+    try:
+        os.environ.update(server.environment())
+        url = f"s3://{server.new_bucket()}/bench"
+        uploader = remote.ObjectRoot(url)
+        t0 = time.perf_counter()
+        for run_id in run_ids:
+            for meta in catalogue.list_checkpoints(root, run=run_id):
+                uploader.upload(meta["path"], ckpt.read_sidecar(meta["path"]), run_id, meta["name"])
+        print(f"uploaded {COUNT} checkpoints to moto_server in {time.perf_counter() - t0:.1f} s")
+        cold, warm, listed = [], [], None
+        for _ in range(repeats):
+            target = remote.ObjectRoot(url)
+            for times in (cold, warm):
+                started = time.perf_counter()
+                listed = target.list_checkpoints()
+                times.append(time.perf_counter() - started)
+        return cold, warm, listed
+    finally:
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed listings: under a minute")
@@ -103,6 +137,7 @@ def main():
         print(f"wrote {COUNT} checkpoints + sidecars in {RUNS} runs of {PER_RUN} ({params:,}-parameter selection "
               f"model, {size / 1e3:.0f} kB per .pth) in {time.perf_counter() - t0:.1f} s, root {root}")
         with_sidecars, metas = time_listing(root, repeats)
+        cold, warm, listed = time_remote(root, run_ids, repeats)
         remove_sidecars(root, run_ids)
         without, bare = time_listing(root, fallback_repeats)
     finally:
@@ -110,6 +145,8 @@ def main():
     print("list_checkpoints:")
     show("with sidecars (reads NAME.json)", with_sidecars, metas)
     show("sidecars removed (torch.load mmap)", without, bare)
+    show("S3, cold (every sidecar fetched)", cold, listed)
+    show("S3, warm (unchanged sidecars cached)", warm, listed)
     print(watch.line())
     others = watch.read()[1]
     median = percentile(with_sidecars, 50)
@@ -122,6 +159,10 @@ def main():
     fallback = percentile(without, 50)
     print(f"  without sidecars (fallback, no target of its own): median {fallback * 1000:.1f} ms = "
           f"{fallback / median:.1f}x the sidecar path; under {TARGET * 1000:.0f} ms too: {verdict(fallback < TARGET)}")
+    for label, times in (("cold", cold), ("warm", warm)):
+        remote_median = percentile(times, 50)
+        print(f"  S3 ({label}): median {remote_median * 1000:.1f} ms for {COUNT} = {remote_median / median:.1f}x the "
+              f"local listing, target < {REMOTE_TARGET * 1000:.0f} ms: {verdict(remote_median < REMOTE_TARGET)}")
     print(f"total bench time {time.perf_counter() - started:.1f} s")
 
 

@@ -2,7 +2,7 @@
 
 Playwright drives only its own patched Firefox build, which cannot be downloaded here, and Debian ships no
 geckodriver; Firefox's built-in BiDi endpoint needs neither. This is the small part of the protocol the page's
-tests use: navigate, evaluate script, answer prompts, collect console and script errors, take screenshots.
+tests use: navigate, evaluate script, collect console and script errors, take screenshots.
 """
 import base64
 import json
@@ -124,21 +124,6 @@ class Firefox:
     def click(self, selector):
         """Click after the current script returns, so a prompt the click opens cannot block this command."""
         self.evaluate(f"setTimeout(() => document.querySelector({json.dumps(selector)}).click(), 0), true")
-
-    def answer_prompt(self, text=None, timeout=None):
-        """Wait for the next user prompt and accept it with text (None dismisses it); the prompt's details."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while time.monotonic() < deadline:
-            opened = [e for e in self.events if e["method"] == "browsingContext.userPromptOpened"]
-            if opened:
-                self.events.remove(opened[0])
-                answer = {"context": self.context, "accept": text is not None}
-                if text is not None:
-                    answer["userText"] = text
-                self.command("browsingContext.handleUserPrompt", answer)
-                return opened[0]["params"]
-            self._pump(0.1)
-        raise AssertionError("no prompt opened")
 
     def errors(self):
         """Console errors and uncaught script errors logged so far."""

@@ -1,5 +1,5 @@
 """The page in headless Firefox (Debian's firefox-esr) against a real server: it loads offline, goes live, trains
-with moving status and charts, saves from the prompt with a green toast and a new row, shows a red toast for a
+with moving status and charts, saves from the save dialog with a green toast and a new row, shows a red toast for a
 duplicate name, and holds its layout at 1280x800 and on a narrow window. The tests run in file order and share
 one run. tests/test_browser.py covers the page in depth in Chromium; this is the same page in the other engine."""
 import json
@@ -37,6 +37,23 @@ def text_of(selector):
     return f"document.querySelector({json.dumps(selector)}).textContent.trim()"
 
 
+def save_from_dialog(firefox, name):
+    """Click Save Checkpoint and answer the page's save dialog with a name (None cancels); what it showed."""
+    firefox.click("#save-checkpoint")
+    firefox.wait_for("document.getElementById('save-dialog').open", what="the save dialog")
+    shown = json.loads(firefox.evaluate("JSON.stringify({message: document.getElementById('save-dialog').innerText,"
+                                        " default: document.getElementById('save-name').value})"))
+    if name is None:
+        firefox.click("#save-cancel")
+    else:
+        firefox.evaluate("(() => { const field = document.getElementById('save-name');"
+                         f" field.value = {json.dumps(name)}; field.dispatchEvent(new Event('input'));"
+                         " return true; })()")
+        firefox.click("#save-confirm")
+    firefox.wait_for("!document.getElementById('save-dialog').open", what="the dialog to close")
+    return shown
+
+
 def test_page_goes_live_with_the_form_and_save_disabled(firefox):
     firefox.wait_for(f"{text_of('#connection')} === 'live'", what="the event stream to connect")
     assert firefox.evaluate("document.querySelectorAll('#cfg-task_type option').length") == 3
@@ -61,13 +78,11 @@ def test_training_moves_status_charts_and_samples(firefox):
     firefox.wait_for("document.querySelectorAll('#samples .sample canvas.grid').length > 0", what="sample grids")
 
 
-def test_save_from_the_prompt_shows_a_green_toast_and_a_row(firefox):
-    firefox.click("#save-checkpoint")
-    prompt = firefox.answer_prompt("firefox save")
-    assert prompt["type"] == "prompt"
-    assert prompt["defaultValue"] == ""  # an unnamed save is named by the trainer where it is saved
-    assert "leave empty: named by its position when saved" in prompt["message"]
-    assert "Estimated size" in prompt["message"]
+def test_save_from_the_dialog_shows_a_green_toast_and_a_row(firefox):
+    shown = save_from_dialog(firefox, "firefox save")
+    assert shown["default"] == ""  # an unnamed save is named by the trainer where it is saved
+    assert "leave empty: named by its position when saved" in shown["message"]
+    assert "Estimated size" in shown["message"]
     firefox.wait_for("[...document.querySelectorAll('.toast.toast-success')]"
                      ".some(t => t.textContent.includes('firefox save'))", what="the green toast")
     run = firefox.evaluate(text_of('#status-list dd[data-key="run_id"]'))
@@ -88,8 +103,7 @@ def test_save_from_the_prompt_shows_a_green_toast_and_a_row(firefox):
 
 
 def test_duplicate_name_shows_a_red_toast(firefox):
-    firefox.click("#save-checkpoint")
-    firefox.answer_prompt("firefox save")
+    save_from_dialog(firefox, "firefox save")
     firefox.wait_for("[...document.querySelectorAll('.toast.toast-error')]"
                      ".some(t => t.textContent.includes('already exists'))", what="the red toast")
     # at the bottom right, clear of the status panel
@@ -99,15 +113,13 @@ def test_duplicate_name_shows_a_red_toast(firefox):
     assert toast["top"] >= status["bottom"] and toast["bottom"] <= 800, (toast, status)
 
 
-def test_cancelled_prompt_sends_nothing(firefox):
+def test_a_cancelled_dialog_sends_nothing(firefox):
     firefox.evaluate("(() => { window.saveRequests = 0; const send = window.fetch; window.fetch = (...args) => {"
                      " if (String(args[0]).includes('/save_checkpoint')) window.saveRequests++;"
                      " return send(...args); }; return true; })()")
-    firefox.click("#save-checkpoint")
-    firefox.answer_prompt(None)
+    save_from_dialog(firefox, None)
     assert firefox.evaluate("new Promise(r => setTimeout(() => r(window.saveRequests), 300))") == 0
-    firefox.click("#save-checkpoint")  # the counter does see a save that is sent
-    firefox.answer_prompt("firefox second")
+    save_from_dialog(firefox, "firefox second")  # the counter does see a save that is sent
     firefox.wait_for("window.saveRequests === 1", what="the accepted save to be sent")
 
 
