@@ -24,7 +24,7 @@ import checkpoint as ckpt
 
 PIECE = 8 << 20  # bytes read and written at a time; also the multipart part size
 URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}|\.metadata")  # a checkpoint's file or a DCP folder's
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9 ._-]{0,199}|\.metadata")  # a checkpoint's file or a DCP folder's
 SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                   "aws_session_token", "access_key", "secret_key", "session_token")
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -190,6 +190,7 @@ def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
     for name in ("../m", "a/b", ""):
         with pytest.raises(ValueError):
             target.sidecar_key("r1", name)
+    assert target.sidecar_key("r1", "my save") == "{}/p/runs/r1/checkpoints/my save.json".format(bucket)
     good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
     client = s3.client()
     for key in ("p/runs/r1/checkpoints/../../../x.json", "p/runs/../checkpoints/m.json", "p/runs/r1/m.json",
