@@ -63,13 +63,16 @@ def check_folder_after_crash(folder, saved_before_kill):
         assert ok, reason
 
 
+KILLS = 12  # each lands at a random point of three ~100 MB writes; 20 cost the suite 40 s more, and found nothing 12 miss
+
+
 @pytest.mark.slow
 def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_path):
     folder = tmp_path / "checkpoints"
     rng = random.Random(1234)
     kills, sizes = 0, []
     saved_before = []
-    while kills < 20:
+    while kills < KILLS:
         app = AppProcess(folder)
         check_folder_after_crash(folder, saved_before)  # the restart itself cleaned up
         for ident in saved_before[:-1]:  # keep the disk small: the checks above are done for these
@@ -81,7 +84,7 @@ def test_sigkill_during_writes_never_leaves_a_damaged_or_missing_checkpoint(tmp_
                      what="training to start")
             for i in range(3):
                 requests.post(app.url + "/save_checkpoint", json={"name": f"kill {kills} save {i}"}, timeout=10)
-            if kills % 4 == 0:  # now and then let a save land first, so there is something that must survive
+            if kills % 3 == 0:  # now and then let a save land first, so there is something that must survive
                 reader.wait("checkpoint_saved", timeout=120)
             time.sleep(rng.uniform(0.05, 1.5))  # land somewhere in the writes
         finally:
