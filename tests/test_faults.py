@@ -63,7 +63,7 @@ def check_folder_after_crash(folder, saved_before_kill):
         assert ok, reason
 
 
-KILLS = 12  # each lands at a random point of three ~100 MB writes; 20 cost the suite 40 s more, and found nothing 12 miss
+KILLS = 12  # each lands at a random point of three ~100 MB writes (20 cost the suite 40 s more)
 
 
 @pytest.mark.slow
