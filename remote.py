@@ -381,7 +381,9 @@ class ObjectRoot:
         return path
 
     def restore(self, run_id, name, root):
-        """Download a checkpoint into a local root, in its run's folder (run.json too, if missing there); its path."""
+        """Download a checkpoint into a local root, in its run's folder (run.json too, if missing there); its path.
+        ValueError if a folder on the way there is a symbolic link: nothing is written through one."""
+        catalogue.entry_for(root, run_id, name)  # checks the name, and that no folder on the way is a link
         path = self.download(run_id, name, catalogue.checkpoint_folder(root, run_id))
         run_file = os.path.join(catalogue.run_folder(root, run_id), catalogue.RUN_FILE)
         raw = None if os.path.lexists(run_file) else self.get_run_file(run_id)

@@ -3,6 +3,7 @@
     python bench/save_stall.py           # 4 rounds x 5 saves on the big model, prototypes, default model (minutes)
     python bench/save_stall.py --quick   # 1 round x 3 saves, default model, no prototypes (about a minute)
     python bench/save_stall.py --dcp-only [--quick] [--strategy fsdp]   # the 2-process DCP row alone
+    python bench/save_stall.py --mirror-only [--quick]   # the default model with and without --mirror to S3
 
 One Trainer.train() per scenario, driven between steps from its publish() callback (which runs on the training
 thread). Each round runs, in turn: quiet steps (no save); back-to-back asynchronous saves (the next "save" command
@@ -10,6 +11,10 @@ is queued as soon as the writer is idle); synchronous saves of the same checkpoi
 in the training thread); a plain write + fsync of the same byte count, once in a background thread while training
 goes on and once with training held. Rounds interleave the modes, so load from other processes hits them alike.
 Validation is switched off in this bench's Trainer subclass (steps and saves only).
+
+With --mirror-only, the default model runs twice side by side: as above, and with every save also uploaded by a
+mirror.Mirror to moto's S3 server (a process of its own on a loopback port, as the tests run it) while training
+goes on: (f) compares the two stalls.
 
 Then a 2-process row (DCP folders), in a fresh launch of this script's worker under torchrun (`--dcp-worker OUT`:
 `python -m torch.distributed.run --nproc-per-node 2 --standalone`, gloo, 1 thread per process): the big model
@@ -49,6 +54,8 @@ import checkpoint as ckpt  # noqa: E402
 import checkpoint_manager  # noqa: E402
 import dcp_checkpoint  # noqa: E402
 import distributed  # noqa: E402
+import mirror  # noqa: E402
+import remote  # noqa: E402
 import store  # noqa: E402
 from checkpoint_manager import CheckpointManager, CheckpointPolicy  # noqa: E402
 from data import load_data  # noqa: E402
@@ -74,6 +81,7 @@ class Log:
         self.blocks = []  # (mode, t_start, t_end, steps)
         self.current_save = None
         self.copy_cpu, self.write_cpu = [], []  # CPU seconds of the copy / write thread per save
+        self.mirrored = []  # the mirror's events, with --mirror-only
 
 
 # ---------------------------------------------------------------------------------------------- instrumentation
@@ -220,8 +228,10 @@ class BenchTrainer(Trainer):
         pass
 
 
-def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant="current", sync=True, wait_idle=0):
-    """Train with the round plan on the training thread; returns the Log."""
+def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant="current", sync=True, wait_idle=0,
+                 mirror_to=None):
+    """Train with the round plan on the training thread; returns the Log. mirror_to (a remote.ObjectRoot): every
+    save is also uploaded there in the background, as --mirror does."""
     if wait_idle:
         wait_for_idle(wait_idle)
     log = Log()
@@ -230,6 +240,7 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
     folder = tempfile.mkdtemp(prefix="bench-save-")
     trainer = BenchTrainer(config, data, "cpu", folder, publish=lambda e: None)
     trainer.log = log
+    uploads = None if mirror_to is None else mirror.Mirror(folder, mirror_to, log.mirrored.append).start()
     checkpoints = catalogue.checkpoint_folder(folder, trainer.run_id)  # the baselines' files go beside its saves
     stamps = []
 
@@ -284,6 +295,8 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
         if event["type"] == "batch":
             stamps.append(time.perf_counter())
             next(steps)
+        elif uploads is not None:
+            uploads.follow(event)
 
     trainer.publish = publish
     install(log, variant)
@@ -293,6 +306,8 @@ def run_scenario(data, overrides, rounds, saves_per_round, quiet_steps, variant=
         trainer.train()
     finally:
         uninstall()
+        if uploads is not None:
+            uploads.close(timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
     log.others = watch.read()[1]
     log.params = count_parameters(trainer.model)
@@ -742,6 +757,31 @@ def print_dcp_target(folders, f):
           f"{verdict(step_ratio <= STALL_RATIO_TARGET)}{caveat(folders['others'])}")
 
 
+def measure_mirror(data, rounds, per_round, quiet, wait_idle):
+    """(f): the default model's stall without and with every save mirrored to a moto S3 server, side by side."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from s3server import S3Server
+    server = S3Server().start()
+    try:
+        os.environ.update(server.environment())
+        target = remote.ObjectRoot(f"s3://{server.new_bucket()}/bench")
+        plain = run_scenario(data, {}, rounds, per_round, quiet, wait_idle=wait_idle)
+        mirrored = run_scenario(data, {}, rounds, per_round, quiet, wait_idle=wait_idle, mirror_to=target)
+    finally:
+        server.stop()
+    p, m = summarize(plain), summarize(mirrored)
+    print_summary("default model, no mirror", plain, p)
+    print_summary("default model, --mirror to moto_server", mirrored, m)
+    uploaded = [e for e in mirrored.mirrored if e["type"] == "checkpoint_mirrored"]
+    failed = [e for e in mirrored.mirrored if e["type"] == "mirror_error"]
+    print(f"   mirror: {len(uploaded)} uploads done ({sum(e['size'] for e in uploaded) / 1e6:.0f} MB), "
+          f"{len(failed)} failed attempts")
+    without, with_mirror = percentile(p["stall"], 95), percentile(m["stall"], 95)
+    print(f"  (f) default model stall per save p95 with --mirror {fmt_ms(with_mirror)} / without {fmt_ms(without)} = "
+          f"{with_mirror / without:.2f}; with --mirror < {DEFAULT_STALL_TARGET * 1000:.0f} ms: "
+          f"{verdict(with_mirror < DEFAULT_STALL_TARGET)}{caveat(mirrored.others)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round, 3 saves, no prototypes: about a minute")
@@ -749,12 +789,18 @@ def main():
                         help=f"the {DCP_PROCESSES}-process DCP row alone: no one-process scenario, no prototypes")
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
                         help=f"what the {DCP_PROCESSES}-process DCP row trains under")
+    parser.add_argument("--mirror-only", action="store_true",
+                        help="the default model with and without --mirror to a moto S3 server, side by side (f)")
     add_wait_option(parser)
     parser.add_argument("--dcp-worker", default="", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dcp_worker:
         return dcp_worker(args)
     rounds, per_round, quiet = plan(args.quick)
+    if args.mirror_only:
+        header("checkpoint save stall with --mirror, real Trainer + CheckpointWriter + Mirror")
+        print(f"before start: other processes kept {idle_check():.2f} cores busy")
+        return measure_mirror(load_data("arcagi"), rounds, per_round, quiet, args.wait_idle)
     one_process = not args.dcp_only
     header("checkpoint save stall, real Trainer + CheckpointWriter")
     print("targets: " + (f"(a) p95 stall ratio async/sync <= {STALL_RATIO_TARGET}; (b) steps/s with saves back to "

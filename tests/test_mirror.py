@@ -207,6 +207,17 @@ def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
     with pytest.raises(remote.RemoteError, match="malformed"):
         target.download("r1", "m", str(tmp_path / "out"))
     assert not (tmp_path / "evil").exists() and not list((tmp_path / "out").glob("m*"))
+    # A run folder that is a link is never written through.
+    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json", Body=json.dumps(good).encode())
+    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.pth", Body=b"hello")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked" / "runs").mkdir(parents=True)
+    (tmp_path / "linked" / "runs" / "r1").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="symbolic link"):
+        target.restore("r1", "m", str(tmp_path / "linked"))
+    assert list(elsewhere.iterdir()) == []
+    assert pathlib.Path(target.restore("r1", "m", str(tmp_path / "real"))).read_bytes() == b"hello"
 
 
 def test_a_dcp_folder_round_trips_file_by_file(s3, capsys, tmp_path, tasks):
