@@ -822,3 +822,42 @@ def test_a_run_on_two_processes_from_the_page(chromium, tmp_path):
         expect(interrupted.locator(".row-error")).to_have_count(0)
         assert not ui.page_errors and not ui.console_errors, (ui.page_errors, ui.console_errors)
         page.close()
+
+
+def test_the_table_shows_each_checkpoint_mirrored_or_its_failed_upload(chromium, tmp_path, arc_data, monkeypatch):
+    import requests
+
+    import mirror
+    import remote
+    from s3server import InProcessS3Server
+    store = InProcessS3Server().start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # the store gone: the upload fails at once
+        target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
+        target.fs.retries = 1
+        uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, attempts=2, first_backoff=0.05)
+        with serve(tmp_path / "ck", arc_data, MIRROR=uploads) as url:
+            ui = open_page(chromium, url)
+            page = ui.page
+            page.click("#start-training")
+            expect(phase(page)).to_have_text("training")
+
+            def save(name):
+                answer = requests.post(url + "/save_checkpoint", json={"name": name, "wait": True}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                return answer.json()["id"]
+            online = save("online")
+            expect(page.locator(f'tr[data-id="{online}"] .mirror')).to_have_text("mirrored")
+            store.stop()
+            offline = save("offline")
+            expect(page.locator(".toast.toast-error", has_text="Mirror: upload of “offline” failed")).to_be_visible()
+            expect(page.locator(f'tr[data-id="{offline}"] .mirror')).to_have_text("upload failed")
+            expect(page.locator(f'tr[data-id="{offline}"] .row-error')).to_contain_text("cannot reach the endpoint")
+            page.click("#stop")
+            expect(phase(page)).not_to_have_text("training")
+            assert ui.page_errors == [] and store.secret not in page.content()
+            page.close()
+    finally:
+        store.stop()
