@@ -87,6 +87,13 @@ def split_checkpoint_url(url):
     raise ValueError(f"{url!r} names no checkpoint file (NAME.pth, NAME.pth.zst or NAME.dcp)")
 
 
+def fetch_cached(url, folder, storage_options=None):
+    """The local path of the checkpoint at a URL, in a root folder: the copy there if it is that checkpoint, else
+    downloaded into its run's place."""
+    root_url, run_id, name = split_checkpoint_url(url)
+    return ObjectRoot(root_url, storage_options).cached(run_id, name, folder)
+
+
 def fetch(url, folder, storage_options=None):
     """Download the checkpoint at a URL into a root folder, in its run's place there (with run.json, if the store
     has one and the folder does not); its local path."""
@@ -393,6 +400,29 @@ class ObjectRoot:
             except FileExistsError:  # written meanwhile by whoever restored another of the run's checkpoints
                 pass
         return path
+
+    def locate(self, ident):
+        """(run_id, name) of an id RUN_ID:NAME, or of a bare name: the newest run's that has it committed here;
+        FileNotFoundError if none has."""
+        run_id, name = catalogue.parse_id(ident)
+        if run_id is not None:
+            return run_id, name
+        for meta in self.list_checkpoints():  # newest first
+            if meta["name"] == name and not meta["damaged"]:
+                return meta["run_id"], name
+        raise FileNotFoundError(f"no checkpoint {name!r} in any run under {self.url}")
+
+    def cached(self, run_id, name, root):
+        """The local path of a committed checkpoint in root: the copy there if it is this one (its sidecar holds
+        the same SHA-256, and it verifies), else downloaded afresh (a stale copy is deleted first)."""
+        sidecar = self.read_sidecar(run_id, name)
+        entry = catalogue.entry_for(root, run_id, name)
+        if os.path.lexists(entry.path):
+            here = ckpt.read_sidecar(entry.path) or {}
+            if here.get("sha256") == sidecar.get("sha256") and ckpt.verify(entry.path)[0]:
+                return entry.path
+            ckpt.delete_checkpoint(entry.path)
+        return self.restore(run_id, name, root)
 
     def _download_folder(self, run_id, name, sidecar, folder, cancel):
         import dcp_checkpoint

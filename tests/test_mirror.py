@@ -381,16 +381,18 @@ def test_bad_mirror_settings_are_one_line_errors(capsys, tmp_path, tasks):
 
 
 @pytest.mark.parametrize("program", ["train.py", "app.py"])
-def test_a_url_as_checkpoint_dir_is_refused_in_one_line_and_creates_no_local_folder(program, capsys, tmp_path,
-                                                                                     tasks, monkeypatch):
+def test_a_url_as_checkpoint_dir_never_becomes_a_local_folder(program, s3, capsys, tmp_path, tasks, monkeypatch):
     import app
     monkeypatch.chdir(tmp_path)  # before the fix, s3://bucket/x made the local folders s3:/bucket/x here
-    if program == "train.py":
-        code = train.main(["--checkpoint-dir", "s3://bucket/x", "--data-dir", tasks, *TINY, "--max-steps", "1"])
-    else:
-        code = app.main(["--checkpoint-dir", "s3://bucket/x"])
+    if program == "train.py":  # a URL root: checked at start-up (this bucket does not exist)
+        code = train.main(["--checkpoint-dir", "s3://no-such-bucket-here/x", "--data-dir", tasks, *TINY,
+                           "--max-steps", "1"])
+        expected = "cannot use s3://no-such-bucket-here/x: no such bucket"
+    else:  # the web app keeps a local root
+        code = app.main(["--checkpoint-dir", "s3://no-such-bucket-here/x"])
+        expected = "--mirror s3://no-such-bucket-here/x"
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "--mirror s3://bucket/x" in err, err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -415,3 +417,96 @@ def test_a_compressed_checkpoint_is_mirrored_and_restored_as_it_is(s3, capsys, t
     assert restored.endswith("archive.pth.zst") and ckpt.verify(restored)[0]
     back, original = ckpt.load_checkpoint(restored), ckpt.load_checkpoint(plain)
     assert all(torch.equal(back["model_state_dict"][k], v) for k, v in original["model_state_dict"].items())
+
+
+# ---------------------------------------------------------------------------------------------- a URL root
+
+def test_a_url_root_keeps_every_checkpoint_there_and_a_resume_from_it_is_bit_identical(s3, capsys, tmp_path, tasks):
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/root"
+    code, out, err = train_cli(capsys, url, tasks, "--cache-dir", str(tmp_path / "cache"), "--epochs", "3",
+                               "--checkpoint-every-epochs", "1", "--keep-last", "2")
+    assert code == 0, err
+    target = remote.ObjectRoot(url)
+    listed = {m["name"]: m for m in target.list_checkpoints()}
+    assert sorted(listed) == ["best_model", "checkpoint_epoch_2", "checkpoint_epoch_3"]  # epoch 1: retention
+    run_id = listed["best_model"]["run_id"]
+    assert all(target.verify(run_id, name)[0] for name in listed)
+    assert f"run {run_id}: checkpoints go to {url}/runs/{run_id}/checkpoints" in out
+    assert f"checkpoint_saved: checkpoint_epoch_3 {url}/runs/{run_id}/checkpoints/checkpoint_epoch_3.pth" in out
+    assert f"--checkpoint-dir {url} --resume" in out
+    assert not list((tmp_path / "cache").rglob("*.pth"))  # saves are only staged here
+    assert s3.keys(bucket, f"root/runs/{run_id}/run.json")
+    # Another machine (another cache) resumes from the URL root by id, and ends where the run itself ended.
+    code, out, err = train_cli(capsys, url, tasks, "--cache-dir", str(tmp_path / "other"), "--epochs", "3",
+                               "--resume", f"{run_id}:checkpoint_epoch_2", "--checkpoint-every-epochs", "1")
+    assert code == 0, err
+    resumed = [m for m in target.list_checkpoints() if m["run_id"] != run_id and m["name"] == "checkpoint_epoch_3"]
+    assert len(resumed) == 1
+    straight_path = target.restore(run_id, "checkpoint_epoch_3", str(tmp_path / "check"))
+    resumed_path = target.restore(resumed[0]["run_id"], "checkpoint_epoch_3", str(tmp_path / "check"))
+    straight, again = torch.load(straight_path), torch.load(resumed_path)
+    assert again["global_step"] == straight["global_step"]
+    for key, tensor in straight["model_state_dict"].items():
+        assert torch.equal(again["model_state_dict"][key], tensor), key
+    # Fine-tuning from a pretrained encoder kept there, by its bare name.
+    assert train_cli(capsys, url, tasks, "--cache-dir", str(tmp_path / "other"), "--phase", "pretrain",
+                     "--max-steps", "2")[0] == 0
+    code, out, err = train_cli(capsys, url, tasks, "--cache-dir", str(tmp_path / "other"), "--max-steps", "2",
+                               "--pretrained-encoder", "pretrained_encoder_binary")
+    assert code == 0, err
+    fine_tuned = [m for m in target.list_checkpoints() if m["name"] == "best_model" and m["run_id"] not in
+                  (run_id, resumed[0]["run_id"])]
+    assert fine_tuned and s3.secret not in out + err
+
+
+def test_a_save_to_a_url_root_whose_store_went_away_fails_alone_and_training_goes_on(tmp_path, tasks, monkeypatch):
+    import queue
+    import threading
+    store = InProcessS3Server().start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        target = remote.ObjectRoot(f"s3://{store.new_bucket()}/root", FAIL_FAST)
+        target.fs.retries = 1
+        events, commands = queue.Queue(), queue.Queue()
+        config = train.TrainConfig.from_dict(dict(embedding_dim=4, hidden_dim=16, latent_dim=16, num_conv_layers=2,
+                                                  batch_size=8, device="cpu", epochs=10_000, data_dir=tasks,
+                                                  checkpoint_dir=target.url, checkpoint_every_epochs=0))
+        trainer = train.Trainer(config, train.load_data(data_dir=tasks), "cpu", str(tmp_path / "cache"),
+                                events.put, commands, remote_root=target)
+        thread = threading.Thread(target=trainer.train)
+        thread.start()
+        seen = []
+
+        def next_of(*kinds):
+            while True:
+                event = events.get(timeout=60)
+                seen.append(event)
+                if event["type"] in kinds:
+                    return event
+
+        def save(name):
+            commands.put({"type": "save", "name": name})
+            while True:  # best_model's saves at validations come and go meanwhile
+                outcome = next_of("checkpoint_saved", "checkpoint_error")
+                if outcome["name"] == name:
+                    return outcome
+        try:
+            assert save("before")["type"] == "checkpoint_saved"
+            store.stop()
+            failed = save("while gone")
+            assert failed["type"] == "checkpoint_error" and "cannot reach the endpoint" in failed["error"]
+            step = next_of("batch")["global_step"]
+            assert next_of("batch")["global_step"] > step  # training goes on
+            store.start()
+            saved = save("after")
+            assert saved["type"] == "checkpoint_saved" and saved["path"].startswith(target.url)
+        finally:
+            commands.put({"type": "stop"})
+            thread.join(60)
+        assert {"after", "before"} <= {m["name"] for m in target.list_checkpoints()} and "while gone" not in {
+            m["name"] for m in target.list_checkpoints()}
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix in (".pth", ".zst")]
+    finally:
+        store.stop()
