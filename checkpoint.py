@@ -952,7 +952,7 @@ SIDECAR_TYPES = {  # what each field a sidecar may hold must be; None is always 
     "num_colors": int, "embedding_dim": int, "hidden_dim": int, "latent_dim": int, "num_conv_layers": int,
     "vocab_size": int, "max_message_length": int, "batch_size": int, "learning_rate": _NUMBER,
     "temperature": _NUMBER, "format": str, "files": list, "dcp": dict, "contents": str, "resumable": bool,
-    "cast": dict, "compression": str, "payload_size": int, "payload_sha256": str, "mirror": dict,
+    "cast": dict, "compression": str, "payload_size": int, "payload_sha256": str, "mirror": dict, "object": str,
 }
 _TYPE_WORDS = {int: "an integer", _NUMBER: "a number", str: "text", bool: "true or false", dict: "an object",
                list: "a list"}

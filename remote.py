@@ -1,18 +1,24 @@
 """Checkpoints in object storage through fsspec (s3fs for s3://), in the layout of a local root:
 
-    URL/runs/RUN_ID/checkpoints/NAME.json        the sidecar, written last: an object without one is never listed
-    URL/runs/RUN_ID/checkpoints/NAME.pth         the checkpoint; a DCP folder is NAME.dcp/FILE, one object a file
+    URL/runs/RUN_ID/run.json                             what the run is (catalogue.py's run.json)
+    URL/runs/RUN_ID/checkpoints/NAME.json                the sidecar, written last: it names the version below
+    URL/runs/RUN_ID/checkpoints/NAME.VERSION.pth         the checkpoint's bytes (.pth.zst, or NAME.VERSION.dcp/FILE
+                                                         for each file of a DCP folder); VERSION: 16 hex digits of
+                                                         its SHA-256
 
-A checkpoint is committed when its sidecar object is written. An upload first removes the old sidecar (the name is
-then unlisted, never listed with the wrong bytes), streams every file through fsspec's buffered writer (multipart
-for large files) hashing as it goes, refuses to complete a file whose SHA-256 is not the sidecar's, and writes the
-sidecar last. A cut-short upload leaves objects without a sidecar: not listed, and removed by recover().
+A checkpoint is committed when its sidecar object is written, as a single PUT replaces an object whole. An upload
+streams every file under the new version's keys through fsspec's buffered writer (multipart for large files),
+hashing as it goes, refuses to complete a file whose SHA-256 is not the sidecar's, then writes the sidecar, and only
+then removes the name's other versions. Until that PUT the name's previous version stays listed and whole: an
+overwrite cut short at any moment loses nothing, and leaves at most objects no sidecar names, which recover()
+removes.
 
 Keys are built only from a checked run id, a checked checkpoint name and file names of a fixed shape, and keys
 read from a listing are parsed against that shape: nothing from a request, a sidecar or the server addresses
 anything outside the prefix. Credentials come from the standard places (AWS_* variables, AWS_PROFILE, storage
 options), never from the URL, and every message passes through redact().
 """
+import collections
 import concurrent.futures
 import hashlib
 import os
@@ -29,6 +35,8 @@ SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aw
                   "aws_session_token", "access_key", "secret_key", "session_token")
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SIDECAR_SUFFIX = ".json"
+_FILE_VERSION = re.compile(r"[0-9a-f]{16}\.pth(\.zst)?")  # what follows NAME. in a version's key
+_FOLDER_VERSION = re.compile(r"[0-9a-f]{16}\.dcp")
 LIST_WORKERS = 32  # sidecars fetched at once when listing
 
 
@@ -213,22 +221,23 @@ class ObjectRoot:
     # ---- upload
 
     def upload(self, local_path, sidecar, run_id, name, cancel=None, progress=None):
-        """Upload one local checkpoint (a file or a DCP folder) whose checked sidecar is given; the sidecar object
-        goes last. RemoteError on any failure, nothing listed for the name until a later upload succeeds."""
+        """Upload one local checkpoint (a file or a DCP folder) whose checked sidecar is given, as a new version;
+        commit it by writing the sidecar object, then remove the name's other versions. RemoteError or
+        CheckpointError on any failure, the name's previous version (if any) still listed and whole."""
         files = local_files(local_path, sidecar)
+        version = version_name(name, sidecar, local_path)
         side_key = self.sidecar_key(run_id, name)
         total, sent = sum(f[2] for f in files), 0
         try:
-            if self.fs.exists(side_key):
-                self.fs.rm_file(side_key)  # uncommit first: the old sidecar must not describe new bytes
-            self._remove_other_form(run_id, name, os.path.basename(local_path))
             for path, file_name, size, sha256 in files:
-                inside = os.path.basename(local_path) if file_name != os.path.basename(local_path) else None
-                key = self.key(run_id, file_name, inside)
+                inside = version if os.path.isdir(local_path) else None
+                key = self.key(run_id, version if inside is None else file_name, inside)
                 self._put(path, key, sha256, cancel, lambda n: progress and progress(sent + n, total))
                 sent += size
             ckpt.check_cancel(cancel)
-            self.fs.pipe_file(side_key, ckpt.dumps_strict(remote_sidecar(sidecar), indent=1).encode("utf-8"))
+            uploaded = {**remote_sidecar(sidecar), "object": version}
+            self.fs.pipe_file(side_key, ckpt.dumps_strict(uploaded, indent=1).encode("utf-8"))
+            self._remove_objects(run_id, name, keep=version)
         except (RemoteError, ckpt.CheckpointError):
             raise
         except Exception as e:
@@ -252,14 +261,6 @@ class ObjectRoot:
             except BaseException:
                 _discard(out)
                 raise
-
-    def _remove_other_form(self, run_id, name, file_name):
-        """A name saved before as the other form (.pth then .dcp, or back) must not leave its old objects."""
-        for other in (name + ".pth", name + ".pth.zst", name + catalogue.FOLDER_SUFFIX):
-            if other != file_name:
-                key = self.key(run_id, other)
-                if self.fs.exists(key):
-                    self.fs.rm(key, recursive=True)
 
     # ---- listing
 
@@ -285,28 +286,25 @@ class ObjectRoot:
         return sorted(metas, key=catalogue.newest_first, reverse=True)
 
     def _parse_key(self, key):
-        """(run_id, name, what) for a key of the layout (what: ".json", ".pth", ".pth.zst" or ".dcp/FILE"), or
-        None for anything else (a stray object, a probe, a hostile name)."""
+        """(run_id, name, what) for a key of the layout, what being ".json" (the sidecar), ".VERSION.pth",
+        ".VERSION.pth.zst" or ".VERSION.dcp/FILE"; None for anything else (a stray object, a probe, a hostile name).
+        Names hold no dot (checkpoint.NAME_RULE), so a key splits at its first one."""
         head = f"{self.prefix}/{catalogue.RUNS}/"
         if not key.startswith(head):
             return None
         parts = key[len(head):].split("/")
         if len(parts) not in (3, 4) or parts[1] != catalogue.CHECKPOINTS:
             return None
+        name, _, rest = parts[2].partition(".")
         try:
             catalogue.check_run_id(parts[0])
+            ckpt.check_name(name, automatic=True)
         except ValueError:
             return None
-        file_name = parts[2]
-        for suffix in (SIDECAR_SUFFIX, ".pth.zst", ".pth", catalogue.FOLDER_SUFFIX):
-            if file_name.endswith(suffix) and (len(parts) == 4) == (suffix == catalogue.FOLDER_SUFFIX):
-                name = file_name[:-len(suffix)]
-                try:
-                    ckpt.check_name(name, automatic=True)
-                except ValueError:
-                    return None
-                what = suffix if len(parts) == 3 else f"{suffix}/{parts[3]}"
-                return parts[0], name, what
+        if len(parts) == 3 and (rest == SIDECAR_SUFFIX[1:] or _FILE_VERSION.fullmatch(rest)):
+            return parts[0], name, "." + rest
+        if len(parts) == 4 and _FOLDER_VERSION.fullmatch(rest) and FILE_NAME.fullmatch(parts[3]):
+            return parts[0], name, f".{rest}/{parts[3]}"
         return None
 
     def _fetch_sidecars(self, infos):
@@ -377,11 +375,12 @@ class ObjectRoot:
         if file_name not in (name + ".pth", name + ".pth.zst"):
             raise RemoteError(f"{self.display(self.sidecar_key(run_id, name))}: its file {file_name[:60]!r} is not "
                               "the checkpoint's")
+        [(version, _, size, sha256)] = self._files(run_id, name, sidecar)
         path = os.path.join(folder, file_name)
         _refuse_taken(folder, name)
         temp = ckpt.temp_path(path)
         try:
-            self._get(self.key(run_id, file_name), temp, sidecar.get("size"), sidecar.get("sha256"), cancel)
+            self._get(self.key(run_id, version), temp, size, sha256, cancel)
             ckpt.place_file(path, temp, sidecar)
         finally:
             ckpt.remove_quietly(temp)
@@ -424,17 +423,22 @@ class ObjectRoot:
             ckpt.delete_checkpoint(entry.path)
         return self.restore(run_id, name, root)
 
+    def _files(self, run_id, name, sidecar):
+        """remote_files(), a problem with the sidecar a RemoteError naming it."""
+        try:
+            return remote_files(name, sidecar)
+        except ckpt.CheckpointError as e:
+            raise RemoteError(f"{self.display(self.sidecar_key(run_id, name))}: {e}") from None
+
     def _download_folder(self, run_id, name, sidecar, folder, cancel):
         import dcp_checkpoint
-        files, problem = dcp_checkpoint.listed_files(sidecar)
-        if problem:
-            raise RemoteError(f"{self.display(self.sidecar_key(run_id, name))}: {problem}")
+        files = self._files(run_id, name, sidecar)
         _refuse_taken(folder, name)
-        staging = dcp_checkpoint.stage(folder, name, sum(f["size"] for f in files))
+        staging = dcp_checkpoint.stage(folder, name, sum(size for _, _, size, _ in files))
         try:
-            for f in files:
-                self._get(self.key(run_id, f["path"], name + catalogue.FOLDER_SUFFIX),
-                          os.path.join(staging.path, f["path"]), f["size"], f["sha256"], cancel)
+            for file_name, version, size, sha256 in files:
+                self._get(self.key(run_id, file_name, version), os.path.join(staging.path, file_name), size, sha256,
+                          cancel)
             return dcp_checkpoint.place(folder, staging, sidecar)
         finally:
             staging.discard()
@@ -491,7 +495,8 @@ class ObjectRoot:
     # ---- deleting, recovering
 
     def delete(self, run_id, name):
-        """Remove a checkpoint's objects, the sidecar first (it is unlisted at once); FileNotFoundError if none."""
+        """Remove a checkpoint: its sidecar first (it is unlisted at once), then every version of its bytes;
+        FileNotFoundError if there was nothing."""
         side_key = self.sidecar_key(run_id, name)
         try:
             had_sidecar = self.fs.exists(side_key)
@@ -503,32 +508,49 @@ class ObjectRoot:
         if not had_sidecar and not gone:
             raise FileNotFoundError(f"no checkpoint {name!r} of run {run_id} in {self.url}")
 
-    def _remove_objects(self, run_id, name):
-        gone = False
-        for file_name in (name + ".pth", name + ".pth.zst", name + catalogue.FOLDER_SUFFIX):
-            key = self.key(run_id, file_name)
-            if self.fs.exists(key):
-                self.fs.rm(key, recursive=True)
-                gone = True
-        return gone
+    def _objects_of(self, run_id):
+        """{(name, what): key} of every object of the run's checkpoints (one LIST)."""
+        try:
+            found = self.fs.find(self.run_prefix(run_id))
+        except FileNotFoundError:
+            return {}
+        return {(p[1], p[2]): key for key, p in ((k, self._parse_key(k)) for k in found) if p is not None}
+
+    def _remove_objects(self, run_id, name, keep=None):
+        """Remove the bytes of every version of name but `keep` (a version name, or None: all); whether any went."""
+        doomed = [key for (n, what), key in self._objects_of(run_id).items()
+                  if n == name and what != SIDECAR_SUFFIX and (keep is None or _version_of(name, what) != keep)]
+        if doomed:
+            self.fs.rm(doomed)
+        return bool(doomed)
 
     def recover(self, runs=None):
-        """Remove the objects of uploads cut short (no sidecar) in the given runs (default every run): only call
-        it where no other process is uploading into those runs. The names removed."""
-        removed = []
+        """Remove what uploads cut short left in the given runs (default every run): bytes no sidecar names. Only
+        call it where no other process is uploading into those runs. The ids of the checkpoints it cleaned."""
         try:
             found = self.fs.find(f"{self.prefix}/{catalogue.RUNS}")
         except FileNotFoundError:
-            return removed
+            return []
         except Exception as e:
             raise self.error("could not list", e) from None
-        parsed = {p for p in map(self._parse_key, found) if p is not None}
-        committed = {(r, n) for r, n, what in parsed if what == SIDECAR_SUFFIX}
-        for run_id, name in sorted({(r, n) for r, n, _ in parsed} - committed):
+        versions = collections.defaultdict(set)  # (run_id, name) -> versions of its bytes present
+        committed = set()
+        for run_id, name, what in filter(None, map(self._parse_key, found)):
             if runs is None or run_id in runs:
-                self._remove_objects(run_id, name)
-                removed.append(catalogue.checkpoint_id(run_id, name))
-        return removed
+                (committed.add((run_id, name)) if what == SIDECAR_SUFFIX else
+                 versions[(run_id, name)].add(_version_of(name, what)))
+        cleaned = []
+        for run_id, name in sorted(versions):
+            keep = None
+            if (run_id, name) in committed:
+                try:
+                    keep = self.read_sidecar(run_id, name).get("object")
+                except (FileNotFoundError, RemoteError):
+                    continue  # deleted meanwhile, or unreadable: nothing is removed on a guess
+            if versions[(run_id, name)] - {keep}:
+                self._remove_objects(run_id, name, keep=keep)
+                cleaned.append(catalogue.checkpoint_id(run_id, name))
+        return cleaned
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -597,18 +619,32 @@ def local_files(path, sidecar):
     return [(path, os.path.basename(path), sidecar["size"], sidecar["sha256"])]
 
 
+def version_name(name, sidecar, local_path):
+    """The name of a checkpoint's version in the store: NAME.VERSION.pth (or .pth.zst, .dcp), VERSION the first 16
+    hex digits of its SHA-256."""
+    suffix = next(s for s in (".pth.zst", ".pth", catalogue.FOLDER_SUFFIX) if local_path.endswith(s))
+    return f"{name}.{sidecar['sha256'][:16]}{suffix}"
+
+
+def _version_of(name, what):
+    """The version name a parsed key belongs to: NAME.VERSION.pth for ".VERSION.pth" or ".VERSION.dcp/FILE"."""
+    return name + what.split("/", 1)[0]
+
+
 def remote_files(name, sidecar):
-    """[(file name, folder or None, size, sha256)] of a committed checkpoint's objects, from its sidecar."""
-    file_name = sidecar.get("file") or ""
-    if file_name == name + catalogue.FOLDER_SUFFIX:
+    """[(file name, folder or None, size, sha256)] of a committed checkpoint's objects, from its sidecar: the
+    version it names (a file, or a folder's files)."""
+    version = sidecar.get("object") or ""
+    if not version.startswith(name + ".") or not (
+            _FILE_VERSION.fullmatch(version[len(name) + 1:]) or _FOLDER_VERSION.fullmatch(version[len(name) + 1:])):
+        raise ckpt.CheckpointError(f"its sidecar names the object {version[:60]!r}, not a version of {name!r}")
+    if version.endswith(catalogue.FOLDER_SUFFIX):
         import dcp_checkpoint
         files, problem = dcp_checkpoint.listed_files(sidecar)
         if problem:
             raise ckpt.CheckpointError(problem)
-        return [(f["path"], file_name, f["size"], f["sha256"]) for f in files]
-    if file_name not in (name + ".pth", name + ".pth.zst"):
-        raise ckpt.CheckpointError(f"its sidecar names the file {file_name[:60]!r}, not one of {name!r}")
-    return [(file_name, None, sidecar.get("size"), sidecar.get("sha256"))]
+        return [(f["path"], version, f["size"], f["sha256"]) for f in files]
+    return [(version, None, sidecar.get("size"), sidecar.get("sha256"))]
 
 
 def _missing_object(run_id, name, sidecar, objects):
@@ -618,10 +654,10 @@ def _missing_object(run_id, name, sidecar, objects):
     except ckpt.CheckpointError as e:
         return str(e)
     for file_name, inside, size, _ in expected:
-        what = f"{catalogue.FOLDER_SUFFIX}/{file_name}" if inside else file_name[len(name):]
+        what = f"{inside[len(name):]}/{file_name}" if inside else file_name[len(name):]
         info = objects.get((run_id, name, what))
         if info is None:
-            return f"{file_name} is missing"
+            return f"{inside + '/' if inside else ''}{file_name} is missing"
         if info.get("size") != size:
             return f"{file_name} is {info.get('size')} bytes, the sidecar recorded {size}"
     return None

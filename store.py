@@ -103,10 +103,13 @@ class ObjectStore(SingleFileStore):
     def __init__(self, folder, target, run_id):
         super().__init__(folder)
         self.target, self.run_id = target, run_id
-        self.target.recover(runs={run_id})  # what a crash of this run's last process left half-uploaded
-        # The names committed there: one LIST when the run starts, kept up to date by this store's writes and
-        # deletes, so that exists() (asked on the training thread) never waits on the network.
-        self._names = {m["name"] for m in target.list_checkpoints(run=run_id)}
+        try:
+            self.target.recover(runs={run_id})  # what a crash of this run's last process left half-uploaded
+            # The names committed there: one LIST when the run starts, kept up to date by this store's writes
+            # and deletes, so that exists() (asked on the training thread) never waits on the network.
+            self._names = {m["name"] for m in target.list_checkpoints(run=run_id)}
+        except remote.RemoteError as e:
+            raise ckpt.CheckpointError(str(e)) from None
 
     def path(self, name):
         """The URL checkpoint `name` is or would be at."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import requests
@@ -57,6 +58,11 @@ def only_run(root):
     return runs[0]
 
 
+def unversioned(keys):
+    """Object keys with the version of each checkpoint's bytes dropped: NAME.VERSION.pth -> NAME.pth."""
+    return sorted(re.sub(r"\.[0-9a-f]{16}\.", ".", key) for key in keys)
+
+
 def everything_under(*folders):
     """The bytes of every file under the folders, joined: to look for a secret."""
     return b"".join(p.read_bytes() for folder in folders for p in pathlib.Path(folder).rglob("*") if p.is_file())
@@ -72,7 +78,7 @@ def test_a_run_mirrors_each_checkpoint_and_retention_deletes_on_both_sides(s3, c
     assert code == 0, err
     run_id = only_run(tmp_path / "ck")
     where = f"lab/runs/{run_id}"
-    assert s3.keys(bucket) == sorted([f"{where}/run.json"] + [f"{where}/checkpoints/{n}{s}" for n in (
+    assert unversioned(s3.keys(bucket)) == sorted([f"{where}/run.json"] + [f"{where}/checkpoints/{n}{s}" for n in (
         "best_model", "checkpoint_epoch_3") for s in (".json", ".pth")])  # epoch 1 and 2: gone on both sides
     assert out.count("mirrored: ") >= 2  # epoch 1 may be gone here before its turn came: then it is skipped
     target = remote.ObjectRoot(url)
@@ -87,7 +93,8 @@ def test_a_run_mirrors_each_checkpoint_and_retention_deletes_on_both_sides(s3, c
                                   "at": side["mirror"]["at"]}
         uploaded = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{where}/checkpoints/{meta['name']}.json")[
             "Body"].read())
-        assert uploaded == {k: v for k, v in side.items() if k != "mirror"}
+        version = f"{meta['name']}.{side['sha256'][:16]}.pth"
+        assert uploaded == {**{k: v for k, v in side.items() if k != "mirror"}, "object": version}
     remote_bytes = b"".join(s3.client().get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(bucket))
     assert s3.secret.encode() not in out.encode() + err.encode() + everything_under(tmp_path / "ck") + remote_bytes
 
@@ -169,8 +176,13 @@ def test_an_upload_whose_bytes_do_not_match_the_sidecar_commits_nothing(s3, tmp_
     assert s3.keys(bucket) == [] and target.list_checkpoints() == []
     target.upload(path, sidecar, "r1", "m")
     assert target.verify("r1", "m")[0]
+    stray = "p/runs/r1/checkpoints/m.0123456789abcdef.pth"  # the bytes of an upload cut before its commit
+    s3.client().put_object(Bucket=bucket, Key=stray, Body=b"half")
+    assert not target.list_checkpoints()[0]["damaged"]
+    assert target.recover() == ["r1:m"] and stray not in s3.keys(bucket) and target.verify("r1", "m")[0]
     # The object replaced behind the sidecar's back: verify says so, and restore puts nothing in place.
-    key = "p/runs/r1/checkpoints/m.pth"
+    key = f"p/runs/r1/checkpoints/m.{sidecar['sha256'][:16]}.pth"
+    assert s3.keys(bucket) == sorted([key, "p/runs/r1/checkpoints/m.json"])
     s3.client().put_object(Bucket=bucket, Key=key, Body=b"x" * sidecar["size"])
     assert target.verify("r1", "m") == (False, f"s3://{bucket}/{key}: size or SHA-256 does not match the sidecar")
     with pytest.raises(remote.RemoteError, match="does not match"):
@@ -191,7 +203,8 @@ def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
         with pytest.raises(ValueError):
             target.sidecar_key("r1", name)
     assert target.sidecar_key("r1", "my save") == "{}/p/runs/r1/checkpoints/my save.json".format(bucket)
-    good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest()}
+    digest = hashlib.sha256(b"hello").hexdigest()
+    good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": digest, "object": f"m.{digest[:16]}.pth"}
     client = s3.client()
     for key in ("p/runs/r1/checkpoints/../../../x.json", "p/runs/../checkpoints/m.json", "p/runs/r1/m.json",
                 "p/runs/r 1/checkpoints/m.json", "p/runs/r1/checkpoints/sub/m.json", "q/runs/r1/checkpoints/m.json"):
@@ -202,14 +215,19 @@ def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
                       Body=json.dumps({**good, "file": "../../../../etc/passwd"}).encode())
     with pytest.raises(remote.RemoteError, match="not the checkpoint's"):
         target.download("r1", "m", str(tmp_path / "out"))
+    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json",
+                      Body=json.dumps({**good, "object": "../../../x.pth"}).encode())
+    with pytest.raises(remote.RemoteError, match="not a version of"):
+        target.download("r1", "m", str(tmp_path / "out"))
     client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json", Body=json.dumps(
-        {**good, "file": "m.dcp", "files": [{"path": "../evil", "size": 1, "sha256": "0" * 64}]}).encode())
+        {**good, "file": "m.dcp", "object": f"m.{digest[:16]}.dcp",
+         "files": [{"path": "../evil", "size": 1, "sha256": "0" * 64}]}).encode())
     with pytest.raises(remote.RemoteError, match="malformed"):
         target.download("r1", "m", str(tmp_path / "out"))
     assert not (tmp_path / "evil").exists() and not list((tmp_path / "out").glob("m*"))
     # A run folder that is a link is never written through.
     client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.json", Body=json.dumps(good).encode())
-    client.put_object(Bucket=bucket, Key="p/runs/r1/checkpoints/m.pth", Body=b"hello")
+    client.put_object(Bucket=bucket, Key=f"p/runs/r1/checkpoints/{good['object']}", Body=b"hello")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (tmp_path / "linked" / "runs").mkdir(parents=True)
@@ -268,7 +286,7 @@ def test_the_store_going_away_mid_upload_leaves_nothing_listed_and_its_return_le
         folder = tmp_path / "ck" / "runs" / "r1" / "checkpoints"
         events = []
         uploads = mirror.Mirror(str(tmp_path / "ck"), StopsTheServer(url, store), events.append, attempts=1).start()
-        saved_checkpoint(folder, size=1 << 10, seed=1)
+        _, first = saved_checkpoint(folder, size=1 << 10, seed=1)
         uploads.upload("r1", "m")
         assert uploads.wait(30) and events[-1]["type"] == "checkpoint_mirrored"
         _, sidecar = saved_checkpoint(folder, size=remote.PIECE + 4096, seed=2)  # saved again, in two parts
@@ -281,11 +299,13 @@ def test_the_store_going_away_mid_upload_leaves_nothing_listed_and_its_return_le
         assert state["state"] == "failed" and state["error"] == failure["error"]
         store.start()  # back, with what it held
         target = remote.ObjectRoot(url)
-        assert target.list_checkpoints() == []  # the old version was uncommitted first, the new one never was
-        assert target.recover() == ["r1:m"] and store.keys(bucket) == []
+        [old] = target.list_checkpoints()  # the first version is still listed, and whole: nothing was lost
+        assert old["sha256"] == first["sha256"] and target.verify("r1", "m")[0]
+        assert target.recover() == [] and len(store.keys(bucket)) == 2  # the sidecar and the version it names
         uploads.catch_up()  # what the next start does: every checkpoint not mirrored is queued
         assert uploads.wait(60) and events[-1]["type"] == "checkpoint_mirrored", events[-1]
         assert target.list_checkpoints()[0]["sha256"] == sidecar["sha256"] and target.verify("r1", "m")[0]
+        assert unversioned(store.keys(bucket)) == ["p/runs/r1/checkpoints/m.json", "p/runs/r1/checkpoints/m.pth"]
         uploads.close()
     finally:
         store.stop()
@@ -409,8 +429,8 @@ def test_a_compressed_checkpoint_is_mirrored_and_restored_as_it_is(s3, capsys, t
     uploads = mirror.Mirror(str(tmp_path / "ck"), target, [].append).start()
     assert uploads.catch_up() == 1 and uploads.wait(30)
     uploads.close()
-    assert [k.rsplit("/", 1)[1] for k in s3.keys(bucket, "p/runs/r1/checkpoints/")] == ["archive.json",
-                                                                                        "archive.pth.zst"]
+    assert [k.rsplit("/", 1)[1] for k in unversioned(s3.keys(bucket, "p/runs/r1/checkpoints/"))] == [
+        "archive.json", "archive.pth.zst"]
     listed = target.list_checkpoints()[0]
     assert listed["compression"] == "zstd" and listed["contents"] == "weights" and not listed["damaged"]
     restored = target.restore("r1", "archive", str(tmp_path / "fresh"))
@@ -486,20 +506,24 @@ def test_a_save_to_a_url_root_whose_store_went_away_fails_alone_and_training_goe
                 if event["type"] in kinds:
                     return event
 
-        def save(name):
-            commands.put({"type": "save", "name": name})
+        def save(name, overwrite=False):
+            commands.put({"type": "save", "name": name, "overwrite": overwrite})
             while True:  # best_model's saves at validations come and go meanwhile
                 outcome = next_of("checkpoint_saved", "checkpoint_error")
                 if outcome["name"] == name:
                     return outcome
         try:
-            assert save("before")["type"] == "checkpoint_saved"
+            before = save("before")
+            assert before["type"] == "checkpoint_saved"
             store.stop()
             failed = save("while gone")
             assert failed["type"] == "checkpoint_error" and "cannot reach the endpoint" in failed["error"]
+            assert save("before", overwrite=True)["type"] == "checkpoint_error"
             step = next_of("batch")["global_step"]
             assert next_of("batch")["global_step"] > step  # training goes on
             store.start()
+            kept = [m for m in target.list_checkpoints() if m["name"] == "before"]  # the overwrite cut short
+            assert kept[0]["sha256"] == before["sha256"] and target.verify(kept[0]["run_id"], "before")[0]
             saved = save("after")
             assert saved["type"] == "checkpoint_saved" and saved["path"].startswith(target.url)
         finally:
