@@ -24,6 +24,7 @@ RETENTION_CHOICES = ("both", "local")
 ATTEMPTS = 6
 FIRST_BACKOFF = 1.0  # seconds before the second attempt; doubled each time, up to MAX_BACKOFF
 MAX_BACKOFF = 60.0
+JOIN_TIMEOUT = 30.0  # seconds close() waits for the upload in progress to stop
 
 
 def check_retention(value):
@@ -69,7 +70,10 @@ class Mirror:
             self._jobs.clear()
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(JOIN_TIMEOUT)  # an upload stops at its next piece; one piece can hang on the network
+            if self._thread.is_alive():
+                logger.warning("mirror: an upload to %s did not stop within %g s; left to the next start",
+                               self.url, JOIN_TIMEOUT)
             self._thread = None
         return left
 
