@@ -394,15 +394,42 @@ def save_request(request_id):
 
 LISTED = ("id", "run_id", "name", "kind", "file", "path", "size", "created_at", "epoch", "batch", "global_step",
           "val_loss", "val_acc", "task_type", "bottleneck_type", "sha256", "damaged", "refused", "error", "problems",
-          "verified_at", "notes", "tags", "resume_command", "contents", "compression", "mirror")
+          "verified_at", "notes", "tags", "resume_command", "contents", "compression", "mirror", "location")
 
 
 @bp.get("/list_checkpoints")
 def list_checkpoints():
-    """Every run's checkpoints, newest first; ?run=RUN_ID for one run's."""
+    """Every run's checkpoints, newest first; ?run=RUN_ID for one run's. With a mirror, those only there too
+    (location "mirror"), and mirror_error if it could not be listed."""
     run = request.args.get("run") or None
     rows = [{key: meta.get(key) for key in LISTED} for meta in catalogue.list_checkpoints(_folder(), run=run)]
-    return jsonify(checkpoints=rows)
+    uploads = _worker().mirror
+    if uploads is None:
+        return jsonify(checkpoints=rows)
+    try:
+        remote_only = [{**{key: meta.get(key) for key in LISTED}, "location": "mirror", "path": None,
+                        "resume_command": None}
+                       for meta in uploads.target.list_checkpoints(run=run)
+                       if meta["id"] not in {r["id"] for r in rows}]
+    except remote.RemoteError as e:
+        return jsonify(checkpoints=rows, mirror_error=str(e))
+    return jsonify(checkpoints=rows + remote_only, mirror_error=None)
+
+
+@bp.post("/checkpoints/<path:ident>/restore")
+def checkpoint_restore(ident):
+    """Fetch a checkpoint that is only on the mirror back into its run's folder, in the mirror's thread."""
+    _body()
+    uploads = _worker().mirror
+    if uploads is None:
+        raise ValueError("this server has no mirror to restore from (start it with --mirror URL)")
+    run_id, name = catalogue.parse_id(ident)
+    if run_id is None:
+        raise ValueError(f"restore needs a full id RUN_ID:NAME, not {ident!r}")
+    if os.path.lexists(catalogue.entry_for(_folder(), run_id, name).path):
+        return jsonify(error=f"{ident} is already here; nothing to restore"), 409
+    uploads.restore(run_id, name)
+    return jsonify(restoring=catalogue.checkpoint_id(run_id, name)), 202
 
 
 @bp.get("/checkpoints/<path:ident>")

@@ -116,6 +116,11 @@ class Mirror:
         elif kind == "checkpoint_deleted" and run_id and name:
             self.delete(run_id, name)
 
+    def restore(self, run_id, name):
+        """Queue fetching a checkpoint that is only on the mirror back into its run's local folder (the page's
+        Restore); checkpoint_restored once it is in place, mirror_error if it cannot be."""
+        self._put(("restore", run_id, name))
+
     def catch_up(self):
         """Queue every local checkpoint that is not mirrored to this URL with its current bytes; their count."""
         queued = 0
@@ -153,7 +158,8 @@ class Mirror:
         ident = catalogue.checkpoint_id(run_id, name)
         for attempt in range(1, self.attempts + 1):
             try:
-                done = self._upload(run_id, name) if action == "upload" else self._delete(run_id, name)
+                done = {"upload": self._upload, "delete": self._delete, "restore": self._restore}[action](
+                    run_id, name)
             except (remote.RemoteError, ckpt.CheckpointError, OSError) as e:
                 message = self.target.redact(str(e))
                 last = attempt == self.attempts or self._stop.is_set()
@@ -170,8 +176,9 @@ class Mirror:
                     return
                 continue
             if done is not None:
-                self.publish({"type": "checkpoint_mirrored" if action == "upload" else "mirror_deleted",
-                              "id": ident, "run_id": run_id, "name": name, "url": self.url, **done})
+                kind = {"upload": "checkpoint_mirrored", "delete": "mirror_deleted", "restore": "checkpoint_restored"}
+                self.publish({"type": kind[action], "id": ident, "run_id": run_id, "name": name, "url": self.url,
+                              **done})
             return
 
     def _upload(self, run_id, name):
@@ -198,6 +205,18 @@ class Mirror:
         except FileNotFoundError:
             return None
         return {}
+
+    def _restore(self, run_id, name):
+        try:
+            path = self.target.restore(run_id, name, self.checkpoint_dir)
+        except FileExistsError:
+            return None  # restored meanwhile (a second click): it is there
+        except ValueError as e:  # a linked folder on the way: refused, never retried into
+            raise ckpt.CheckpointError(str(e)) from None
+        sidecar = ckpt.read_sidecar(path) or {}
+        self._mark(run_id, name, sidecar.get("sha256"), {"state": "mirrored", "url": self.url,
+                                                         "sha256": sidecar.get("sha256"), "at": ckpt.utc_now()})
+        return {"path": path}
 
     def _mark(self, run_id, name, sha256, state):
         """Record the mirror state in the local sidecar, under the checkpoint's lock, unless the checkpoint was

@@ -395,7 +395,7 @@ const byId = (id) => state.checkpoints.find((c) => c.id === id);
 const describe = (c) => `“${c.name}” (run ${c.run_id})`;
 
 function pickRadio(side, c) {
-  if (!usable(c)) return "";
+  if (!usable(c) || c.location === "mirror") return ""; // compared once restored here
   return el("input", { type: "radio", name: `compare-${side}`, value: c.id, checked: state.compare[side] === c.id,
     "aria-label": `compare ${side.toUpperCase()}: ${c.id}`, "data-side": side });
 }
@@ -407,6 +407,10 @@ function actionButton(action, c, label, extra = {}) {
 
 function checkpointActions(c) {
   if (!usable(c)) return el("td", { className: "actions muted" }, "no actions: fix or remove the file by hand");
+  if (c.location === "mirror") { // only on the mirror: fetch it back first
+    return el("td", { className: "actions" }, el("div", { className: "action-buttons" },
+      actionButton("restore", c, "Restore", { title: "fetch it from the mirror into its run's folder" })));
+  }
   const busy = ACTIVE_PHASES.includes(state.status.phase);
   const trainable = c.kind !== "pretrained" && !c.damaged;
   const resumable = trainable && (c.contents || "full") === "full"; // weights only: fine-tuned from, not resumed
@@ -432,6 +436,9 @@ const cell = (label, content, props = {}) => el("td", { "data-label": label, ...
 function mirrorBadge(c) {
   const mirror = state.status && state.status.mirror;
   if (!mirror || !usable(c)) return null;
+  if (c.location === "mirror") {
+    return el("span", { className: "mirror remote", title: `kept only in ${mirror.url}` }, " on the mirror only");
+  }
   const m = c.mirror || {};
   if (m.state === "mirrored" && m.url === mirror.url && m.sha256 === c.sha256) {
     return el("span", { className: "mirror mirrored", title: `mirrored to ${m.url} ${formatDate(m.at, true)}` },
@@ -589,6 +596,12 @@ function onTableClick(event) {
   else if (action === "verify") verifyCheckpoint(c);
   else if (action === "copy-command") copyCommand(c.resume_command, `resume ${describe(c)}`);
   else if (action === "delete") deleteCheckpoint(c);
+  else if (action === "restore") restoreCheckpoint(c);
+}
+
+async function restoreCheckpoint(c) {
+  const result = await send("POST", `${checkpointUrl(c.id)}/restore`);
+  if (result.ok) toast(`Restoring ${describe(c)} from the mirror…`, "info");
 }
 
 /** Copy a command line and show it in a toast, so it can be read (or copied by hand) either way. */
@@ -805,6 +818,10 @@ const HANDLERS = {
   },
   checkpoint_deleted: onCheckpointDeleted,
   checkpoint_mirrored: () => refreshCheckpointsSoon(),
+  checkpoint_restored: (d) => {
+    toast(`Checkpoint “${d.name}”${inRun(d)} restored from the mirror`, "success");
+    refreshCheckpointsSoon();
+  },
   mirror_error: (d) => {
     const then = d.retry_in === null ? "gave up until the next start" : `retrying in ${d.retry_in} s`;
     toast(`Mirror: ${d.action} of “${d.name}” failed (attempt ${d.attempt}/${d.attempts}): ${d.error}; ${then}`,

@@ -824,7 +824,8 @@ def test_a_run_on_two_processes_from_the_page(chromium, tmp_path):
         page.close()
 
 
-def test_the_table_shows_each_checkpoint_mirrored_or_its_failed_upload(chromium, tmp_path, arc_data, monkeypatch):
+def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_upload(chromium, tmp_path, arc_data,
+                                                                                   monkeypatch):
     import requests
 
     import mirror
@@ -837,7 +838,7 @@ def test_the_table_shows_each_checkpoint_mirrored_or_its_failed_upload(chromium,
         fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # the store gone: the upload fails at once
         target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
         target.fs.retries = 1
-        uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, attempts=2, first_backoff=0.05)
+        uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, retention="local", attempts=2, first_backoff=0.05)
         with serve(tmp_path / "ck", arc_data, MIRROR=uploads) as url:
             ui = open_page(chromium, url)
             page = ui.page
@@ -850,6 +851,15 @@ def test_the_table_shows_each_checkpoint_mirrored_or_its_failed_upload(chromium,
                 return answer.json()["id"]
             online = save("online")
             expect(page.locator(f'tr[data-id="{online}"] .mirror')).to_have_text("mirrored")
+            # Deleted here, kept there: listed as the mirror's, with Restore as its one action.
+            assert requests.delete(f"{url}/checkpoints/{online}", json={}, timeout=10).status_code == 200
+            page.click("#refresh-checkpoints")
+            expect(page.locator(f'tr[data-id="{online}"] .mirror')).to_have_text("on the mirror only")
+            expect(page.locator(f'tr[data-id="{online}"] [data-action]')).to_have_count(1)
+            page.click(f'tr[data-id="{online}"] [data-action=restore]')
+            expect(page.locator(".toast.toast-success", has_text="restored from the mirror")).to_be_visible()
+            expect(page.locator(f'tr[data-id="{online}"] .mirror')).to_have_text("mirrored")
+            expect(page.locator(f'tr[data-id="{online}"] [data-action=verify]')).to_be_visible()
             store.stop()
             offline = save("offline")
             failure = page.locator(".toast.toast-error", has_text="Mirror: upload of “offline” failed")

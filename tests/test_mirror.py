@@ -534,3 +534,38 @@ def test_a_save_to_a_url_root_whose_store_went_away_fails_alone_and_training_goe
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix in (".pth", ".zst")]
     finally:
         store.stop()
+
+
+def test_the_web_app_lists_what_is_only_on_the_mirror_and_restores_it(s3, tmp_path, arc_data):
+    target = remote.ObjectRoot(f"s3://{s3.new_bucket()}/app")
+    uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, retention="local")
+    server = LiveServer(build_app(tmp_path / "ck", arc_data, MIRROR=uploads))
+    try:
+        start(server)
+        saved = requests.post(server.url + "/save_checkpoint", json={"name": "kept", "wait": True}, timeout=60).json()
+        requests.post(server.url + "/stop", json={}, timeout=10)
+
+        def listed():
+            answer = requests.get(server.url + "/list_checkpoints", timeout=10).json()
+            assert answer["mirror_error"] is None
+            return {r["id"]: r for r in answer["checkpoints"]}
+        ident = saved["id"]
+        wait_for(lambda: (listed()[ident].get("mirror") or {}).get("state") == "mirrored", what="the upload")
+        assert requests.delete(f"{server.url}/checkpoints/{ident}", json={}, timeout=10).status_code == 200
+        row = listed()[ident]  # gone here, kept there (retention local): listed as the mirror's
+        assert row["location"] == "mirror" and row["path"] is None and row["sha256"] == saved["sha256"]
+        answer = requests.post(f"{server.url}/checkpoints/{ident}/restore", json={}, timeout=10)
+        assert answer.status_code == 202, answer.text
+        wait_for(lambda: listed()[ident].get("location") is None, what="the restore")
+        back = listed()[ident]
+        assert ckpt.verify(back["path"])[0] and back["sha256"] == saved["sha256"]
+        assert back["mirror"]["state"] == "mirrored"  # not uploaded again at the next start
+        again = requests.post(f"{server.url}/checkpoints/{ident}/restore", json={}, timeout=10)
+        assert again.status_code == 409 and "already here" in again.json()["error"]
+        bare = requests.post(f"{server.url}/checkpoints/kept/restore", json={}, timeout=10)
+        assert bare.status_code == 400 and "RUN_ID:NAME" in bare.json()["error"]
+        foreign = requests.post(f"{server.url}/checkpoints/{ident}/restore", json={}, timeout=10,
+                                headers={"Origin": "http://evil.example"})
+        assert foreign.status_code == 403
+    finally:
+        server.close()
