@@ -204,7 +204,8 @@ def test_hostile_names_never_address_anything_outside_the_prefix(s3, tmp_path):
             target.sidecar_key("r1", name)
     assert target.sidecar_key("r1", "my save") == "{}/p/runs/r1/checkpoints/my save.json".format(bucket)
     digest = hashlib.sha256(b"hello").hexdigest()
-    good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": digest, "object": f"m.{digest[:16]}.pth"}
+    good = {"name": "m", "kind": "manual", "file": "m.pth", "size": 5, "sha256": digest,
+            "object": f"m.{digest[:16]}.pth"}
     client = s3.client()
     for key in ("p/runs/r1/checkpoints/../../../x.json", "p/runs/../checkpoints/m.json", "p/runs/r1/m.json",
                 "p/runs/r 1/checkpoints/m.json", "p/runs/r1/checkpoints/sub/m.json", "q/runs/r1/checkpoints/m.json"):
