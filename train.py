@@ -1544,7 +1544,10 @@ def close_cli_mirror(uploads, wait):
     if uploads.pending():
         print(f"mirror: waiting for {uploads.pending()} upload(s) to {uploads.url} (at most {wait:g} s)",
               file=sys.stderr)
-    left = uploads.close(timeout=wait)
+    try:
+        left = uploads.close(timeout=wait)
+    except KeyboardInterrupt:  # Ctrl-C while waiting: what is queued waits for the next start, none is half-listed
+        left = uploads.close(timeout=0)
     if left:
         print(f"mirror: {left} upload(s) to {uploads.url} not done; they are uploaded at the next start with "
               "the same --mirror", file=sys.stderr)
