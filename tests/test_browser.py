@@ -835,7 +835,8 @@ def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_uploa
     try:
         for key, value in store.environment().items():
             monkeypatch.setenv(key, value)
-        fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # the store gone: the upload fails at once
+        # the store gone: an upload fails at once, and one cut mid-request within seconds
+        fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
         target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
         target.fs.retries = 1
         uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, retention="local", attempts=2, first_backoff=0.05)
@@ -860,9 +861,11 @@ def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_uploa
             expect(page.locator(".toast.toast-success", has_text="restored from the mirror")).to_be_visible()
             expect(page.locator(f'tr[data-id="{online}"] .mirror')).to_have_text("mirrored")
             expect(page.locator(f'tr[data-id="{online}"] [data-action=verify]')).to_be_visible()
+            assert uploads.wait(30)  # no upload (a best_model's) in flight when the store goes
             store.stop()
             offline = save("offline")
-            failure = page.locator(".toast.toast-error", has_text="Mirror: upload of “offline” failed")
+            last_try = "Mirror: upload of “offline” failed (attempt 2/2)"  # the first one's toast may show beside it
+            failure = page.locator(".toast.toast-error", has_text=last_try)
             expect(failure).to_be_visible()
             expect(page.locator(f'tr[data-id="{offline}"] .mirror')).to_have_text("upload failed")
             expect(page.locator(f'tr[data-id="{offline}"] .row-error')).to_contain_text("cannot reach the endpoint")

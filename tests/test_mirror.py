@@ -22,7 +22,8 @@ from conftest import LiveServer, build_app, wait_for, write_task_folder
 from s3server import InProcessS3Server, S3Server, free_port
 from test_live import start
 
-FAIL_FAST = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # botocore's: a store gone fails at once
+# botocore's: a store gone fails at once, and a request it cut off within seconds
+FAIL_FAST = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
 TINY = ["--embedding-dim", "4", "--hidden-dim", "16", "--latent-dim", "16", "--num-conv-layers", "2",
         "--batch-size", "8", "--device", "cpu", "--no-progress"]
 
@@ -336,6 +337,7 @@ def test_the_web_app_mirrors_saves_shows_failures_and_training_goes_on(tmp_path,
         saved = save("online")
         assert wait_for(lambda: row("online", "mirrored"), what="the save to be mirrored")
         assert requests.get(server.url + "/status", timeout=10).json()["mirror"]["url"] == target.url
+        assert uploads.wait(30)  # no upload (a best_model's) in flight when the store goes
         store.stop()
         offline = save("offline")  # acknowledged: it is durable here
         failed = wait_for(lambda: row("offline", "failed"), what="the upload to fail")
