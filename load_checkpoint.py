@@ -578,7 +578,7 @@ def local_paths(args, options, stack):
         if not remote.is_url(path):
             return path
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="load_checkpoint-"))
-        return remote.fetch(path, folder, options)
+        return remote.fetch_cached(path, folder, options)
     if args.path is not None:
         args.path = local(args.path)
     if args.compare is not None:

@@ -102,13 +102,6 @@ def fetch_cached(url, folder, storage_options=None):
     return ObjectRoot(root_url, storage_options).cached(run_id, name, folder)
 
 
-def fetch(url, folder, storage_options=None):
-    """Download the checkpoint at a URL into a root folder, in its run's place there (with run.json, if the store
-    has one and the folder does not); its local path."""
-    root_url, run_id, name = split_checkpoint_url(url)
-    return ObjectRoot(root_url, storage_options).restore(run_id, name, folder)
-
-
 def _secrets_of(options):
     found = [os.environ.get(v) for v in SECRET_VARIABLES]
     stack = [options]
@@ -220,20 +213,18 @@ class ObjectRoot:
 
     # ---- upload
 
-    def upload(self, local_path, sidecar, run_id, name, cancel=None, progress=None):
+    def upload(self, local_path, sidecar, run_id, name, cancel=None):
         """Upload one local checkpoint (a file or a DCP folder) whose checked sidecar is given, as a new version;
         commit it by writing the sidecar object, then remove the name's other versions. RemoteError or
         CheckpointError on any failure, the name's previous version (if any) still listed and whole."""
         files = local_files(local_path, sidecar)
         version = version_name(name, sidecar, local_path)
         side_key = self.sidecar_key(run_id, name)
-        total, sent = sum(f[2] for f in files), 0
         try:
-            for path, file_name, size, sha256 in files:
+            for path, file_name, _, sha256 in files:
                 inside = version if os.path.isdir(local_path) else None
                 key = self.key(run_id, version if inside is None else file_name, inside)
-                self._put(path, key, sha256, cancel, lambda n: progress and progress(sent + n, total))
-                sent += size
+                self._put(path, key, sha256, cancel)
             ckpt.check_cancel(cancel)
             uploaded = {**remote_sidecar(sidecar), "object": version}
             self.fs.pipe_file(side_key, ckpt.dumps_strict(uploaded, indent=1).encode("utf-8"))
@@ -243,7 +234,7 @@ class ObjectRoot:
         except Exception as e:
             raise self.error("could not upload to", e, self.display(side_key)) from None
 
-    def _put(self, path, key, sha256, cancel, progress):
+    def _put(self, path, key, sha256, cancel, progress=lambda done: None):
         digest, done = hashlib.sha256(), 0
         with os.fdopen(ckpt.open_regular(path), "rb") as source:
             out = self.fs.open(key, "wb", block_size=PIECE)

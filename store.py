@@ -112,7 +112,8 @@ class ObjectStore(SingleFileStore):
             raise ckpt.CheckpointError(str(e)) from None
 
     def path(self, name):
-        """The URL checkpoint `name` is or would be at."""
+        """The URL of checkpoint `name` (ROOT/runs/RUN_ID/checkpoints/NAME.pth: the name load_checkpoint.py and
+        --resume take; its bytes sit under a version key its sidecar names)."""
         return self.target.display(self.target.key(self.run_id, ckpt.check_name(name, automatic=True) + ".pth"))
 
     def exists(self, name):

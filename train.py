@@ -1467,10 +1467,12 @@ def main(argv=None):
     try:
         target = open_root(args)
         local_root = args.checkpoint_dir if target is None else cache_folder(args)
+        options = remote.parse_storage_options(args.storage_options)
         if args.resume:
-            args.resume = checkpoint_argument(args.resume, local_root, target)
+            args.resume = checkpoint_argument(args.resume, local_root, target, options)
         if values["pretrained_encoder"]:
-            values["pretrained_encoder"] = checkpoint_argument(values["pretrained_encoder"], local_root, target)
+            values["pretrained_encoder"] = checkpoint_argument(values["pretrained_encoder"], local_root, target,
+                                                               options)
         if args.resume:  # train on the data the checkpoint was trained on, whatever the flags say
             saved = ckpt.read_metadata(args.resume).get("config") or {}
             values.update({k: saved[k] for k in ("dataset", "data_dir") if isinstance(saved.get(k), str)})
@@ -1604,11 +1606,11 @@ def train_or_pretrain(trainer, args, signals):
     return metrics, None if not trainer.dist.everywhere(not signals.received) else trainer.test()
 
 
-def checkpoint_argument(value, root, target=None):
+def checkpoint_argument(value, root, target=None, storage_options=None):
     """A --resume or --pretrained-encoder value as a local path: a file as given, or an id (RUN_ID:NAME, or a bare
     name: the newest run's) in the checkpoint root; with a URL root (target), fetched from there into root."""
     if remote.is_url(value):
-        return remote.fetch_cached(value, root)
+        return remote.fetch_cached(value, root, storage_options)
     if os.path.isfile(value) or value.endswith((*ckpt.FILE_SUFFIXES, dcp_checkpoint.SUFFIX)):
         return value
     if target is not None:

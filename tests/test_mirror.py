@@ -152,6 +152,9 @@ def test_load_checkpoint_reads_urls_like_paths(s3, capsys, tmp_path, tasks):
     assert [m["id"] for m in listed] == [f"{run_id}:best_model"] and listed[0]["location"] == "remote"
     assert load_checkpoint.main([f"{url}/runs/{run_id}/checkpoints/nothing.pth", "--info-only"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+    # train.py resumes from a checkpoint's URL too: fetched into its run's place in the local root.
+    code, out, err = train_cli(capsys, tmp_path / "ck", tasks, "--max-steps", "5", "--resume", object_url)
+    assert code == 0 and f", resume of {run_id}:best_model" in out, out + err
 
 
 # ---------------------------------------------------------------------------------------------- the object root
@@ -269,7 +272,7 @@ class StopsTheServer(remote.ObjectRoot):
         self.fs.retries = 1  # s3fs's own retries (a class attribute, no option): the mirror retries by itself
         self.server, self.stopped = server, False
 
-    def _put(self, path, key, sha256, cancel, progress):
+    def _put(self, path, key, sha256, cancel, progress=None):
         def and_stop(done):
             if done >= remote.PIECE and os.path.getsize(path) > remote.PIECE and not self.stopped:
                 self.stopped = True
