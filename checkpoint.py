@@ -46,7 +46,8 @@ FORMAT_VERSION = 1
 # 0.5.0 added the encoder's pattern bag (config pattern_buckets); records without it rebuild with none.
 # 0.6.0 added the bag's kinds (config pattern_kinds, "shapes" for new runs); records without it read "exact" windows.
 # 0.7.0 put every run in its own folder (catalogue.py) and gave records run_id and checkpoint_manager.
-PROJECT_VERSION = "0.7.0"
+# 0.8.0 added config precision and compile; records without them trained in float32, eager.
+PROJECT_VERSION = "0.8.0"
 KINDS = ("manual", "best", "top_k", "periodic", "autosave", "pretrained", "interrupted", "error")
 NAME_RULE = "1 to 100 characters: letters, digits, spaces, hyphens and underscores"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9 _-]{1,100}")

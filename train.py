@@ -34,6 +34,7 @@ import mirror
 import remote
 import restarts
 import shutdown
+import speed
 from checkpoint_manager import CheckpointManager, CheckpointPolicy
 from store import FolderStore, ObjectStore, SingleFileStore
 from data import AUGMENTATIONS, NUM_COLORS, PAD, Batches, DataError, baselines, load_data, make_splits
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 SETTINGS_BEFORE = {"message_norm": "none", "scoring": "dot",  # project 0.2.0 and earlier
                    "cell_channels": 0,  # 0.3.0 and earlier
                    "pattern_buckets": 0,  # 0.4.0 and earlier
-                   "pattern_kinds": "exact"}  # 0.5.0 and earlier
+                   "pattern_kinds": "exact",  # 0.5.0 and earlier
+                   "precision": "32", "compile": False}  # 0.7.0 and earlier
 
 
 def settings_of(config):
@@ -109,6 +111,11 @@ class TrainConfig:
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit)", low=0, high=10**9)
     seed: int = setting(0, "seed for initialisation, data split and batch order", low=0, high=2**31 - 1)
     device: str = setting("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    precision: str = setting("32", "32: float32 throughout; bf16-mixed: the forward pass in bfloat16 under "
+                             "torch.autocast, the parameters, Adam's moments and the losses in float32",
+                             choices=speed.PRECISIONS)
+    compile: bool = setting(False, "torch.compile the model's forward: tens of seconds up front, faster steps "
+                            "after; falls back to eager with a warning where the backend cannot run")
     strategy: str = setting("auto", "with several processes (torchrun): ddp replicates the model in each, fsdp "
                             "shards its weights, gradients and Adam's moments across them; auto: ddp. One process "
                             "ignores it", choices=distributed.STRATEGIES)
@@ -590,6 +597,8 @@ class Trainer:
         self.last_train = {}
         self.generator = torch.Generator(device=self.device)  # Gumbel noise: a run never touches the global RNG
         self.paused = False
+        self._compile_report = None  # with compile: seconds spent compiling before the first step, until reported
+        self.compiled = False  # whether the model runs compiled (config compile, and a backend that runs)
         # with several processes, every checkpoint is a DCP folder that each rank writes its part of
         self.shard_writer = None if self.batch_group is None else \
             dcp_checkpoint.ShardWriter(self.dist.checkpoint_groups, self.device)
@@ -618,6 +627,27 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             self.model = self.task.build().to(self.device)
+        self._compile_report, self.compiled = None, False
+        if self.config.compile:
+            self._compile()
+
+    def _compile(self):
+        """torch.compile the model in place; the time it takes is known after the first step (compile_done), and a
+        backend that cannot run is reported now, once, and the run goes on eager."""
+        started = time.perf_counter()
+        problem = speed.compile_model(self.model, self.device)
+        if problem is not None:
+            logger.warning("compile: torch.compile cannot run here (%s); training runs eager instead", problem)
+            self.publish({"type": "compile", "compiled": False, "reason": problem, "seconds": None})
+        else:
+            self.compiled = True
+            self._compile_report = time.perf_counter() - started  # the probe's compile, before the step's own
+
+    def _compile_done(self, step_seconds):
+        """After the first compiled step: the compile time, reported once (the step's time is nearly all of it)."""
+        seconds, self._compile_report = self._compile_report + step_seconds, None
+        self.publish({"type": "compile", "compiled": True, "reason": None, "seconds": round(seconds, 2),
+                      "global_step": self.global_step})
 
     def _make_batches(self):
         splits = self.task.batches()
@@ -663,6 +693,7 @@ class Trainer:
         """Fine-tuning: start from a checkpoint's model weights, with this run's own settings and a fresh optimizer."""
         record = ckpt.load_checkpoint(path, verify_file=verify_file)
         self._check_pattern_kinds(record, path)
+        note_precision(settings_of(record.get("config") or {}), self.config, path, "fine-tuning from")
         self.parent = lineage(path, record, "fine-tune")
         try:
             self.raw_model.load_state_dict(record["model_state_dict"])
@@ -711,8 +742,9 @@ class Trainer:
         # Settings that only say where or how long may change on resume; the rest must match.
         changeable = {"epochs", "max_steps", "device", "strategy", "checkpoint_dir", "checkpoint_every_epochs",
                       "autosave_minutes", "keep_last", "keep_best_k", "monitor", "monitor_mode", "verify_after_save",
-                      "pretrained_encoder", "pretrain_mode", "save_on_stop"}
+                      "pretrained_encoder", "pretrain_mode", "save_on_stop", "precision", "compile"}
         ours = self.config.to_dict()
+        note_precision(saved, self.config, path, "resuming")
         differ = [k for k in saved if k not in changeable and saved[k] != ours[k]]
         if differ:
             self.config = self.config.replace(**{k: saved[k] for k in differ})
@@ -930,7 +962,13 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in self.dist.shard(batch).items()}
 
     def _forward(self, model, batch):
-        return self.task.forward(model, batch, self.generator)
+        """The task's forward pass, under bf16 autocast for precision bf16-mixed; its outputs in float32 for the
+        losses (speed.float32_outputs)."""
+        if self.config.precision == "32":
+            return self.task.forward(model, batch, self.generator)
+        with speed.autocast(self.device, self.config.precision):
+            out = self.task.forward(model, batch, self.generator)
+        return speed.float32_outputs(out)
 
     def _loss(self, loss_fn, out, batch):
         """loss_fn's (loss, sums); with several processes, this process's part of the whole batch's."""
@@ -1028,6 +1066,8 @@ class Trainer:
             out, sums = self._train_step(model, loss_fn, batch)
             self.batch += 1
             self.global_step += 1
+            if self._compile_report is not None:
+                self._compile_done(time.perf_counter() - started)
             self._publish_batch(sums, started, len(train_batches), self.dist.total(len(next(iter(batch.values())))))
             if self.task.serves_saves and self.dist.is_primary and time.monotonic() - last_sample > 3.0:
                 last_sample = time.monotonic()
@@ -1135,6 +1175,13 @@ class Trainer:
         """Metrics on the held-out test split (never used for model selection)."""
         metrics, _ = self.evaluate(self.model, self.test_batches, self.task.loss)
         return metrics
+
+
+def note_precision(saved, config, path, doing):
+    """A log line when a checkpoint goes on at another precision than it trained at: the weights carry over as
+    they are, but the steps after it round differently, so the run is no longer bit-exact with one that kept on."""
+    if saved["precision"] != config.precision:
+        logger.warning("%s %s at precision %s; it trained at %s", doing, path, config.precision, saved["precision"])
 
 
 def _drop(event):
@@ -1332,7 +1379,8 @@ def started_lines(trainer, event):
         length += f", from epoch {event['epoch']} step {event['global_step']}"
     return [f"data: {trainer.data.name}: {data}",
             f"model: {what}: {total:,} parameters" + (f" ({trained:,} trained)" if trained != total else "") +
-            f"; device {trainer.device}, {torch.get_num_threads()} torch threads",
+            f"; device {trainer.device}, {torch.get_num_threads()} torch threads, precision {c.precision}"
+            + (", compiled" if trainer.compiled else ""),
             f"length: {length}",
             f"saves: {save_plan(c, phase, event.get('mode'))}"]
 
@@ -1382,6 +1430,8 @@ class ConsoleProgress:
             print(f"{kind}: {event.get('name')} {detail}", flush=True)
         elif kind in ("checkpoint_mirrored", "mirror_error", "mirror_deleted"):
             print(mirror_line(event), flush=True)
+        elif kind == "compile" and event["compiled"]:  # a backend that cannot run was logged as a warning
+            print(f"compile: {event['seconds']:.1f} s to compile the model and run its first step", flush=True)
         elif kind == "training_started":
             parent = event.get("parent")
             origin = f", {parent['relation']} of {parent['id'] or parent['path']}" if parent else ""

@@ -17,6 +17,7 @@ const GROUPS = [
   ["Message", ["vocab_size", "max_message_length", "temperature", "temperature_decay", "min_temperature"]],
   ["Model", ["latent_dim", "hidden_dim", "cell_channels", "pattern_buckets", "pattern_kinds"]],
   ["Optimisation", ["epochs", "batch_size", "learning_rate"]],
+  ["Speed", ["precision", "compile"]],
   ["Pretraining", ["pretrain_mode", "pretrained_encoder", "freeze_encoder"]],
 ];
 const SERVER_FIXED = new Set(["checkpoint_dir"]); // shown, never sent: the server owns its folder
@@ -827,6 +828,10 @@ const HANDLERS = {
     toast(`Mirror: ${d.action} of “${d.name}” failed (attempt ${d.attempt}/${d.attempts}): ${d.error}; ${then}`,
       "error");
     if (d.retry_in === null) refreshCheckpointsSoon();
+  },
+  compile: (d) => {
+    if (d.compiled) toast(`Compiled the model and ran its first step in ${formatNumber(d.seconds)} s`, "info");
+    else toast(`Compile: torch.compile cannot run here (${d.reason}); training runs eager instead`, "error");
   },
   training_started: onTrainingStarted,
   training_stopped: (d) => onTrainingEnded("stopped", d),

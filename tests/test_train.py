@@ -426,6 +426,10 @@ RESUME_IDS = ["-".join(map(str, case)) for case in RESUME_CASES]
 # The pattern bag's embedding rows and their Adam moments must come back exactly too.
 RESUME_CASES.append(("puzzle_classification", "autoencoder", False, "symmetries", dict(pattern_buckets=512)))
 RESUME_IDS.append("puzzle_classification-autoencoder-False-symmetries-patterns")
+# bf16-mixed: the same steps round the same way, so a resume at the same precision is exact too.
+RESUME_CASES += [("reconstruction", "communication", False, "off", dict(precision="bf16-mixed", cell_channels=2)),
+                 ("selection", "communication", False, "off", dict(precision="bf16-mixed"))]
+RESUME_IDS += ["reconstruction-communication-bf16-mixed", "selection-communication-bf16-mixed"]
 MID, END = 7, 13  # the manual save's step and the last step
 
 
