@@ -262,6 +262,11 @@ class ExampleEncoder(nn.Module):
         return latents, None if cell_map is None else cell_map.unflatten(0, (n, g))
 
 
+def full_precision(x):
+    """x in float32 if autocast made it bf16 (or fp16); float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def draw_symbols(logits, temperature, training, generator=None, batch_group=None):
     """Logits (..., V) -> one-hot symbols (..., V): Gumbel-softmax in training, the argmax in evaluation.
 
@@ -273,7 +278,7 @@ def draw_symbols(logits, temperature, training, generator=None, batch_group=None
     vocab_size = logits.shape[-1]
     # float32 even under bf16 autocast: bf16 has 8 bits of mantissa, so -log(-log(u)) of u near 1 and a softmax
     # over close logits would round ties and tiny probabilities away.
-    logits = logits.float()
+    logits = full_precision(logits)
     if not training:
         return F.one_hot(logits.argmax(-1), vocab_size).to(logits.dtype)
     if batch_group is None:
@@ -323,7 +328,7 @@ class Sender(nn.Module):
         self.batch_group = None  # set by ARCAutoencoder.split_batch
 
     def forward(self, latent, temperature, generator=None):
-        logits = self.net(latent).float()  # the batch's mean and spread of each logit: float32 under autocast
+        logits = full_precision(self.net(latent))  # the batch's mean and spread of each logit: float32 under autocast
         if self.norm is not None:
             logits = NORMED_LOGIT_SCALE * self._normalise(logits)
         logits = logits.view(-1, self.max_length, self.vocab_size)
@@ -379,7 +384,7 @@ class CellCode(nn.Module):
         codes = self.project(cell_maps.flatten(0, 1))  # (N * G, C_out, 15, 15)
         symbols = None
         if self.vocab_size is not None:
-            codes = codes.float()  # normalised over the batch and drawn from: float32 under autocast, as in Sender
+            codes = full_precision(codes)  # normalised over the batch and drawn from: float32 under autocast, as in Sender
             if self.norm is not None:
                 codes = NORMED_LOGIT_SCALE * (split_batch_norm(codes, self.norm, self.batch_group, dims=(0, 2, 3))
                                               if self.batch_group is not None and self.training else self.norm(codes))
@@ -505,7 +510,7 @@ class ARCAutoencoder(nn.Module):
         In float32 even under bf16 autocast: the scores feed a softmax over up to 400 puzzles or the whole batch's
         candidates, where bf16's rounding (about 0.4% of a score of 10) would blur close calls."""
         with torch.autocast(state.device.type, enabled=False):
-            return self._scores(state.float(), keys.float())
+            return self._scores(full_precision(state), full_precision(keys))
 
     def _scores(self, state, keys):
         if self.scoring == "cosine":

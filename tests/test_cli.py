@@ -87,7 +87,7 @@ def test_the_banner_says_data_model_device_folder_and_saves_and_the_summary_best
                                      "test 2 puzzles / 16 grids")
     parameters = sum(p.numel() for p in train.build_model(config.to_dict(), 0).parameters())
     assert line(lines, "model: ") == (f"model: reconstruction, communication: {parameters:,} parameters; device "
-                                      f"cpu, {torch.get_num_threads()} torch threads")
+                                      f"cpu, {torch.get_num_threads()} torch threads, precision 32")
     assert line(lines, "length: ") == "length: 2 epochs of 5 batches of 8"
     saves = line(lines, "saves: ")
     assert saves == ("saves: best_model whenever validation loss improves; checkpoint_epoch_N every 1 epochs; no "
