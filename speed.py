@@ -4,13 +4,10 @@ Neither changes what is trained: the parameters and Adam's moments stay float32,
 the eager model's (no `_orig_mod.` prefixes), and a checkpoint of either loads into the other.
 """
 import contextlib
-import logging
 
 import torch
 
-from model import GRID_SIZE, ARCEncoder
-
-logger = logging.getLogger(__name__)
+from model import GRID_SIZE, ARCEncoder, full_precision
 
 PRECISIONS = ("32", "bf16-mixed")
 
@@ -27,7 +24,7 @@ def autocast(device, precision):
 def float32_outputs(out):
     """A forward pass's outputs with bf16 tensors back in float32: the losses' log-softmax and means over
     thousands of pixels lose digits in bf16's 8-bit mantissa, so they always run in float32."""
-    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in out.items()}
+    return {k: full_precision(v) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 def _probe(x):

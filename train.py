@@ -964,8 +964,6 @@ class Trainer:
     def _forward(self, model, batch):
         """The task's forward pass, under bf16 autocast for precision bf16-mixed; its outputs in float32 for the
         losses (speed.float32_outputs)."""
-        if self.config.precision == "32":
-            return self.task.forward(model, batch, self.generator)
         with speed.autocast(self.device, self.config.precision):
             out = self.task.forward(model, batch, self.generator)
         return speed.float32_outputs(out)
