@@ -31,20 +31,30 @@ def _probe(x):
     return torch.nn.functional.gelu(x) * 2 + 1
 
 
+# torch.compile's backend: inductor generates C++ (CPU) or Triton (CUDA) kernels.
+BACKEND = "inductor"
+
 # What a failing backend raises: dynamo wraps the compiler's own error (a missing C++ compiler is a
 # BackendCompilerFailed around an InductorError or an OSError), and a backend that cannot start raises OSError.
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, OSError, RuntimeError)
+# What a backend that fails inside a real step raises: only that, so that a training error is never taken for one.
+STEP_COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed,)
 
 
 def compile_problem(device):
     """Why torch.compile cannot run on this device here, or None: a tiny function compiled and run once (a few
     seconds), so that a missing backend is found before training starts rather than inside its first step."""
     try:
-        torch.compile(_probe, fullgraph=True)(torch.ones(8, device=device))
+        torch.compile(_probe, fullgraph=True, backend=BACKEND)(torch.ones(8, device=device))
     except COMPILE_ERRORS as e:
-        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        return lines[0].strip()[:300]  # the cause; dynamo's advice on verbose logs follows it
+        return first_line(e)
     return None
+
+
+def first_line(error):
+    """A compile error's cause: its first line (dynamo's advice on verbose logs follows it)."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0].strip()[:300]
 
 
 # Entries dynamo keeps per compiled function before it gives up and runs it eager: the encoder's conv stack runs once
@@ -68,14 +78,23 @@ def compile_model(model, device):
             module.features = _compiled_features(module.features)
     for part, _ in model.shard_parts():
         if not any(isinstance(m, ARCEncoder) for m in part.modules()):
-            part.compile()
+            part.compile(backend=BACKEND)
     return None
+
+
+def uncompile_model(model):
+    """Undo compile_model in place: the model runs eager again (its backend failed inside a step)."""
+    for module in model.modules():
+        if isinstance(module, ARCEncoder):
+            module.__dict__.pop("features", None)  # back to the class's own method
+    for part, _ in model.shard_parts():
+        part._compiled_call_impl = None  # what nn.Module.compile set; None is how nn.Module runs eager
 
 
 def _compiled_features(features):
     """An ARCEncoder's features() compiled per crop side, the batch dimension dynamic from the first call: the
     buckets of every batch hold other numbers of grids."""
-    compiled = torch.compile(features)
+    compiled = torch.compile(features, backend=BACKEND)
 
     def compiled_features(grids, side=GRID_SIZE, keep_map=False):
         grids = grids[:, :side, :side]

@@ -973,6 +973,32 @@ class Trainer:
         return loss_fn(out, batch) if self.batch_group is None else loss_fn(out, batch, self.batch_group)
 
     def _train_step(self, model, loss_fn, batch):
+        return self._eager_if_compile_fails(model, lambda: self._step(model, loss_fn, batch))
+
+    def _eager_if_compile_fails(self, model, run):
+        """run(); with a compiled model whose backend fails inside it, once more eager from the same state: a
+        compiled model compiles again whenever it first meets a new shape, well after the probe passed."""
+        if not self.compiled:
+            return run()
+        before = self._state_before_step(model)
+        try:
+            return run()
+        except speed.STEP_COMPILE_ERRORS as e:
+            self._restore_state_before_step(model, before)
+            self._fall_back_to_eager(e)
+            return run()
+
+    def _fall_back_to_eager(self, error):
+        """The backend failed inside a step, where the probe passed: warn once, and go on eager."""
+        speed.uncompile_model(self.raw_model)
+        self.compiled, self._compile_report = False, None
+        reason = speed.first_line(error)
+        logger.warning("compile: torch.compile failed inside step %d (%s); training goes on eager",
+                       self.global_step + 1, reason)
+        self.publish({"type": "compile", "compiled": False, "reason": reason, "seconds": None,
+                      "global_step": self.global_step})
+
+    def _step(self, model, loss_fn, batch):
         before = self._state_before_step(model)
         out = self._forward(model, batch)
         loss, sums = self._loss(loss_fn, out, batch)
@@ -1010,7 +1036,7 @@ class Trainer:
         total, messages, sample = {}, [], None
         for i in range(len(batches)):
             batch = self._to_device(batches.batch(0, i))
-            out = self._forward(model, batch)
+            out = self._eager_if_compile_fails(model, lambda: self._forward(model, batch))
             add_into(total, self._loss(loss_fn, out, batch)[1])
             message = message_ids(out)
             if message is not None:

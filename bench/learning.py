@@ -9,7 +9,7 @@ is never used to choose anything.
 Each row trains one of train.py's presets (train.PRESETS), by time here: `python train.py --preset selection` trains
 the selection_3 row's config for the epochs that take about the same 200 s.
 
-    python bench/learning.py                  # full run, about 50 minutes on 2 cores
+    python bench/learning.py                  # full run, about 90 minutes on 2 cores (bf16 rows included)
     python bench/learning.py --quick          # under a minute, tiny budgets, same table shape
     python bench/learning.py --rows selection_3 --seeds 1 --budget-seconds 60 --set learning_rate=0.003
 """
@@ -45,6 +45,7 @@ class Row:
     targets: dict  # metric -> minimum on the test split
     seeds: int = 3  # seeds in the full run
     extras: tuple = field(default=())  # further measurements: "shuffle", "capacity"
+    changes: tuple = field(default=())  # (field, value) pairs over the preset: a variant of its row
 
     @property
     def title(self):
@@ -52,7 +53,7 @@ class Row:
 
     @property
     def config(self):
-        return dict(PRESETS[self.preset].values)
+        return {**PRESETS[self.preset].values, **dict(self.changes)}
 
 
 ROWS = {
@@ -63,6 +64,10 @@ ROWS = {
     "puzzle_classification": Row("puzzles", {"acc": 0.50}, seeds=1),
     "puzzle_classification_pairs": Row("puzzle-pairs", {"acc": 0.50}, seeds=1),
 }
+# The same rows in bf16 mixed precision, held to the same targets: a faster step buys more steps in the budget.
+BF16 = (("precision", "bf16-mixed"),)
+ROWS.update({f"{name}_bf16": Row(ROWS[name].preset, ROWS[name].targets, changes=BF16)
+             for name in ("selection_3", "selection_15", "reconstruction_autoencoder", "reconstruction_communication")})
 
 QUICK_BUDGET_SECONDS = 3.0
 QUICK_EVAL_UNITS = 48  # quick mode validates and tests on this many evenly spread units of each split
@@ -235,7 +240,8 @@ def row_lines(name, row, results):
         for reader in ("nearest", "linear"):
             lines.append((name, f"test top-1, {reader} on pattern bags", spread(r["patterns"][reader] for r in results),
                           "no network", "-", "-"))
-    runs = (f"preset {row.preset}, {len(results)} seed(s), {round(statistics.mean(r['steps'] for r in results))} steps, "
+    changes = "".join(f" with {k}={v}" for k, v in row.changes)
+    runs = (f"preset {row.preset}{changes}, {len(results)} seed(s), {round(statistics.mean(r['steps'] for r in results))} steps, "
             f"{mean('epochs'):.1f} ep, {mean('seconds'):.0f}s, weights {'/'.join(r['weights'] for r in results)}")
     lines.append((name, "runs", runs, "", "", ""))
     return lines

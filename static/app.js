@@ -831,7 +831,7 @@ const HANDLERS = {
   },
   compile: (d) => {
     if (d.compiled) toast(`Compiled the model and ran its first step in ${formatNumber(d.seconds)} s`, "info");
-    else toast(`Compile: torch.compile cannot run here (${d.reason}); training runs eager instead`, "error");
+    else toast(`Compile: torch.compile failed (${d.reason}); training goes on eager`, "error");
   },
   training_started: onTrainingStarted,
   training_stopped: (d) => onTrainingEnded("stopped", d),

@@ -99,3 +99,63 @@ def test_compile_without_a_cxx_compiler_warns_once_and_trains_eager(small_data, 
     assert "training runs eager instead" in warnings[0]
     assert "Traceback" not in result.stderr and ", compiled" not in result.stdout
     assert (newest_run_checkpoints(tmp_path / "ck") / "best_model.pth").exists()
+
+
+def events_of(tmp_path, data, **changes):
+    """A trainer on a tiny config and the events it publishes."""
+    events = []
+    trainer = Trainer(tiny_config(tmp_path / "ck", **changes), data, "cpu", str(tmp_path / "ck"), events.append)
+    return trainer, events
+
+
+def test_a_compiled_run_reports_its_compile_time_and_its_checkpoints_load_into_eager_models_and_back(
+        small_data, tmp_path, monkeypatch):
+    # aot_eager traces and wraps the model as inductor does, without generating C++ (a minute on these cores)
+    monkeypatch.setattr(speed, "BACKEND", "aot_eager")
+    _, data = small_data
+    compiled, events = events_of(tmp_path / "a", data, bottleneck_type="autoencoder", compile=True, max_steps=3)
+    compiled.train()
+    reports = [e for e in events if e["type"] == "compile"]
+    assert compiled.compiled and len(reports) == 1 and reports[0]["compiled"] and reports[0]["seconds"] > 0
+    path = str(newest_run_checkpoints(tmp_path / "a" / "ck") / "final_model.pth")
+    record = torch.load(path)
+    assert record["config"]["compile"] is True
+    assert not [k for k in record["model_state_dict"] if "_orig_mod" in k]
+    eager = built(tmp_path / "b", data, bottleneck_type="autoencoder")
+    eager.model.load_state_dict(record["model_state_dict"])  # strict: the same keys
+    batch = eager._to_device(eager.train_batches.batch(0, 0))
+    with torch.no_grad():
+        compiled.model.eval(), eager.model.eval()
+        ran_compiled = compiled._forward(compiled.model, batch)["colors"]
+        ran_eager = eager._forward(eager.model, batch)["colors"]
+    assert torch.allclose(ran_compiled, ran_eager, atol=1e-5)
+    again, _ = events_of(tmp_path / "c", data, bottleneck_type="autoencoder", compile=True, max_steps=5)
+    again.resume(path)  # and back: an eager-loadable checkpoint resumes compiled
+    again.train()
+    assert again.compiled and again.global_step == 5
+
+
+def test_a_backend_that_fails_inside_a_step_warns_once_and_the_run_goes_on_eager_exactly(
+        small_data, tmp_path, monkeypatch, caplog):
+    graphs = []
+
+    def fails_after_the_probe(graph, example_inputs):
+        graphs.append(graph)
+        if len(graphs) > 1:
+            raise RuntimeError("the backend broke on this graph")
+        return graph.forward
+
+    monkeypatch.setattr(speed, "BACKEND", fails_after_the_probe)
+    _, data = small_data
+    with caplog.at_level(logging.WARNING, logger="train"):
+        trainer, events = events_of(tmp_path / "a", data, compile=True, max_steps=3)
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
+    assert len(graphs) == 2 and len(warnings) == 1, warnings  # the probe, then the step's first graph
+    assert "torch.compile failed inside step 1" in warnings[0] and "the backend broke" in warnings[0]
+    reports = [e for e in events if e["type"] == "compile"]
+    assert [r["compiled"] for r in reports] == [False] and not trainer.compiled
+    eager, _ = events_of(tmp_path / "b", data, max_steps=3)
+    eager.train()  # the failed step was taken again from the same state: the two runs are one run
+    for name, value in eager.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
