@@ -52,8 +52,11 @@ def compile_problem(device):
 
 
 def first_line(error):
-    """A compile error's cause: its first line (dynamo's advice on verbose logs follows it)."""
-    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    """A compile error's cause: the first line of what the backend raised (dynamo wraps it in a BackendCompilerFailed
+    whose own first line names only the backend, and follows it with advice on verbose logs)."""
+    inner = getattr(error, "inner_exception", None)
+    text = str(error) if inner is None else f"{type(inner).__name__}: {inner}"
+    lines = [line for line in text.splitlines() if line.strip()] or [type(error).__name__]
     return lines[0].strip()[:300]
 
 

@@ -1,9 +1,10 @@
 """Training throughput of the default model through the real Trainer: every task and bottleneck in precision 32 and
 bf16-mixed, eager and compiled, side by side in one run, against the machine's matmul peak measured in the same run.
 
-    python bench/throughput.py           # 4 modes x 6 task/bottlenecks, 10 + 40 steps a row (about 25 minutes:
-                                         # each compiled row spends about a minute compiling)
-    python bench/throughput.py --quick   # eager rows only (32 and bf16-mixed), 3 + 10 steps (under a minute)
+    python bench/throughput.py           # 4 modes x 6 task/bottlenecks, 10 + 40 steps a row (about 43 minutes:
+                                         # each compiled row spends 76-102 s compiling)
+    python bench/throughput.py --quick   # eager rows (32, bf16-mixed) of reconstruction and selection with the
+                                         # message, 3 + 10 steps (under a minute)
     python bench/throughput.py --tasks selection --bottlenecks communication   # one pair, all 4 modes
 
 Each row runs in a process of its own (so that its peak resident memory is its own, and each compile starts from
@@ -17,9 +18,10 @@ Adam) of 4 batches before the timed run; a compiled row does the same arithmetic
 figure. Achieved GFLOP/s = GFLOP per example x examples/s. The peak is a 2048 x 2048 matmul in float32 and in
 bfloat16 on this process's threads, best of 5, measured before the rows and again after them.
 
-Why compile may not pay: an eager row's profile (torch.profiler over 5 steps) gives the share of its time spent in
-oneDNN's convolutions and matmuls, the kernels inductor calls unchanged on CPU. Compile can only shrink the rest, so
-1 / that share bounds what it can gain ("compile ceiling").
+Where the time goes: an eager row's profile (torch.profiler over 5 steps) gives the share of its time spent in
+oneDNN's convolutions and matmuls, the kernels inductor calls unchanged on CPU, and so the rate inside them. Compile
+can only shrink the rest, so 1 / that share bounds what it can gain ("compile's ceiling"). The profiler's cost per op
+inflates the small ops, so the share is a lower bound, and the ceiling and the rate inside the kernels upper bounds.
 """
 import argparse
 import json
@@ -95,7 +97,9 @@ def flops_per_example(trainer):
 
 
 def library_share(trainer):
-    """Share of PROFILE_STEPS training steps' CPU time spent in LIBRARY_OPS (their own time, not their children's)."""
+    """Share of PROFILE_STEPS training steps' CPU time spent in LIBRARY_OPS (their own time, not their children's).
+    The profiler's cost per op inflates the many small ops around the kernels, so this is a lower bound of the
+    kernels' share (and 1 / share an upper bound of what compiling the rest can gain)."""
     loss_fn = trainer.task.loss
     batches = [trainer._to_device(trainer.train_batches.batch(0, i)) for i in range(PROFILE_STEPS)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -126,11 +130,14 @@ def measure(data, task, bottleneck, precision, compiled, warmup, steps, device):
                          max_steps=warmup + steps, device=device)
     stamps, validations, sizes, build, compile_events = [], [], {}, {}, []
     state = {"step": None}
+    watch = LoadWatch()  # from the last warm-up step: compiling runs in worker processes, which are not "others"
 
     def publish(event):
         if event["type"] == "batch":
             sync(device)
             stamps.append((time.perf_counter(), event["global_step"], graphs_compiled()))
+            if event["global_step"] == warmup:
+                watch.start()
         elif event["type"] == "validation":
             validations.append(time.perf_counter())
         elif event["type"] == "compile":
@@ -162,6 +169,7 @@ def measure(data, task, bottleneck, precision, compiled, warmup, steps, device):
 
         trainer.train_batches.batch, trainer._to_device = timed_batch, timed_to_device
         trainer.train()
+        others = watch.read()[1]
         peak_mb = memory_mb(device, peak=True)
         trainer.train_batches.batch, trainer._to_device = real_batch, real_to_device
         trainer.manager = None  # closed with the run; the profiled steps below save nothing
@@ -187,17 +195,15 @@ def measure(data, task, bottleneck, precision, compiled, warmup, steps, device):
         "compile_seconds": done[0]["seconds"] if done else None,
         "fell_back": [e["reason"] for e in compile_events if not e["compiled"]],
         "graphs": graphs_compiled() if compiled else None,
-        "setup_mb": setup_mb, "peak_mb": peak_mb,
+        "setup_mb": setup_mb, "peak_mb": peak_mb, "others": others,
     }
 
 
 def run_row(args):
     task, bottleneck, precision, compiled = args.row
     torch.set_num_threads(args.threads)
-    watch = LoadWatch()
     data = load_data("arcagi")
     result = measure(data, task, bottleneck, precision, compiled == "compile", args.warmup, args.steps, args.device)
-    result["others"] = watch.read()[1]
     print("ROW " + json.dumps(result), flush=True)
 
 
@@ -238,7 +244,7 @@ def print_rows(rows, peaks):
           "twin's); of peak = achieved over the matmul peak of the row's dtype, of bf16 = over the bf16 peak; peak "
           "MB = the row's process's peak resident memory, + train MB = its rise after setup; build = batch building's "
           "share of step time; compile = seconds to compile and run the first step; others = cores other processes "
-          "used meanwhile)")
+          "used during the timed steps)")
 
 
 def twin(rows, row, precision, compiled):
@@ -251,6 +257,8 @@ def print_targets(rows, peaks):
     for task in ("reconstruction", "selection"):
         pairs = [(r, twin(rows, r, "32", False)) for r in rows
                  if r["task"] == task and r["precision"] == "bf16-mixed" and not r["compiled"]]
+        if not pairs:
+            continue
         shown = ", ".join(f"{r['bottleneck']} {r['rate'] / base['rate']:.2f}x" for r, base in pairs)
         ok = all(r["rate"] / base["rate"] >= BF16_TARGET for r, base in pairs)
         print(f"  bf16-mixed >= {BF16_TARGET}x the examples/s of 32, {task}: {shown}: {verdict(ok)}"
@@ -260,6 +268,19 @@ def print_targets(rows, peaks):
     print(f"  best mode >= {PEAK_SHARE_TARGET:.0%} of the bf16 matmul peak ({peaks['bf16']:.0f} GFLOP/s): "
           f"{best['task']}/{best['bottleneck']}/{mode_name(best['precision'], best['compiled'])} at {share:.1%}: "
           f"{verdict(share >= PEAK_SHARE_TARGET)}")
+    for r in rows:
+        if not r["compiled"] and r["library_share"]:
+            print(f"    why, {r['task']}/{r['bottleneck']}/{r['precision']}: {kernel_line(r, peaks)}")
+
+
+def kernel_line(row, peaks):
+    """Where an eager row's time goes: its convs' and matmuls' share of the step, and the rate inside them."""
+    # FlopCounterMode counts convs' and matmuls' FLOPs alone; with the share a lower bound, this is an upper bound
+    inside = row["flops"] * row["rate"] / row["library_share"] / 1e9
+    peak = peaks["bf16" if row["precision"] == "bf16-mixed" else "32"]
+    return (f"oneDNN convs and matmuls hold {row['library_share']:.0%} of the step and run at {inside:.0f} GFLOP/s "
+            f"inside ({inside / peak:.0%} of the {row['precision']} peak); the other {1 - row['library_share']:.0%} "
+            f"is casts, elementwise ops, softmax, Adam and the loop")
     compiled = [r for r in rows if r["compiled"]]
     if not compiled:
         print(f"  compile >= {COMPILE_TARGET}x its eager twin: not measured (no compiled rows in this run)")
@@ -274,6 +295,8 @@ def print_targets(rows, peaks):
               f"{r['compiling_steps']} timed steps compiled anew (left out)")
     for task, goal in OLD_TARGETS.items():
         measured = [r for r in rows if r["task"] == task and r["precision"] == "32" and not r["compiled"]]
+        if not measured:
+            continue
         shown = ", ".join(f"{r['bottleneck']} {r['rate']:.1f}/s" for r in measured)
         print(f"  an earlier round's: {task} at 32 >= {goal:.0f} examples/s: {shown}: "
               f"{verdict(all(r['rate'] >= goal for r in measured))}")
@@ -285,8 +308,10 @@ def print_targets(rows, peaks):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="eager rows only, fewer steps: under a minute")
-    parser.add_argument("--tasks", nargs="+", choices=TASK_TYPES, default=list(TASK_TYPES))
-    parser.add_argument("--bottlenecks", nargs="+", choices=BOTTLENECK_TYPES, default=list(BOTTLENECK_TYPES))
+    parser.add_argument("--tasks", nargs="+", choices=TASK_TYPES, default=None,
+                        help="default: every task (--quick: reconstruction, selection)")
+    parser.add_argument("--bottlenecks", nargs="+", choices=BOTTLENECK_TYPES, default=None,
+                        help="default: both (--quick: communication)")
     parser.add_argument("--row", nargs=4, help=argparse.SUPPRESS)  # TASK BOTTLENECK PRECISION eager|compile
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -298,6 +323,8 @@ def main():
     if args.row:
         return run_row(args)
     warmup, steps = (3, 10) if args.quick else (10, 40)
+    args.tasks = args.tasks or (["reconstruction", "selection"] if args.quick else list(TASK_TYPES))
+    args.bottlenecks = args.bottlenecks or (["communication"] if args.quick else list(BOTTLENECK_TYPES))
     modes = [m for m in MODES if not (args.quick and m[1])]
     header("training throughput by precision and compile, default TrainConfig, ARC-AGI-1, real Trainer path")
     print(f"targets: bf16-mixed >= {BF16_TARGET}x 32 (reconstruction, selection); best mode >= "
@@ -310,7 +337,7 @@ def main():
     print(f"before start: other processes kept {idle_check():.2f} cores busy")
     started = time.perf_counter()
     peaks = {"32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
-    watch, rows = LoadWatch(), []
+    rows = []
     for task in args.tasks:
         for bottleneck in args.bottlenecks:
             for precision, compiled in modes:
@@ -318,10 +345,9 @@ def main():
                     wait_for_idle(args.wait_idle)
                 rows.append(row_in_child(task, bottleneck, precision, compiled, warmup, steps, args.threads,
                                          args.device))
-                if not compiled:
-                    rows[-1]["flops"] = rows[-1]["flops_per_example"]
-                else:
-                    rows[-1]["flops"] = twin(rows, rows[-1], precision, False)["flops_per_example"]
+                row = rows[-1]
+                eager = row if not compiled else twin(rows, row, precision, False)
+                row["flops"] = eager["flops_per_example"]
                 print(f"# {task}/{bottleneck}/{mode_name(precision, compiled)}: {rows[-1]['rate']:.1f} examples/s",
                       file=sys.stderr, flush=True)
     after = {"32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
@@ -329,7 +355,9 @@ def main():
     print(f"\nmatmul peak, best of 5, {where}: float32 {peaks['32']:.1f} GFLOP/s, "
           f"bfloat16 {peaks['bf16']:.1f} GFLOP/s (after the rows: {after['32']:.1f} / {after['bf16']:.1f})\n")
     print_rows(rows, peaks)
-    print(watch.line())
+    busiest = max(rows, key=lambda r: r["others"])
+    print(f"load: other processes kept at most {busiest['others']:.2f} cores busy during a row"
+          f"{caveat(busiest['others'])}")
     print_targets(rows, peaks)
     print(f"total bench time {time.perf_counter() - started:.1f} s")
 

@@ -117,7 +117,7 @@ def test_a_compiled_run_reports_its_compile_time_and_its_checkpoints_load_into_e
     compiled.train()
     reports = [e for e in events if e["type"] == "compile"]
     assert compiled.compiled and len(reports) == 1 and reports[0]["compiled"] and reports[0]["seconds"] > 0
-    path = str(newest_run_checkpoints(tmp_path / "a" / "ck") / "final_model.pth")
+    path = str(newest_run_checkpoints(tmp_path / "a" / "ck") / "best_model.pth")
     record = torch.load(path)
     assert record["config"]["compile"] is True
     assert not [k for k in record["model_state_dict"] if "_orig_mod" in k]
