@@ -575,3 +575,73 @@ def test_the_web_app_lists_what_is_only_on_the_mirror_and_restores_it(s3, tmp_pa
         assert foreign.status_code == 403
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------- the gaps of issue 21
+
+def local_checkpoint(root, name, seed=0):
+    """A real (small) checkpoint saved in a new run of a local root: (run id, its sidecar)."""
+    from test_checkpoint import record_fields
+    run_id = catalogue.new_run_id()
+    catalogue.create_run(str(root), run_id, {"phase": "training"})
+    folder = catalogue.checkpoint_folder(str(root), run_id)
+    return run_id, ckpt.save_full_checkpoint(folder, **record_fields(name, folder=folder, seed=seed))
+
+
+def test_concurrent_restores_of_one_checkpoint_restore_it_once(s3, tmp_path, arc_data):
+    import threading
+
+    from conftest import EventReader
+    from test_faults import temporaries
+    root = tmp_path / "ck"
+    run_id, sidecar = local_checkpoint(root, "wanted")
+    folder = pathlib.Path(catalogue.checkpoint_folder(str(root), run_id))
+    target = remote.ObjectRoot(f"s3://{s3.new_bucket()}/app")
+    target.upload(str(folder / sidecar["file"]), sidecar, run_id, "wanted")
+    ckpt.delete_checkpoint(str(folder / sidecar["file"]))  # now only on the mirror
+    ident = catalogue.checkpoint_id(run_id, "wanted")
+    server = LiveServer(build_app(root, arc_data, MIRROR=mirror.Mirror(str(root), target, None, retention="local")))
+    reader = EventReader(server.url)
+    listings, done = [], threading.Event()
+
+    def keep_listing():  # what the page would show meanwhile
+        while not done.is_set():
+            rows = requests.get(server.url + "/list_checkpoints", timeout=30).json()["checkpoints"]
+            listings.append([r for r in rows if r["id"] == ident])
+    try:
+        lister = threading.Thread(target=keep_listing)
+        lister.start()
+        wait_for(lambda: listings, what="a first listing")
+        clicks, answers = threading.Barrier(8), [None] * 8
+
+        def click(i):
+            clicks.wait()  # all at once
+            answers[i] = requests.post(f"{server.url}/checkpoints/{ident}/restore", json={}, timeout=30)
+        threads = [threading.Thread(target=click, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for answer in answers:
+            assert answer.status_code in (202, 409), answer.text
+            body = answer.json()
+            assert body == {"restoring": ident} if answer.status_code == 202 else "already here" in body["error"]
+        wait_for(lambda: requests.get(server.url + "/status", timeout=10).json()["mirror"]["pending"] == 0,
+                 what="the mirror to be idle")
+        done.set()
+        lister.join(60)
+        last = requests.get(server.url + "/status", timeout=10).json()["last_event_id"]
+        wait_for(lambda: reader.events and reader.events[-1][0] >= last, what="every event so far")
+        assert len(reader.named("checkpoint_restored")) == 1 and reader.named("mirror_error") == []
+        # Never listed twice or damaged on the way; here once it is done, whole, and marked mirrored.
+        assert all(len(rows) == 1 and not rows[0]["damaged"] for rows in listings), listings
+        [row] = [r for r in requests.get(server.url + "/list_checkpoints", timeout=10).json()["checkpoints"]
+                 if r["id"] == ident]
+        assert row["location"] is None and row["sha256"] == sidecar["sha256"] and row["mirror"]["state"] == "mirrored"
+        assert ckpt.verify(row["path"]) == (True, "size and SHA-256 match")
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["wanted.json", "wanted.pth"]
+        assert temporaries(root) == []
+    finally:
+        done.set()
+        reader.close()
+        server.close()
