@@ -134,7 +134,9 @@ class Mirror:
 
     def _put(self, job):
         with self._cond:
-            if job not in self._jobs:  # a second upload of a name still queued would send the same bytes
+            # A second upload of a name still queued would send the same bytes; a second restore of one under way
+            # would fetch the same checkpoint (an upload under way is queued again: the name may be saved anew).
+            if job not in self._jobs and not (job[0] == "restore" and job == self._current):
                 self._jobs.append(job)
             self._cond.notify_all()
 
