@@ -25,6 +25,8 @@ ATTEMPTS = 6
 FIRST_BACKOFF = 1.0  # seconds before the second attempt; doubled each time, up to MAX_BACKOFF
 MAX_BACKOFF = 60.0
 JOIN_TIMEOUT = 30.0  # seconds close() waits for the upload in progress to stop
+ACTIVE = {"upload": "uploading", "delete": "deleting", "restore": "restoring"}  # the state while serving a job
+BUSY = (*ACTIVE.values(), "retrying")
 
 
 def check_retention(value):
@@ -41,8 +43,10 @@ class Mirror:
         self.checkpoint_dir, self.target, self.publish = checkpoint_dir, target, publish
         self.retention = check_retention(retention)
         self.attempts, self.first_backoff, self.max_backoff = attempts, first_backoff, max_backoff
-        self._jobs = collections.deque()  # ("upload" | "delete", run_id, name), oldest first
+        self._jobs = collections.deque()  # ("upload" | "delete" | "restore", run_id, name), oldest first
         self._current = None
+        self._state = "idle"  # what status() says: idle, uploading, deleting, restoring, retrying, failed, stopped
+        self._last_error = None  # the last mirror_error: {"error", "action", "id", "attempt", "attempts", "at"}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = None
@@ -68,6 +72,7 @@ class Mirror:
         with self._cond:
             left = len(self._jobs) + (self._current is not None)
             self._jobs.clear()
+            self._state = "stopped"
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(JOIN_TIMEOUT)  # an upload stops at its next piece; one piece can hang on the network
@@ -87,8 +92,12 @@ class Mirror:
             return len(self._jobs) + (self._current is not None)
 
     def status(self):
-        """A plain dict for the status: where to, how many jobs wait, the retention."""
-        return {"url": self.url, "pending": self.pending(), "retention": self.retention}
+        """A plain dict for the status: where to (redacted), what it is doing, how many jobs wait (the one in
+        progress included), the retention, and the last error (None before one)."""
+        with self._cond:  # a job that has said how it ended (its event may be going out now) waits no more
+            busy = self._current is not None and self._state in BUSY
+            return {"url": self.target.redact(self.url), "state": self._state, "pending": len(self._jobs) + busy,
+                    "retention": self.retention, "last_error": dict(self._last_error) if self._last_error else None}
 
     # ---- jobs
 
@@ -147,6 +156,7 @@ class Mirror:
                 if self._stop.is_set():
                     return
                 self._current = self._jobs.popleft()
+                self._state = ACTIVE[self._current[0]]
             try:
                 self._serve(*self._current)
             except Exception:  # the mirror outlives any job; the next checkpoint is still mirrored
@@ -154,11 +164,15 @@ class Mirror:
             finally:
                 with self._cond:
                     self._current = None
+                    if self._state in BUSY:  # a job that ended without saying how (stopped, or a bug)
+                        self._state = "idle"
                     self._cond.notify_all()
 
     def _serve(self, action, run_id, name):
         ident = catalogue.checkpoint_id(run_id, name)
         for attempt in range(1, self.attempts + 1):
+            if attempt > 1:
+                self._set_state(ACTIVE[action])  # retrying no more: trying
             try:
                 done = {"upload": self._upload, "delete": self._delete, "restore": self._restore}[action](
                     run_id, name)
@@ -166,6 +180,10 @@ class Mirror:
                 message = self.target.redact(str(e))
                 last = attempt == self.attempts or self._stop.is_set()
                 retry_in = None if last else min(self.max_backoff, self.first_backoff * 2 ** (attempt - 1))
+                # the state before the event: a status sent on it says what the mirror does now
+                self._set_state("failed" if last else "retrying", {
+                    "error": message, "action": action, "id": ident, "attempt": attempt, "attempts": self.attempts,
+                    "at": ckpt.utc_now()})
                 self.publish({"type": "mirror_error", "id": ident, "run_id": run_id, "name": name,
                               "action": action, "attempt": attempt, "attempts": self.attempts, "error": message,
                               "retry_in": retry_in, "url": self.url})
@@ -177,11 +195,19 @@ class Mirror:
                 if self._stop.wait(retry_in):
                     return
                 continue
+            self._set_state("idle")
             if done is not None:
                 kind = {"upload": "checkpoint_mirrored", "delete": "mirror_deleted", "restore": "checkpoint_restored"}
                 self.publish({"type": kind[action], "id": ident, "run_id": run_id, "name": name, "url": self.url,
                               **done})
             return
+
+    def _set_state(self, state, error=None):
+        with self._cond:
+            if self._state != "stopped":
+                self._state = state
+            if error is not None:
+                self._last_error = error
 
     def _upload(self, run_id, name):
         entry = _local_entry(self.checkpoint_dir, run_id, name)
