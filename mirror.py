@@ -21,7 +21,8 @@ import remote
 logger = logging.getLogger(__name__)
 
 RETENTION_CHOICES = ("both", "local")
-ATTEMPTS = 6
+RETRIES = 5  # after a job's first attempt fails (--mirror-retries): 6 attempts in all
+MAX_RETRIES = 100  # with the backoff capped at MAX_BACKOFF, over an hour and a half of retrying
 FIRST_BACKOFF = 1.0  # seconds before the second attempt; doubled each time, up to MAX_BACKOFF
 MAX_BACKOFF = 60.0
 JOIN_TIMEOUT = 30.0  # seconds close() waits for the upload in progress to stop
@@ -35,10 +36,17 @@ def check_retention(value):
     return value
 
 
+def check_retries(value):
+    """value, a whole number of retries from 0 to MAX_RETRIES; ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise ValueError(f"mirror_retries must be a whole number from 0 to {MAX_RETRIES}, not {value!r}")
+    return value
+
+
 class Mirror:
     """Uploads the checkpoints of a local root to an ObjectRoot, and deletes there what retention deletes here."""
 
-    def __init__(self, checkpoint_dir, target, publish, retention="both", attempts=ATTEMPTS,
+    def __init__(self, checkpoint_dir, target, publish, retention="both", attempts=RETRIES + 1,
                  first_backoff=FIRST_BACKOFF, max_backoff=MAX_BACKOFF):
         self.checkpoint_dir, self.target, self.publish = checkpoint_dir, target, publish
         self.retention = check_retention(retention)
@@ -285,8 +293,9 @@ def _mirrored(sidecar, url):
         and state.get("sha256") == sidecar.get("sha256")
 
 
-def open_mirror(url, storage_options, checkpoint_dir, publish, retention="both"):
-    """A started Mirror to url, after checking at start-up that it can be listed and written (RemoteError)."""
+def open_mirror(url, storage_options, checkpoint_dir, publish, retention="both", retries=RETRIES):
+    """A started Mirror to url, after checking at start-up that it can be listed and written (RemoteError); each
+    job is tried once and then up to `retries` times more."""
     target = remote.ObjectRoot(url, storage_options)
     target.check()
-    return Mirror(checkpoint_dir, target, publish, retention=retention).start()
+    return Mirror(checkpoint_dir, target, publish, retention=retention, attempts=check_retries(retries) + 1).start()

@@ -1229,6 +1229,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every option's default, and the presets' table (the epilog) as written."""
 
 
+def retries_flag(text):
+    """argparse type of --mirror-retries: a whole number from 0 to mirror.MAX_RETRIES."""
+    try:
+        return mirror.check_retries(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of retries from 0 to {mirror.MAX_RETRIES}, "
+                                         f"got {text!r}") from None
+
+
 def _parse_bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -1284,6 +1293,10 @@ def build_parser(add_help=True):
                         "here, to this fsspec URL (e.g. s3://bucket/prefix), in the background")
     parser.add_argument("--mirror-retention", choices=mirror.RETENTION_CHOICES, default="both",
                         help="what retention deletes here it deletes on the mirror too (both), or not (local)")
+    parser.add_argument("--mirror-retries", type=retries_flag, default=mirror.RETRIES, metavar="N",
+                        help=f"a failed upload or delete is tried again up to N times (0-{mirror.MAX_RETRIES}), "
+                        f"after {mirror.FIRST_BACKOFF:g} s, then twice as long each time, at most "
+                        f"{mirror.MAX_BACKOFF:g} s; then it waits for the next start")
     parser.add_argument("--mirror-wait", type=shutdown.seconds, default=300.0, metavar="SECONDS",
                         help="at the end, how long uploads still queued may take; those left are uploaded at the "
                         "next start with the same --mirror")
@@ -1584,7 +1597,7 @@ def open_cli_mirror(args, config, progress):
         return None
     options = remote.parse_storage_options(args.storage_options)
     uploads = mirror.open_mirror(args.mirror, options, config.checkpoint_dir, progress,
-                                 retention=args.mirror_retention)
+                                 retention=args.mirror_retention, retries=args.mirror_retries)
     uploads.catch_up()
     return uploads
 

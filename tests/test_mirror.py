@@ -645,3 +645,62 @@ def test_concurrent_restores_of_one_checkpoint_restore_it_once(s3, tmp_path, arc
         done.set()
         reader.close()
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------- --mirror-retries
+
+@pytest.mark.parametrize("program", ["train.py", "app.py"])
+@pytest.mark.parametrize("value", ["-1", "101", "2.5", "many"])
+def test_a_bad_mirror_retries_is_a_one_line_error(program, value, capsys):
+    import app
+    with pytest.raises(SystemExit) as exit_:
+        (train.main if program == "train.py" else app.main)(["--mirror-retries", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{program}: error: argument --mirror-retries: expected a whole number of retries from 0 "
+                          f"to 100, got {value!r}"), err
+
+
+DENY_UPLOADS = {"Version": "2012-10-17", "Statement": [  # listing and the start-up probe pass; uploads do not
+    {"Effect": "Allow", "Action": "*", "Resource": "*"},
+    {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::*/lab/runs/*"}]}
+
+
+def test_mirror_retries_sets_how_often_a_failed_upload_is_tried(capsys, tmp_path, tasks, arc_data, monkeypatch):
+    import app
+    store = S3Server(auth=True, policy=DENY_UPLOADS).start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{store.new_bucket()}/lab"
+        for retries in (0, 1):  # train.py: 1, then 2 attempts, each line saying which of how many
+            root = tmp_path / f"ck{retries}"
+            code, out, err = train_cli(capsys, root, tasks, "--max-steps", "2", "--mirror", url,
+                                       "--mirror-retries", str(retries))
+            assert code == 0, err
+            run_id = only_run(root)
+            where = f"mirror_error: upload {run_id}:best_model -> {url}, attempt"
+            tries = [line for line in out.splitlines() if line.startswith(where)]
+            assert len(tries) == retries + 1 and all("access denied" in line for line in tries), out
+            assert tries[-1].startswith(f"{where} {retries + 1}/{retries + 1}: ")
+            assert tries[-1].endswith("gave up until the next start"), out
+            if retries:
+                assert tries[0].startswith(f"{where} 1/2: ") and tries[0].endswith("retrying in 1 s"), out
+            state = ckpt.read_sidecar(catalogue.locate(str(root), f"{run_id}:best_model").path)["mirror"]
+            assert state["state"] == "failed" and "access denied" in state["error"]
+        # app.py: the flag reaches its mirror, and the page's status says so.
+        root = tmp_path / "web"
+        run_id, _ = local_checkpoint(root, "kept")
+        args = app.build_parser().parse_args(["--checkpoint-dir", str(root), "--mirror", url, "--mirror-retries", "0"])
+        server = LiveServer(build_app(root, arc_data, MIRROR=app.open_mirror(args)))
+        try:
+            def status():
+                return requests.get(server.url + "/status", timeout=10).json()["mirror"]
+            wait_for(lambda: status()["state"] == "failed", what="the catch-up upload to fail")
+            error = status()["last_error"]
+            assert error["id"] == f"{run_id}:kept" and (error["attempt"], error["attempts"]) == (1, 1), error
+            assert "access denied" in error["error"] and store.secret not in json.dumps(status())
+        finally:
+            server.close()
+    finally:
+        store.stop()
