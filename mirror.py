@@ -26,6 +26,7 @@ MAX_RETRIES = 100  # with the backoff capped at MAX_BACKOFF, over an hour and a 
 FIRST_BACKOFF = 1.0  # seconds before the second attempt; doubled each time, up to MAX_BACKOFF
 MAX_BACKOFF = 60.0
 JOIN_TIMEOUT = 30.0  # seconds close() waits for the upload in progress to stop
+ABANDON_JOIN = 1.0  # seconds it waits once abandon() was called (a signal asked to exit now), or the job ended
 ACTIVE = {"upload": "uploading", "delete": "deleting", "restore": "restoring"}  # the state while serving a job
 BUSY = (*ACTIVE.values(), "retrying")
 
@@ -55,6 +56,7 @@ class Mirror:
         self._current = None
         self._state = "idle"  # what status() says: idle, uploading, deleting, restoring, retrying, failed, stopped
         self._last_error = None  # the last mirror_error: {"error", "action", "id", "attempt", "attempts", "at"}
+        self._abandoned = False
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = None
@@ -73,8 +75,8 @@ class Mirror:
         return self
 
     def close(self, timeout=None):
-        """Finish what is queued (within timeout seconds, if given), then stop; the number of jobs left undone
-        (their checkpoints are caught up at the next start)."""
+        """Finish what is queued (within timeout seconds, if given, or until abandon()), then stop; the number of
+        jobs left undone (their checkpoints are caught up at the next start)."""
         self.wait(timeout)
         self._stop.set()  # an upload in progress stops at its next piece, committing nothing
         with self._cond:
@@ -83,17 +85,33 @@ class Mirror:
             self._state = "stopped"
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT)  # an upload stops at its next piece; one piece can hang on the network
+            # The job in progress stops at its next piece, but one piece can hang on the network: it gets
+            # JOIN_TIMEOUT, or ABANDON_JOIN from abandon() on (a signal: exit now). One left running never wrote
+            # its sidecar object, so nothing of it is listed there.
+            with self._cond:
+                self._cond.wait_for(lambda: self._current is None or self._abandoned, JOIN_TIMEOUT)
+            self._thread.join(ABANDON_JOIN)
             if self._thread.is_alive():
-                logger.warning("mirror: an upload to %s did not stop within %g s; left to the next start",
-                               self.url, JOIN_TIMEOUT)
+                logger.warning("mirror: an upload to %s did not stop; left to the next start", self.url)
             self._thread = None
         return left
 
-    def wait(self, timeout=None):
-        """Block until the queue is empty and nothing is uploading; False if timeout passed first."""
+    def abandon(self):
+        """Stop waiting (a signal while close() waits): the job in progress stops at its next piece, committing
+        nothing, and what is queued is left to the next start's catch_up()."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._jobs and self._current is None, timeout)
+            self._abandoned = True
+            self._stop.set()
+            self._cond.notify_all()
+
+    def wait(self, timeout=None):
+        """Block until the queue is empty and nothing is uploading (or the mirror is abandoned); whether it is."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._idle() or self._abandoned, timeout)
+            return self._idle()
+
+    def _idle(self):
+        return not self._jobs and self._current is None
 
     def pending(self):
         with self._cond:

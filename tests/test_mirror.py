@@ -647,6 +647,57 @@ def test_concurrent_restores_of_one_checkpoint_restore_it_once(s3, tmp_path, arc
         server.close()
 
 
+def train_process(cwd, root, tasks, env, *flags):
+    """python train.py on the tiny model in a subprocess whose output is read as it comes (test_shutdown's)."""
+    import sys
+
+    from test_shutdown import ROOT, Process
+    return Process([sys.executable, os.path.join(ROOT, "train.py"), "--checkpoint-dir", str(root),
+                    "--data-dir", tasks, *TINY, *flags], cwd=str(cwd), env=env)
+
+
+def test_ctrl_c_while_train_py_waits_for_its_mirror_exits_at_once_and_the_next_start_uploads_the_rest(
+        s3, tmp_path, tasks):
+    import signal
+    import time
+
+    from s3server import HoldingProxy
+    from test_faults import temporaries
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lab"
+    proxy = HoldingProxy(s3.port)
+    proxy.hold(f"PUT /{bucket}/lab/runs/".encode())  # the first upload's first request: the store hangs on it
+    root = tmp_path / "ck"
+    try:
+        run = train_process(tmp_path, root, tasks, {**os.environ, **proxy.environment(s3)}, "--max-steps", "3",
+                            "--mirror", url)
+        run.wait_line(lambda line: line.startswith("mirror: waiting for "), 90, what="the wait for the mirror")
+        assert proxy.held.wait(30)
+        run.signal(signal.SIGINT)
+        signalled = time.monotonic()
+        code, lines = run.finish(30)
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    output = "\n".join(lines)
+    assert code == 0 and took < 10, (took, output)  # the status a finished run has: its checkpoints are all here
+    local = {m["id"]: m for m in catalogue.list_checkpoints(str(root))}
+    assert local and not any(m.get("mirror") for m in local.values()) and temporaries(root) == []
+    assert "train.py: SIGINT: leaving the uploads not done to the next start with the same --mirror" in output
+    assert f"mirror: {len(local)} upload(s) to {url} not done; they are uploaded at the next start" in output
+    assert "Traceback" not in output
+    assert s3.keys(bucket) == []  # nothing half-written there: the one request sent never reached the store
+    # The next start (the same --mirror) catches up.
+    events = []
+    uploads = mirror.Mirror(str(root), remote.ObjectRoot(url), events.append).start()
+    assert uploads.catch_up() == len(local) and uploads.wait(60)
+    uploads.close()
+    target = remote.ObjectRoot(url)
+    assert sorted(m["id"] for m in target.list_checkpoints()) == sorted(local)
+    assert all(target.verify(m["run_id"], m["name"])[0] for m in local.values())
+    assert [e["type"] for e in events] == ["checkpoint_mirrored"] * len(local)
+
+
 # ---------------------------------------------------------------------------------------------- --mirror-retries
 
 @pytest.mark.parametrize("program", ["train.py", "app.py"])
