@@ -698,6 +698,51 @@ def test_ctrl_c_while_train_py_waits_for_its_mirror_exits_at_once_and_the_next_s
     assert [e["type"] for e in events] == ["checkpoint_mirrored"] * len(local)
 
 
+def test_sigterm_mid_overwrite_to_a_url_root_keeps_the_previous_version_and_exits_cleanly(s3, tmp_path, tasks):
+    import signal
+    import time
+
+    from s3server import HoldingProxy
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/root"
+    proxy = HoldingProxy(s3.port)
+    # The second version of best_model's bytes (a validation that improved), held before it reaches the store:
+    # the first is committed, this one is cut between its bytes and its sidecar, its commit.
+    proxy.hold(re.escape(f"PUT /{bucket}/root/runs/").encode() + rb"[0-9a-f-]+/checkpoints/best_model\.[0-9a-f]{16}"
+               rb"\.pth ", skip=1)
+    try:
+        run = train_process(tmp_path, url, tasks, {**os.environ, **proxy.environment(s3)}, "--cache-dir",
+                            str(tmp_path / "cache"), "--epochs", "1000", "--checkpoint-every-epochs", "0",
+                            "--shutdown-timeout", "0")
+        run_id = run.wait_line(lambda line: line.startswith("run "), 90, what="the run line").split()[1].rstrip(":")
+        wait_for(lambda: proxy.held.is_set() or run.proc.poll() is not None, 120, what="a second best_model")
+        assert proxy.held.is_set(), "\n".join(run.lines)
+        target = remote.ObjectRoot(url)  # straight to the store
+        [before] = [m for m in target.list_checkpoints() if m["name"] == "best_model"]
+        run.signal(signal.SIGTERM)
+        run.wait_line(lambda line: "SIGTERM: stopping at the next step" in line, what="the signal's line")
+        run.wait_line(lambda line: "checkpoint writer: abandoning best_model" in line, what="the abandon line")
+        proxy.release()  # the bytes go on to the store; the commit after them is not made
+        signalled = time.monotonic()
+        code, lines = run.finish(60)
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    output = "\n".join(lines)
+    assert code == 0 and took < 20 and "Traceback" not in output, output
+    assert f"abandoned {run_id}:best_model: abandoned at shutdown: did not finish within 0 s" in lines, output
+    listed = {m["name"]: m for m in target.list_checkpoints()}
+    assert list(listed) == ["best_model"]  # no final checkpoint of the stop either: abandoned with it
+    assert listed["best_model"]["sha256"] == before["sha256"] and not listed["best_model"]["damaged"]
+    assert target.verify(run_id, "best_model") == (True, mirror_ok())
+    prefix = f"root/runs/{run_id}/checkpoints/"
+    versions = [k[len(prefix):] for k in s3.keys(bucket, prefix) if not k.endswith(".json")]
+    assert len(versions) == 2 and before["object"] in versions  # the cut one's bytes, named by no sidecar
+    assert target.recover() == [f"{run_id}:best_model"]
+    assert s3.keys(bucket, prefix) == sorted([prefix + "best_model.json", prefix + before["object"]])
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and ".pth" in p.name]
+
+
 # ---------------------------------------------------------------------------------------------- --mirror-retries
 
 @pytest.mark.parametrize("program", ["train.py", "app.py"])
