@@ -26,7 +26,7 @@ import remote
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
-from train import PRESETS, TrainConfig, check_local_root
+from train import PRESETS, TrainConfig, check_local_root, retries_flag
 from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker, check_processes
 
 logger = logging.getLogger(__name__)
@@ -551,8 +551,14 @@ def processes_flag(text):
                                          f"expected a whole number of processes, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, as train.py's: the usage would bury the message, and --help shows it anyway.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="ARC Autoencoder Lab web app")
+    p = _Parser(prog="app.py", description="ARC Autoencoder Lab web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
     p.add_argument("--port", type=int, default=5002)
     p.add_argument("--checkpoint-dir", default="checkpoints", metavar="FOLDER",
@@ -577,6 +583,10 @@ def build_parser():
                    "to this fsspec URL (e.g. s3://bucket/prefix), in the background")
     p.add_argument("--mirror-retention", choices=mirror.RETENTION_CHOICES, default="both",
                    help="what retention or a delete removes here it removes on the mirror too (both), or not (local)")
+    p.add_argument("--mirror-retries", type=retries_flag, default=mirror.RETRIES, metavar="N",
+                   help=f"a failed upload, delete or restore is tried again up to N times (0-{mirror.MAX_RETRIES}), "
+                   f"after {mirror.FIRST_BACKOFF:g} s, then twice as long each time, at most {mirror.MAX_BACKOFF:g} "
+                   f"s; then it waits for the next start (default {mirror.RETRIES})")
     p.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for --mirror's store; "
                    "credentials otherwise come from AWS_* variables or AWS_PROFILE")
     p.add_argument("--access-log", action="store_true", help="log a line per request (off: the log keeps to "
@@ -590,7 +600,8 @@ def open_mirror(args):
         return None
     target = remote.ObjectRoot(args.mirror, remote.parse_storage_options(args.storage_options))
     target.check()
-    return mirror.Mirror(args.checkpoint_dir, target, publish=None, retention=args.mirror_retention)
+    return mirror.Mirror(args.checkpoint_dir, target, publish=None, retention=args.mirror_retention,
+                         attempts=args.mirror_retries + 1)
 
 
 def main(argv=None):

@@ -341,12 +341,13 @@ class CheckpointWriter:
     def abandon(self, reason):
         """Give up every save not yet written, and those submitted later: a write in progress stops at its next
         piece and removes its temporary file (the previous checkpoint of the name stays whole), one not started is
-        never written; each gets a checkpoint_error with reason."""
+        never written; each gets a checkpoint_error with reason. The names of those given up."""
         with self._lock:
             self._abandon_reason = reason
             jobs = list(self._unfinished)
         for job in jobs:
             job.abandon(reason)
+        return [job.name for job in jobs]
 
     def close(self, deadline=None, timeout=None):
         """Write what is pending, then end both threads. They must be gone before the interpreter exits: a daemon
@@ -357,7 +358,10 @@ class CheckpointWriter:
         grace = None
         if not self.flush(None if deadline is None else max(0.0, deadline - time.monotonic())):
             allowed = f"within {timeout:g} s" if timeout is not None else "by the deadline"
-            self.abandon(f"abandoned at shutdown: did not finish {allowed}")
+            names = self.abandon(f"abandoned at shutdown: did not finish {allowed}")
+            # Said now, not only once each has stopped: one may be waiting on a slow disk or store meanwhile.
+            logger.warning("checkpoint writer: abandoning %s (not written %s); each stops at its next piece",
+                           ", ".join(names), allowed)
             grace = ABANDON_GRACE
             if not self.flush(grace):
                 logger.error("checkpoint writer: abandoned saves did not stop within %g s", grace)

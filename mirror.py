@@ -21,10 +21,14 @@ import remote
 logger = logging.getLogger(__name__)
 
 RETENTION_CHOICES = ("both", "local")
-ATTEMPTS = 6
+RETRIES = 5  # after a job's first attempt fails (--mirror-retries): 6 attempts in all
+MAX_RETRIES = 100  # with the backoff capped at MAX_BACKOFF, over an hour and a half of retrying
 FIRST_BACKOFF = 1.0  # seconds before the second attempt; doubled each time, up to MAX_BACKOFF
 MAX_BACKOFF = 60.0
 JOIN_TIMEOUT = 30.0  # seconds close() waits for the upload in progress to stop
+ABANDON_JOIN = 1.0  # seconds it waits once abandon() was called (a signal asked to exit now), or the job ended
+ACTIVE = {"upload": "uploading", "delete": "deleting", "restore": "restoring"}  # the state while serving a job
+BUSY = (*ACTIVE.values(), "retrying")
 
 
 def check_retention(value):
@@ -33,16 +37,26 @@ def check_retention(value):
     return value
 
 
+def check_retries(value):
+    """value, a whole number of retries from 0 to MAX_RETRIES; ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise ValueError(f"mirror_retries must be a whole number from 0 to {MAX_RETRIES}, not {value!r}")
+    return value
+
+
 class Mirror:
     """Uploads the checkpoints of a local root to an ObjectRoot, and deletes there what retention deletes here."""
 
-    def __init__(self, checkpoint_dir, target, publish, retention="both", attempts=ATTEMPTS,
+    def __init__(self, checkpoint_dir, target, publish, retention="both", attempts=RETRIES + 1,
                  first_backoff=FIRST_BACKOFF, max_backoff=MAX_BACKOFF):
         self.checkpoint_dir, self.target, self.publish = checkpoint_dir, target, publish
         self.retention = check_retention(retention)
         self.attempts, self.first_backoff, self.max_backoff = attempts, first_backoff, max_backoff
-        self._jobs = collections.deque()  # ("upload" | "delete", run_id, name), oldest first
+        self._jobs = collections.deque()  # ("upload" | "delete" | "restore", run_id, name), oldest first
         self._current = None
+        self._state = "idle"  # what status() says: idle, uploading, deleting, restoring, retrying, failed, stopped
+        self._last_error = None  # the last mirror_error: {"error", "action", "id", "attempt", "attempts", "at"}
+        self._abandoned = False
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = None
@@ -61,34 +75,55 @@ class Mirror:
         return self
 
     def close(self, timeout=None):
-        """Finish what is queued (within timeout seconds, if given), then stop; the number of jobs left undone
-        (their checkpoints are caught up at the next start)."""
+        """Finish what is queued (within timeout seconds, if given, or until abandon()), then stop; the number of
+        jobs left undone (their checkpoints are caught up at the next start)."""
         self.wait(timeout)
         self._stop.set()  # an upload in progress stops at its next piece, committing nothing
         with self._cond:
             left = len(self._jobs) + (self._current is not None)
             self._jobs.clear()
+            self._state = "stopped"
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT)  # an upload stops at its next piece; one piece can hang on the network
+            # The job in progress stops at its next piece, but one piece can hang on the network: it gets
+            # JOIN_TIMEOUT, or ABANDON_JOIN from abandon() on (a signal: exit now). One left running never wrote
+            # its sidecar object, so nothing of it is listed there.
+            with self._cond:
+                self._cond.wait_for(lambda: self._current is None or self._abandoned, JOIN_TIMEOUT)
+            self._thread.join(ABANDON_JOIN)
             if self._thread.is_alive():
-                logger.warning("mirror: an upload to %s did not stop within %g s; left to the next start",
-                               self.url, JOIN_TIMEOUT)
+                logger.warning("mirror: an upload to %s did not stop; left to the next start", self.url)
             self._thread = None
         return left
 
-    def wait(self, timeout=None):
-        """Block until the queue is empty and nothing is uploading; False if timeout passed first."""
+    def abandon(self):
+        """Stop waiting (a signal while close() waits): the job in progress stops at its next piece, committing
+        nothing, and what is queued is left to the next start's catch_up()."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._jobs and self._current is None, timeout)
+            self._abandoned = True
+            self._stop.set()
+            self._cond.notify_all()
+
+    def wait(self, timeout=None):
+        """Block until the queue is empty and nothing is uploading (or the mirror is abandoned); whether it is."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._idle() or self._abandoned, timeout)
+            return self._idle()
+
+    def _idle(self):
+        return not self._jobs and self._current is None
 
     def pending(self):
         with self._cond:
             return len(self._jobs) + (self._current is not None)
 
     def status(self):
-        """A plain dict for the status: where to, how many jobs wait, the retention."""
-        return {"url": self.url, "pending": self.pending(), "retention": self.retention}
+        """A plain dict for the status: where to (redacted), what it is doing, how many jobs wait (the one in
+        progress included), the retention, and the last error (None before one)."""
+        with self._cond:  # a job that has said how it ended (its event may be going out now) waits no more
+            busy = self._current is not None and self._state in BUSY
+            return {"url": self.target.redact(self.url), "state": self._state, "pending": len(self._jobs) + busy,
+                    "retention": self.retention, "last_error": dict(self._last_error) if self._last_error else None}
 
     # ---- jobs
 
@@ -134,7 +169,9 @@ class Mirror:
 
     def _put(self, job):
         with self._cond:
-            if job not in self._jobs:  # a second upload of a name still queued would send the same bytes
+            # A second upload of a name still queued would send the same bytes; a second restore of one under way
+            # would fetch the same checkpoint (an upload under way is queued again: the name may be saved anew).
+            if job not in self._jobs and not (job[0] == "restore" and job == self._current):
                 self._jobs.append(job)
             self._cond.notify_all()
 
@@ -145,6 +182,7 @@ class Mirror:
                 if self._stop.is_set():
                     return
                 self._current = self._jobs.popleft()
+                self._state = ACTIVE[self._current[0]]
             try:
                 self._serve(*self._current)
             except Exception:  # the mirror outlives any job; the next checkpoint is still mirrored
@@ -152,11 +190,15 @@ class Mirror:
             finally:
                 with self._cond:
                     self._current = None
+                    if self._state in BUSY:  # a job that ended without saying how (stopped, or a bug)
+                        self._state = "idle"
                     self._cond.notify_all()
 
     def _serve(self, action, run_id, name):
         ident = catalogue.checkpoint_id(run_id, name)
         for attempt in range(1, self.attempts + 1):
+            if attempt > 1:
+                self._set_state(ACTIVE[action])  # retrying no more: trying
             try:
                 done = {"upload": self._upload, "delete": self._delete, "restore": self._restore}[action](
                     run_id, name)
@@ -164,6 +206,10 @@ class Mirror:
                 message = self.target.redact(str(e))
                 last = attempt == self.attempts or self._stop.is_set()
                 retry_in = None if last else min(self.max_backoff, self.first_backoff * 2 ** (attempt - 1))
+                # the state before the event: a status sent on it says what the mirror does now
+                self._set_state("failed" if last else "retrying", {
+                    "error": message, "action": action, "id": ident, "attempt": attempt, "attempts": self.attempts,
+                    "at": ckpt.utc_now()})
                 self.publish({"type": "mirror_error", "id": ident, "run_id": run_id, "name": name,
                               "action": action, "attempt": attempt, "attempts": self.attempts, "error": message,
                               "retry_in": retry_in, "url": self.url})
@@ -175,11 +221,19 @@ class Mirror:
                 if self._stop.wait(retry_in):
                     return
                 continue
+            self._set_state("idle")
             if done is not None:
                 kind = {"upload": "checkpoint_mirrored", "delete": "mirror_deleted", "restore": "checkpoint_restored"}
                 self.publish({"type": kind[action], "id": ident, "run_id": run_id, "name": name, "url": self.url,
                               **done})
             return
+
+    def _set_state(self, state, error=None):
+        with self._cond:
+            if self._state != "stopped":
+                self._state = state
+            if error is not None:
+                self._last_error = error
 
     def _upload(self, run_id, name):
         entry = _local_entry(self.checkpoint_dir, run_id, name)
@@ -257,8 +311,9 @@ def _mirrored(sidecar, url):
         and state.get("sha256") == sidecar.get("sha256")
 
 
-def open_mirror(url, storage_options, checkpoint_dir, publish, retention="both"):
-    """A started Mirror to url, after checking at start-up that it can be listed and written (RemoteError)."""
+def open_mirror(url, storage_options, checkpoint_dir, publish, retention="both", retries=RETRIES):
+    """A started Mirror to url, after checking at start-up that it can be listed and written (RemoteError); each
+    job is tried once and then up to `retries` times more."""
     target = remote.ObjectRoot(url, storage_options)
     target.check()
-    return Mirror(checkpoint_dir, target, publish, retention=retention).start()
+    return Mirror(checkpoint_dir, target, publish, retention=retention, attempts=check_retries(retries) + 1).start()

@@ -38,14 +38,20 @@ def _ignore(signum, frame):
 
 class SignalWatcher:
     """While entered: the first SIGTERM or SIGINT prints what happens now and calls on_signal() in the watcher
-    thread; a second one exits at once (130). `received` names the first signal, None before one.
+    thread; a second one exits at once (130). `received` names the first signal, None before one. then() changes
+    what a first signal does, for a program whose stages stop differently (training, then uploads).
 
     Signals can only be caught in the main thread; entered in another, it changes nothing."""
 
     def __init__(self, prog, doing, on_signal):
-        self.prog, self.doing, self.on_signal = prog, doing, on_signal
+        self.prog = prog
+        self._action = (doing, on_signal)  # one tuple, so the watcher thread never sees half a change
         self.received = None
         self._installed = False
+
+    def then(self, doing, on_signal):
+        """From now on a first signal says `doing` and calls on_signal()."""
+        self._action = (doing, on_signal)
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
@@ -82,10 +88,11 @@ class SignalWatcher:
                   "leaves only temporary files, which the next start removes", file=sys.stderr, flush=True)
             os._exit(EXIT_AT_ONCE)
         self.received = name
-        print(f"{self.prog}: {name}: {self.doing}; send SIGTERM or SIGINT again to exit at once (status "
+        doing, on_signal = self._action
+        print(f"{self.prog}: {name}: {doing}; send SIGTERM or SIGINT again to exit at once (status "
               f"{EXIT_AT_ONCE})", file=sys.stderr, flush=True)
         try:
-            self.on_signal()
+            on_signal()
         except Exception:  # the top of this thread: it must live on to serve a second signal
             logger.exception("shutdown on %s failed", name)
 

@@ -1255,6 +1255,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every option's default, and the presets' table (the epilog) as written."""
 
 
+def retries_flag(text):
+    """argparse type of --mirror-retries: a whole number from 0 to mirror.MAX_RETRIES."""
+    try:
+        return mirror.check_retries(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of retries from 0 to {mirror.MAX_RETRIES}, "
+                                         f"got {text!r}") from None
+
+
 def _parse_bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -1310,9 +1319,13 @@ def build_parser(add_help=True):
                         "here, to this fsspec URL (e.g. s3://bucket/prefix), in the background")
     parser.add_argument("--mirror-retention", choices=mirror.RETENTION_CHOICES, default="both",
                         help="what retention deletes here it deletes on the mirror too (both), or not (local)")
+    parser.add_argument("--mirror-retries", type=retries_flag, default=mirror.RETRIES, metavar="N",
+                        help=f"a failed upload or delete is tried again up to N times (0-{mirror.MAX_RETRIES}), "
+                        f"after {mirror.FIRST_BACKOFF:g} s, then twice as long each time, at most "
+                        f"{mirror.MAX_BACKOFF:g} s; then it waits for the next start")
     parser.add_argument("--mirror-wait", type=shutdown.seconds, default=300.0, metavar="SECONDS",
-                        help="at the end, how long uploads still queued may take; those left are uploaded at the "
-                        "next start with the same --mirror")
+                        help="at the end, how long uploads still queued may take (SIGINT or SIGTERM stops waiting); "
+                        "those left are uploaded at the next start with the same --mirror")
     parser.add_argument("--storage-options", default="", metavar="JSON", help="fsspec options for a URL "
                         "--checkpoint-dir or --mirror, e.g. {\"profile\": \"lab\"}; credentials otherwise come "
                         "from AWS_* variables")
@@ -1597,39 +1610,6 @@ def _train_main(args, config, data, device, context, local_root, target):
         return _error(e, 2)
     publish = progress if uploads is None else uploads.following(progress)
     trainer = Trainer(config, data, device, local_root, publish, run_id=run_id, dist=context, remote_root=target)
-    try:
-        return _train_and_report(args, trainer, progress, context)
-    finally:
-        if uploads is not None:
-            close_cli_mirror(uploads, args.mirror_wait)
-
-
-def open_cli_mirror(args, config, progress):
-    """--mirror's started Mirror (None without one), with every local checkpoint not yet there queued."""
-    if not args.mirror:
-        return None
-    options = remote.parse_storage_options(args.storage_options)
-    uploads = mirror.open_mirror(args.mirror, options, config.checkpoint_dir, progress,
-                                 retention=args.mirror_retention)
-    uploads.catch_up()
-    return uploads
-
-
-def close_cli_mirror(uploads, wait):
-    """Let the queued uploads finish (up to wait seconds), and say what is left for the next start."""
-    if uploads.pending():
-        print(f"mirror: waiting for {uploads.pending()} upload(s) to {uploads.url} (at most {wait:g} s)",
-              file=sys.stderr)
-    try:
-        left = uploads.close(timeout=wait)
-    except KeyboardInterrupt:  # Ctrl-C while waiting: what is queued waits for the next start, none is half-listed
-        left = uploads.close(timeout=0)
-    if left:
-        print(f"mirror: {left} upload(s) to {uploads.url} not done; they are uploaded at the next start with "
-              "the same --mirror", file=sys.stderr)
-
-
-def _train_and_report(args, trainer, progress, context):
     progress.trainer = trainer
     since = []  # how many save outcomes there were when the signal came
 
@@ -1638,23 +1618,58 @@ def _train_and_report(args, trainer, progress, context):
         trainer.commands.put(stop_command(args.shutdown_timeout))
 
     doing = f"stopping at the next step; the saves in flight get up to {args.shutdown_timeout:g} s to finish"
+    # One watcher for the run and the uploads after it, so that no signal between the two meets Python's default
+    # handler (a KeyboardInterrupt's traceback, or SIGTERM's abrupt end).
     with shutdown.SignalWatcher("train.py", doing, stop) as signals:
         try:
-            metrics, test = train_or_pretrain(trainer, args, signals)
-        except FloatingPointError as e:
-            final = trainer.final_checkpoint
-            return _error(e, 1, f" (the last good state is saved as {final['id']}: {final['path']})" if final else "")
-        except (ValueError, ckpt.CheckpointError, DataError) as e:
-            return _error(e, 1)
-        if not context.is_primary:  # rank 0 tells how the run went
-            return 0
-        if signals.received or trainer.stop_requested.is_set():  # stopped (here, or by another rank's signal):
-            # its writer is closed, every outcome is in
-            print(progress.interrupted_summary(trainer), file=sys.stderr)
-            for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
-                print(line, file=sys.stderr)
-            print(progress.resume_line(trainer, stopped=True), file=sys.stderr)
-            return 0
+            return _train_and_report(args, trainer, progress, context, signals, since)
+        finally:
+            if uploads is not None:
+                close_cli_mirror(uploads, args.mirror_wait, signals)
+
+
+def open_cli_mirror(args, config, progress):
+    """--mirror's started Mirror (None without one), with every local checkpoint not yet there queued."""
+    if not args.mirror:
+        return None
+    options = remote.parse_storage_options(args.storage_options)
+    uploads = mirror.open_mirror(args.mirror, options, config.checkpoint_dir, progress,
+                                 retention=args.mirror_retention, retries=args.mirror_retries)
+    uploads.catch_up()
+    return uploads
+
+
+def close_cli_mirror(uploads, wait, signals):
+    """Let the queued uploads finish (up to wait seconds, or until a signal), and say what is left for the next
+    start. Nothing is half-listed either way: an upload cut short never wrote its sidecar object."""
+    # A first signal now (none came during the run) stops the wait; after one, a second exits at once, as announced.
+    signals.then("leaving the uploads not done to the next start with the same --mirror", uploads.abandon)
+    if uploads.pending():
+        print(f"mirror: waiting for {uploads.pending()} upload(s) to {uploads.url} (at most {wait:g} s)",
+              file=sys.stderr, flush=True)
+    left = uploads.close(timeout=wait)
+    if left:
+        print(f"mirror: {left} upload(s) to {uploads.url} not done; they are uploaded at the next start with "
+              "the same --mirror", file=sys.stderr, flush=True)
+
+
+def _train_and_report(args, trainer, progress, context, signals, since):
+    try:
+        metrics, test = train_or_pretrain(trainer, args, signals)
+    except FloatingPointError as e:
+        final = trainer.final_checkpoint
+        return _error(e, 1, f" (the last good state is saved as {final['id']}: {final['path']})" if final else "")
+    except (ValueError, ckpt.CheckpointError, DataError) as e:
+        return _error(e, 1)
+    if not context.is_primary:  # rank 0 tells how the run went
+        return 0
+    if signals.received or trainer.stop_requested.is_set():  # stopped (here, or by another rank's signal):
+        # its writer is closed, every outcome is in
+        print(progress.interrupted_summary(trainer), file=sys.stderr)
+        for line in shutdown.save_lines(progress.outcomes[since[0] if since else len(progress.outcomes):]):
+            print(line, file=sys.stderr)
+        print(progress.resume_line(trainer, stopped=True), file=sys.stderr)
+        return 0
     print("validation: " + figures(metrics))
     print(progress.best_line(trainer))
     if test is not None:

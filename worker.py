@@ -31,6 +31,7 @@ SHUTDOWN_GRACE = 60.0  # seconds beyond the saves' timeout for the run to reach 
 SAVE_REQUESTS_KEPT = 256  # finished save requests GET /save_requests/ID still answers for
 MAX_PROCESSES = 64  # of one run on this machine
 SAVE_STATES = ("queued", "copying", "writing", "saved", "failed")
+MIRROR_EVENTS = ("checkpoint_mirrored", "mirror_deleted", "checkpoint_restored", "mirror_error")
 SAVED_FIELDS = ("id", "name", "kind", "path", "size", "sha256", "epoch", "batch", "global_step", "verified",
                 "contents", "compression")
 
@@ -350,7 +351,7 @@ class TrainingWorker:
                 self._flush(force=True)
             else:
                 self.bus.publish(kind, event)
-                if kind.startswith("training_"):
+                if kind.startswith("training_") or kind in MIRROR_EVENTS:  # the page's mirror row follows these
                     self._publish_status()
         if self.mirror is not None:
             self.mirror.follow(event)

@@ -293,6 +293,19 @@ function statusRows(s) {
     rows.push(["distinct messages", pct(val.distinct_share), "distinct_share"]);
     rows.push(["message entropy", `${formatNumber(val.message_entropy, 3)} bits`, "message_entropy"]);
   }
+  return rows.concat(mirrorRows(s.mirror));
+}
+
+/** The mirror's rows, when the server mirrors to object storage: where to (its URL, redacted by the server), what
+ * it is doing and how many jobs wait, and its last error. */
+function mirrorRows(m) {
+  if (!m) return [];
+  const rows = [["mirror", `${m.url} · ${m.state}${m.pending ? ` · ${m.pending} pending` : ""}`, "mirror"]];
+  const e = m.last_error;
+  if (e) {
+    rows.push(["mirror error", `${e.action} of ${e.id} (attempt ${e.attempt}/${e.attempts}, ` +
+      `${formatDate(e.at, true)}): ${e.error}`, "mirror_error"]);
+  }
   return rows;
 }
 
@@ -381,10 +394,18 @@ async function refreshCheckpoints() {
   if (listing) state.checkpoints = listing.checkpoints;
   if (runs) fillOverlaySelect(runs.runs); // labelled with each run's best checkpoint
   if (!listing) return;
+  showListingError(listing.mirror_error);
   const ids = new Set(listing.checkpoints.filter(usable).map((c) => c.id));
   for (const side of ["a", "b"]) if (!ids.has(state.compare[side])) state.compare[side] = null;
   renderCheckpoints();
   fillPretrainedSelect(listing.checkpoints);
+}
+
+/** The mirror could not be listed: said above the table, which then holds only the checkpoints here. */
+function showListingError(error) {
+  const box = $("mirror-listing-error");
+  box.hidden = !error;
+  box.textContent = error ? `The mirror could not be listed, so only the checkpoints here are shown: ${error}` : "";
 }
 
 /** A checkpoint the page may act on: it has an id, and the server did not refuse it (a link, a bad name). */

@@ -1,10 +1,13 @@
 """A real S3 server for the tests: moto's standalone server in a process of its own, on a free loopback port, as
 s3fs's own suite runs it. The bytes go over HTTP; nothing is mocked in the client. The server can be killed and
 started again on the same port (its buckets are then gone, as a store's would be after losing its disk)."""
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -12,6 +15,7 @@ import requests
 
 ACCESS_KEY, SECRET_KEY = "AKIATESTKEY0000", "test-secret-Zq81-do-not-log"
 AUTH_SETUP_ACTIONS = 3  # create_user, create_access_key, put_user_policy: then every request is authenticated
+ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
 def free_port():
@@ -21,10 +25,11 @@ def free_port():
 
 
 class S3Server:
-    """moto_server on 127.0.0.1:port. With auth, only the access key it creates (self.key, self.secret) works."""
+    """moto_server on 127.0.0.1:port. With auth, only the access key it creates (self.key, self.secret) works, and
+    only for what `policy` (an IAM policy document) allows it."""
 
-    def __init__(self, auth=False):
-        self.port, self.auth = free_port(), auth
+    def __init__(self, auth=False, policy=ALLOW_ALL):
+        self.port, self.auth, self.policy = free_port(), auth, policy
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.key, self.secret = ACCESS_KEY, SECRET_KEY
         self.process = None
@@ -56,8 +61,7 @@ class S3Server:
                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
         iam.create_user(UserName="lab")
         key = iam.create_access_key(UserName="lab")["AccessKey"]
-        iam.put_user_policy(UserName="lab", PolicyName="all", PolicyDocument='{"Version": "2012-10-17", '
-                            '"Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}')
+        iam.put_user_policy(UserName="lab", PolicyName="lab", PolicyDocument=json.dumps(self.policy))
         self.key, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
 
     def environment(self):
@@ -113,3 +117,99 @@ class InProcessS3Server:
     kill = stop
     environment, client, new_bucket, keys = (S3Server.environment, S3Server.client, S3Server.new_bucket,
                                              S3Server.keys)
+
+
+class HoldingProxy:
+    """A TCP proxy on a free loopback port in front of a store, passing bytes through untouched, that can hold back
+    one request: hold(pattern) arms it, and the first request (or the skip+1-th) whose bytes match the regular
+    expression is not passed on until release(). Meanwhile the store never sees it and the client waits for its
+    answer, as on a store that hangs; `held` is set then. close() drops what is held, unsent."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.held, self._released, self._closed = threading.Event(), threading.Event(), threading.Event()
+        self._pattern, self._skip = None, 0
+        self._lock = threading.Lock()
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, pattern, skip=0):
+        """Hold the request after the first `skip` ones that match pattern (bytes, a regular expression)."""
+        with self._lock:
+            self._pattern, self._skip = re.compile(pattern), skip
+
+    def release(self):
+        self._released.set()
+
+    def close(self):
+        self._closed.set()
+        self._released.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets + [self._listener], []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def environment(self, server):
+        """server's AWS_* variables, pointed at this proxy."""
+        return {**server.environment(), "AWS_ENDPOINT_URL": self.endpoint}
+
+    def _accept(self):
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the store is down: so is the proxy, to the client
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source, sink, inspect):
+        tail = b""  # the end of what went before: a request line split across two reads is still found
+        try:
+            while data := source.recv(1 << 16):
+                split = self._match(tail, data) if inspect else None
+                tail = (tail + data)[-512:]
+                if split is not None:
+                    sink.sendall(data[:split])
+                    data = data[split:]
+                    self.held.set()
+                    self._released.wait()
+                    if self._closed.is_set():
+                        return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _match(self, tail, data):
+        """Where in data to stop passing bytes on, if they hold the request to hold; None otherwise."""
+        with self._lock:
+            if self._pattern is None:
+                return None
+            for found in self._pattern.finditer(tail + data):
+                if found.end() <= len(tail):  # seen with the bytes before
+                    continue
+                if self._skip:
+                    self._skip -= 1
+                    continue
+                self._pattern = None
+                return max(0, found.start() - len(tail))
+            return None

@@ -875,3 +875,55 @@ def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_uploa
             page.close()
     finally:
         store.stop()
+
+
+def test_the_status_shows_the_mirror_and_its_last_error_and_a_listing_that_fails_says_so(chromium, tmp_path,
+                                                                                       arc_data, monkeypatch):
+    import requests
+
+    import catalogue
+    import checkpoint as ckpt
+    import mirror
+    import remote
+    from s3server import InProcessS3Server
+    from test_checkpoint import record_fields
+    store = InProcessS3Server().start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+        target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
+        target.fs.retries = 1
+        root = tmp_path / "ck"
+        run_id = catalogue.new_run_id()
+        catalogue.create_run(str(root), run_id, {"phase": "training"})
+        folder = catalogue.checkpoint_folder(str(root), run_id)
+        ckpt.save_full_checkpoint(folder, **record_fields("kept", folder=folder))  # uploaded by the start's catch-up
+        ident = catalogue.checkpoint_id(run_id, "kept")
+        uploads = mirror.Mirror(str(root), target, None, attempts=2, first_backoff=0.05)
+        with serve(root, arc_data, MIRROR=uploads) as url:
+            ui = open_page(chromium, url)
+            page = ui.page
+            expect(row(page, ident).locator(".mirror")).to_have_text("mirrored")
+            mirror_row = status_value(page, "mirror")
+            expect(mirror_row).to_have_text(f"{target.url} · idle")
+            expect(status_value(page, "mirror_error")).to_have_count(0)
+            listing_error = page.locator("#mirror-listing-error")
+            expect(listing_error).to_be_hidden()
+            store.stop()
+            # No run trains: only the mirror's own events bring the status that shows its failure.
+            assert requests.delete(f"{url}/checkpoints/{ident}", json={}, timeout=10).status_code == 200
+            expect(mirror_row).to_have_text(f"{target.url} · failed")
+            error_row = status_value(page, "mirror_error")
+            expect(error_row).to_contain_text(f"delete of {ident} (attempt 2/2")
+            expect(error_row).to_contain_text("cannot reach the endpoint")
+            page.click("#refresh-checkpoints")  # the store is gone: the listing carries mirror_error
+            expect(listing_error).to_be_visible()
+            expect(listing_error).to_contain_text(f"could not list {target.url}: cannot reach the endpoint")
+            store.start()  # back: the next listing has no error
+            page.click("#refresh-checkpoints")
+            expect(listing_error).to_be_hidden()
+            assert ui.page_errors == [] and store.secret not in page.content()
+            page.close()
+    finally:
+        store.stop()

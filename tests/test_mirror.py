@@ -575,3 +575,228 @@ def test_the_web_app_lists_what_is_only_on_the_mirror_and_restores_it(s3, tmp_pa
         assert foreign.status_code == 403
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------- the gaps of issue 21
+
+def local_checkpoint(root, name, seed=0):
+    """A real (small) checkpoint saved in a new run of a local root: (run id, its sidecar)."""
+    from test_checkpoint import record_fields
+    run_id = catalogue.new_run_id()
+    catalogue.create_run(str(root), run_id, {"phase": "training"})
+    folder = catalogue.checkpoint_folder(str(root), run_id)
+    return run_id, ckpt.save_full_checkpoint(folder, **record_fields(name, folder=folder, seed=seed))
+
+
+def test_concurrent_restores_of_one_checkpoint_restore_it_once(s3, tmp_path, arc_data):
+    import threading
+
+    from conftest import EventReader
+    from test_faults import temporaries
+    root = tmp_path / "ck"
+    run_id, sidecar = local_checkpoint(root, "wanted")
+    folder = pathlib.Path(catalogue.checkpoint_folder(str(root), run_id))
+    target = remote.ObjectRoot(f"s3://{s3.new_bucket()}/app")
+    target.upload(str(folder / sidecar["file"]), sidecar, run_id, "wanted")
+    ckpt.delete_checkpoint(str(folder / sidecar["file"]))  # now only on the mirror
+    ident = catalogue.checkpoint_id(run_id, "wanted")
+    server = LiveServer(build_app(root, arc_data, MIRROR=mirror.Mirror(str(root), target, None, retention="local")))
+    reader = EventReader(server.url)
+    listings, done = [], threading.Event()
+
+    def keep_listing():  # what the page would show meanwhile
+        while not done.is_set():
+            rows = requests.get(server.url + "/list_checkpoints", timeout=30).json()["checkpoints"]
+            listings.append([r for r in rows if r["id"] == ident])
+    try:
+        lister = threading.Thread(target=keep_listing)
+        lister.start()
+        wait_for(lambda: listings, what="a first listing")
+        clicks, answers = threading.Barrier(8), [None] * 8
+
+        def click(i):
+            clicks.wait()  # all at once
+            answers[i] = requests.post(f"{server.url}/checkpoints/{ident}/restore", json={}, timeout=30)
+        threads = [threading.Thread(target=click, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for answer in answers:
+            assert answer.status_code in (202, 409), answer.text
+            body = answer.json()
+            assert body == {"restoring": ident} if answer.status_code == 202 else "already here" in body["error"]
+        wait_for(lambda: requests.get(server.url + "/status", timeout=10).json()["mirror"]["pending"] == 0,
+                 what="the mirror to be idle")
+        done.set()
+        lister.join(60)
+        last = requests.get(server.url + "/status", timeout=10).json()["last_event_id"]
+        wait_for(lambda: reader.events and reader.events[-1][0] >= last, what="every event so far")
+        assert len(reader.named("checkpoint_restored")) == 1 and reader.named("mirror_error") == []
+        # Never listed twice or damaged on the way; here once it is done, whole, and marked mirrored.
+        assert all(len(rows) == 1 and not rows[0]["damaged"] for rows in listings), listings
+        [row] = [r for r in requests.get(server.url + "/list_checkpoints", timeout=10).json()["checkpoints"]
+                 if r["id"] == ident]
+        assert row["location"] is None and row["sha256"] == sidecar["sha256"] and row["mirror"]["state"] == "mirrored"
+        assert ckpt.verify(row["path"]) == (True, "size and SHA-256 match")
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["wanted.json", "wanted.pth"]
+        assert temporaries(root) == []
+    finally:
+        done.set()
+        reader.close()
+        server.close()
+
+
+def train_process(cwd, root, tasks, env, *flags):
+    """python train.py on the tiny model in a subprocess whose output is read as it comes (test_shutdown's)."""
+    import sys
+
+    from test_shutdown import ROOT, Process
+    return Process([sys.executable, os.path.join(ROOT, "train.py"), "--checkpoint-dir", str(root),
+                    "--data-dir", tasks, *TINY, *flags], cwd=str(cwd), env=env)
+
+
+def test_ctrl_c_while_train_py_waits_for_its_mirror_exits_at_once_and_the_next_start_uploads_the_rest(
+        s3, tmp_path, tasks):
+    import signal
+    import time
+
+    from s3server import HoldingProxy
+    from test_faults import temporaries
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/lab"
+    proxy = HoldingProxy(s3.port)
+    proxy.hold(f"PUT /{bucket}/lab/runs/".encode())  # the first upload's first request: the store hangs on it
+    root = tmp_path / "ck"
+    try:
+        run = train_process(tmp_path, root, tasks, {**os.environ, **proxy.environment(s3)}, "--max-steps", "3",
+                            "--mirror", url)
+        run.wait_line(lambda line: line.startswith("mirror: waiting for "), 90, what="the wait for the mirror")
+        assert proxy.held.wait(30)
+        run.signal(signal.SIGINT)
+        signalled = time.monotonic()
+        code, lines = run.finish(30)
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    output = "\n".join(lines)
+    assert code == 0 and took < 10, (took, output)  # the status a finished run has: its checkpoints are all here
+    local = {m["id"]: m for m in catalogue.list_checkpoints(str(root))}
+    assert local and not any(m.get("mirror") for m in local.values()) and temporaries(root) == []
+    assert "train.py: SIGINT: leaving the uploads not done to the next start with the same --mirror" in output
+    assert f"mirror: {len(local)} upload(s) to {url} not done; they are uploaded at the next start" in output
+    assert "Traceback" not in output
+    assert s3.keys(bucket) == []  # nothing half-written there: the one request sent never reached the store
+    # The next start (the same --mirror) catches up.
+    events = []
+    uploads = mirror.Mirror(str(root), remote.ObjectRoot(url), events.append).start()
+    assert uploads.catch_up() == len(local) and uploads.wait(60)
+    uploads.close()
+    target = remote.ObjectRoot(url)
+    assert sorted(m["id"] for m in target.list_checkpoints()) == sorted(local)
+    assert all(target.verify(m["run_id"], m["name"])[0] for m in local.values())
+    assert [e["type"] for e in events] == ["checkpoint_mirrored"] * len(local)
+
+
+def test_sigterm_mid_overwrite_to_a_url_root_keeps_the_previous_version_and_exits_cleanly(s3, tmp_path, tasks):
+    import signal
+    import time
+
+    from s3server import HoldingProxy
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/root"
+    proxy = HoldingProxy(s3.port)
+    # The second version of best_model's bytes (a validation that improved), held before it reaches the store:
+    # the first is committed, this one is cut between its bytes and its sidecar, its commit.
+    proxy.hold(re.escape(f"PUT /{bucket}/root/runs/").encode() + rb"[0-9a-f-]+/checkpoints/best_model\.[0-9a-f]{16}"
+               rb"\.pth ", skip=1)
+    try:
+        run = train_process(tmp_path, url, tasks, {**os.environ, **proxy.environment(s3)}, "--cache-dir",
+                            str(tmp_path / "cache"), "--epochs", "1000", "--checkpoint-every-epochs", "0",
+                            "--shutdown-timeout", "0")
+        run_id = run.wait_line(lambda line: line.startswith("run "), 90, what="the run line").split()[1].rstrip(":")
+        wait_for(lambda: proxy.held.is_set() or run.proc.poll() is not None, 120, what="a second best_model")
+        assert proxy.held.is_set(), "\n".join(run.lines)
+        target = remote.ObjectRoot(url)  # straight to the store
+        [before] = [m for m in target.list_checkpoints() if m["name"] == "best_model"]
+        run.signal(signal.SIGTERM)
+        run.wait_line(lambda line: "SIGTERM: stopping at the next step" in line, what="the signal's line")
+        run.wait_line(lambda line: "checkpoint writer: abandoning best_model" in line, what="the abandon line")
+        proxy.release()  # the bytes go on to the store; the commit after them is not made
+        signalled = time.monotonic()
+        code, lines = run.finish(60)
+        took = time.monotonic() - signalled
+    finally:
+        proxy.close()
+    output = "\n".join(lines)
+    assert code == 0 and took < 20 and "Traceback" not in output, output
+    assert f"abandoned {run_id}:best_model: abandoned at shutdown: did not finish within 0 s" in lines, output
+    listed = {m["name"]: m for m in target.list_checkpoints()}
+    assert list(listed) == ["best_model"]  # no final checkpoint of the stop either: abandoned with it
+    assert listed["best_model"]["sha256"] == before["sha256"] and not listed["best_model"]["damaged"]
+    assert target.verify(run_id, "best_model") == (True, mirror_ok())
+    prefix = f"root/runs/{run_id}/checkpoints/"
+    versions = [k[len(prefix):] for k in s3.keys(bucket, prefix) if not k.endswith(".json")]
+    assert len(versions) == 2 and before["object"] in versions  # the cut one's bytes, named by no sidecar
+    assert target.recover() == [f"{run_id}:best_model"]
+    assert s3.keys(bucket, prefix) == sorted([prefix + "best_model.json", prefix + before["object"]])
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and ".pth" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- --mirror-retries
+
+@pytest.mark.parametrize("program", ["train.py", "app.py"])
+@pytest.mark.parametrize("value", ["-1", "101", "2.5", "many"])
+def test_a_bad_mirror_retries_is_a_one_line_error(program, value, capsys):
+    import app
+    with pytest.raises(SystemExit) as exit_:
+        (train.main if program == "train.py" else app.main)(["--mirror-retries", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{program}: error: argument --mirror-retries: expected a whole number of retries from 0 "
+                          f"to 100, got {value!r}"), err
+
+
+DENY_UPLOADS = {"Version": "2012-10-17", "Statement": [  # listing and the start-up probe pass; uploads do not
+    {"Effect": "Allow", "Action": "*", "Resource": "*"},
+    {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::*/lab/runs/*"}]}
+
+
+def test_mirror_retries_sets_how_often_a_failed_upload_is_tried(capsys, tmp_path, tasks, arc_data, monkeypatch):
+    import app
+    store = S3Server(auth=True, policy=DENY_UPLOADS).start()
+    try:
+        for key, value in store.environment().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{store.new_bucket()}/lab"
+        for retries in (0, 1):  # train.py: 1, then 2 attempts, each line saying which of how many
+            root = tmp_path / f"ck{retries}"
+            code, out, err = train_cli(capsys, root, tasks, "--max-steps", "2", "--mirror", url,
+                                       "--mirror-retries", str(retries))
+            assert code == 0, err
+            run_id = only_run(root)
+            where = f"mirror_error: upload {run_id}:best_model -> {url}, attempt"
+            tries = [line for line in out.splitlines() if line.startswith(where)]
+            assert len(tries) == retries + 1 and all("access denied" in line for line in tries), out
+            assert tries[-1].startswith(f"{where} {retries + 1}/{retries + 1}: ")
+            assert tries[-1].endswith("gave up until the next start"), out
+            if retries:
+                assert tries[0].startswith(f"{where} 1/2: ") and tries[0].endswith("retrying in 1 s"), out
+            state = ckpt.read_sidecar(catalogue.locate(str(root), f"{run_id}:best_model").path)["mirror"]
+            assert state["state"] == "failed" and "access denied" in state["error"]
+        # app.py: the flag reaches its mirror, and the page's status says so.
+        root = tmp_path / "web"
+        run_id, _ = local_checkpoint(root, "kept")
+        args = app.build_parser().parse_args(["--checkpoint-dir", str(root), "--mirror", url, "--mirror-retries", "0"])
+        server = LiveServer(build_app(root, arc_data, MIRROR=app.open_mirror(args)))
+        try:
+            def status():
+                return requests.get(server.url + "/status", timeout=10).json()["mirror"]
+            wait_for(lambda: status()["state"] == "failed", what="the catch-up upload to fail")
+            error = status()["last_error"]
+            assert error["id"] == f"{run_id}:kept" and (error["attempt"], error["attempts"]) == (1, 1), error
+            assert "access denied" in error["error"] and store.secret not in json.dumps(status())
+        finally:
+            server.close()
+    finally:
+        store.stop()

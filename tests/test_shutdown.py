@@ -34,9 +34,10 @@ class Process:
     """A subprocess whose stdout and stderr are read, line by line, into `lines` by a thread of its own (so the
     pipe never fills while the test waits)."""
 
-    def __init__(self, args, cwd=ROOT):
+    def __init__(self, args, cwd=ROOT, env=None):
         self.lines, self._new = [], threading.Condition()
-        self.proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
