@@ -253,7 +253,10 @@ def test_every_preset_is_a_valid_config_with_epochs_and_the_bench_measures_exact
     for name, row in learning.ROWS.items():
         config = learning.config_of(row, {}, seed=2)
         assert config == TrainConfig.from_dict({**MEASURED[row.preset], "device": "cpu", "checkpoint_every_epochs": 0,
-                                                "epochs": 100_000, "seed": 2}), name
+                                                "epochs": 100_000, "seed": 2, **dict(row.changes)}), name
+    assert {name for name, row in learning.ROWS.items() if row.changes} == \
+        {f"{name}_bf16" for name in ("selection_3", "selection_15", "reconstruction_autoencoder",
+                                     "reconstruction_communication")}  # the variants, and only they, change a preset
 
 
 def test_get_config_lists_the_presets_for_the_page(tasks, tmp_path):
