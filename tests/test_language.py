@@ -162,6 +162,15 @@ def test_colours_count_every_grid_of_an_example_and_a_pair_takes_the_larger_crop
         [5, 9, 17]
 
 
+def test_row_codes_tell_rows_apart_in_their_order_whether_or_not_they_fit_one_number():
+    gen = torch.Generator().manual_seed(0)
+    for rows in (torch.randint(0, 4, (500, 3), generator=gen),  # a mixed-radix number
+                 torch.randint(0, 1024, (300, 64), generator=gen)):  # 640 bits: ranks among the distinct rows
+        rows[1] = rows[0]
+        by_rows = torch.unique(rows, dim=0, return_inverse=True)[1]
+        assert torch.equal(torch.unique(language.row_codes(rows), return_inverse=True)[1], by_rows)
+
+
 # ---------------------------------------------------------------------------------------------- the messages panel
 
 def test_top_messages_are_the_most_frequent_with_their_first_grids():
