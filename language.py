@@ -97,7 +97,8 @@ def grid_distances(grids, pad):
     another size counting as all its 900 cells differing.
 
     Grids of one size only are compared cell by cell, so the one-hot matmuls run per size, on the real area: most
-    pairs differ in size, and a matmul over every pair's 30x30 cells would cost a validation pass about 5%."""
+    pairs differ in size. One matmul over every grid's 30x30 cells took 14 ms for ARC-AGI-1's 348 validation
+    grids, 8% of the default model's validation pass; per size, 3.3 ms (each timed alone)."""
     n = len(grids)
     total = torch.zeros(n, n, dtype=torch.long, device=grids.device)
     for g in range(grids.shape[1]):
