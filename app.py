@@ -264,9 +264,10 @@ def status():
 
 @bp.get("/samples")
 def samples():
-    """The latest samples of each split of the current or last run: {"train": event or null, "val": ...}."""
+    """The latest samples of each split of the current or last run: {"train": event or null, "val": ...}, and its
+    latest language analysis ("language": the language event or null)."""
     latest = _worker().samples()
-    return jsonify(train=latest.get("train"), val=latest.get("val"))
+    return jsonify(train=latest.get("train"), val=latest.get("val"), language=latest.get("language"))
 
 
 def _disk_free():

@@ -69,6 +69,10 @@ FLAT_CONFIG_KEYS = (
 )
 TENSOR_KEYS = ("model_state_dict", "encoder_state_dict", "optimizer_state_dict", "rng_state")
 RANK_RNG_KEY = "rng_states"  # a multi-process record's: every rank's rng_state, in rank order (tensors too)
+# The last validation's language analysis (language.analyse: symbol usage, top messages with their grids): plain
+# lists and numbers, tens of KB, so it stays in the record and out of the sidecar, which every listing reads.
+LANGUAGE_KEY = "language"
+RECORD_ONLY_KEYS = (RANK_RNG_KEY, LANGUAGE_KEY)  # beside the tensors, what a sidecar never holds
 USER_FIELDS = ("notes", "tags")  # edited after the save; an overwrite carries them to the new sidecar
 CONTENTS = ("full", "weights", "weights-bf16")  # a record without "contents" is full
 COMPRESSIONS = ("none", "zstd")
@@ -509,8 +513,8 @@ def estimate_size(record):
 
 
 def metadata_of(record):
-    """Every field of a record but the tensors: what the sidecar and the listing show."""
-    return {k: v for k, v in record.items() if k not in TENSOR_KEYS and k != RANK_RNG_KEY}
+    """Every field of a record but the tensors and the other large ones: what the sidecar and the listing show."""
+    return {k: v for k, v in record.items() if k not in TENSOR_KEYS and k not in RECORD_ONLY_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------- writing

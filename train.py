@@ -30,6 +30,7 @@ import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
 import distributed
+import language
 import mirror
 import remote
 import restarts
@@ -329,6 +330,12 @@ def message_stats(messages):
             "message_collapse": distinct < 0.5}
 
 
+def in_batch_order(parts):
+    """Each rank's per-batch tensors ([rank 0's list, rank 1's, ...]) -> one list in the split's order: every rank
+    holds a contiguous slice of each batch, in rank order (DistributedContext.split_rows)."""
+    return [part[i] for i in range(len(parts[0])) for part in parts]
+
+
 def message_ids(out):
     """The whole message each example sent, as symbol ids (B, L + cell symbols), or None without a message."""
     parts = [out[k].argmax(-1) for k in ("symbols", "cell_symbols") if out.get(k) is not None]
@@ -595,6 +602,8 @@ class Trainer:
         self.epoch = self.batch = self.global_step = 0  # completed epochs, batches of this epoch, optimizer steps
         self.last_val = {}
         self.last_train = {}
+        self.last_language = None  # the last validation's language analysis (language.analyse), for checkpoints
+        self._language_references = {}  # id(Batches) -> (Batches, language.Reference): a split's grids, analysed once
         self.generator = torch.Generator(device=self.device)  # Gumbel noise: a run never touches the global RNG
         self.paused = False
         self._compile_report = None  # with compile: seconds spent compiling before the first step, until reported
@@ -651,9 +660,12 @@ class Trainer:
 
     def _make_batches(self):
         splits = self.task.batches()
+        self._language_references = {}
         self.train_batches, self.val_batches = splits["train"], splits["val"]
         self.test_batches = splits.get("test")
         self._check_split_batches(*splits.values())
+        if self.config.bottleneck_type == "communication":  # built here, not inside the first validation pass
+            self._language_reference(self.val_batches)
 
     def _spread_model(self):
         """With several processes: the model reads the whole batch across them, and runs under DDP or FSDP2."""
@@ -767,6 +779,7 @@ class Trainer:
         self.parent = lineage(path, record, "resume")
         self._manager_state = record.get("checkpoint_manager") or _policy_state_before(record, self.parent)
         self.last_val = record.get("metrics", {}).get("val", {})
+        self.last_language = record.get(ckpt.LANGUAGE_KEY)
         self._restore_rng(self._rng_of_this_rank(record))
         return record
 
@@ -830,6 +843,8 @@ class Trainer:
                              "encoder_prefix": prefix}}
         extra.update(self.task.record_fields(self))
         extra.update(run_id=self.run_id, checkpoint_manager=self.manager.state_dict())
+        if self.last_language is not None:
+            extra[ckpt.LANGUAGE_KEY] = self.last_language
         return {
             "name": name, "kind": kind, "config": self.config.to_dict(), **tensors,
             "progress": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
@@ -1031,9 +1046,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn):
-        """Pooled metrics over a whole split, in eval mode; message statistics for communication."""
+        """Pooled metrics over a whole split, in eval mode, and a sample; for communication, message statistics and
+        the language analysis (its scalars among the metrics); (metrics, sample, the analysis' details or None)."""
         model.eval()
-        total, messages, sample = {}, [], None
+        total, messages, symbols, sample, cell_symbols = {}, [], [], None, 0
         for i in range(len(batches)):
             batch = self._to_device(batches.batch(0, i))
             out = self._eager_if_compile_fails(model, lambda: self._forward(model, batch))
@@ -1041,15 +1057,36 @@ class Trainer:
             message = message_ids(out)
             if message is not None:
                 messages.append(message.cpu())
+            if out.get("symbols") is not None:
+                symbols.append(out["symbols"].argmax(-1).cpu())
+                cell_symbols = out["cell_symbols"].shape[1] if out.get("cell_symbols") is not None else 0
             if sample is None:
                 sample = self.task.sample(batch, out)
         model.train()
         metrics = pooled(self.dist.all_reduce_sums(total))
-        if self.batch_group is not None:  # the statistics read every process's messages
-            messages = [m for part in self.dist.gather_objects(messages) for m in part]
+        if self.batch_group is not None:  # the statistics read every process's messages, in the split's order
+            messages = in_batch_order(self.dist.gather_objects(messages))
+            symbols = in_batch_order(self.dist.gather_objects(symbols))
         if messages:
             metrics.update(message_stats(torch.cat(messages)))
-        return metrics, sample
+        if not symbols:
+            return metrics, sample, None
+        # every rank analyses the same gathered messages, so their metrics agree
+        scalars, details = language.analyse(torch.cat(symbols), self._language_reference(batches),
+                                            self.config.vocab_size, cell_symbols)
+        metrics.update(scalars)
+        return metrics, sample, details
+
+    def _language_reference(self, batches):
+        """The language analysis' view of a split's grids (language.Reference), built at its first evaluation.
+
+        What the sender saw: each example in evaluation order (epoch 0), or for selection its target, which
+        Batches draws as the row's own unit."""
+        kept = self._language_references.get(id(batches))
+        if kept is None or kept[0] is not batches:  # kept holds the Batches too, so its id is never reused
+            grids = batches.grids(batches.order(0))
+            kept = self._language_references[id(batches)] = (batches, language.reference(grids, PAD))
+        return kept[1]
 
     def _publish_batch(self, sums, started, num_batches, examples):
         elapsed = max(time.perf_counter() - started, 1e-9)
@@ -1100,12 +1137,15 @@ class Trainer:
             self._decide(lambda: self.manager.after_step(self.global_step))
 
     def _validate(self, model, loss_fn):
-        self.last_val, sample = self.evaluate(model, self.val_batches, loss_fn)
+        self.last_val, sample, details = self.evaluate(model, self.val_batches, loss_fn)
         self.publish({"type": "validation", "phase": self.phase, "epoch": self.epoch,
                       "global_step": self.global_step, "temperature": self.current_temperature(),
                       **{f"val_{k}": v for k, v in self.last_val.items()}})
         if sample:
             self.publish({"type": "samples", "split": "val", "global_step": self.global_step, **sample})
+        if details is not None:  # the heatmap and the top messages: too large for every chart point
+            self.last_language = {"split": "val", "epoch": self.epoch, "global_step": self.global_step, **details}
+            self.publish({"type": "language", **self.last_language})
         epoch_done = self.batch == 0 and self.epoch > 0  # not a validation cut short by max_steps
         self._decide(lambda: self.manager.after_validation(self.last_val, self.epoch, epoch_done, self.global_step))
 
@@ -1197,8 +1237,7 @@ class Trainer:
 
     def test(self):
         """Metrics on the held-out test split (never used for model selection)."""
-        metrics, _ = self.evaluate(self.model, self.test_batches, self.task.loss)
-        return metrics
+        return self.evaluate(self.model, self.test_batches, self.task.loss)[0]
 
 
 def note_precision(saved, config, path, doing):

@@ -329,7 +329,8 @@ class TrainingWorker:
                     "mirror": self.mirror.status() if self.mirror is not None else None}
 
     def samples(self):
-        """The latest samples event of each split ("train", "val") of the current or last run."""
+        """The latest samples event of each split ("train", "val") of the current or last run, and its latest
+        language event ("language")."""
         with self._lock:
             return dict(self._samples)
 
@@ -376,6 +377,8 @@ class TrainingWorker:
             self._status = {**s, "paused": kind == "training_paused"}
         elif kind == "samples":  # kept apart from status, which goes out 4 times a second: grids are large
             self._samples = {**self._samples, event.get("split", "train"): event}
+        elif kind == "language":  # the same: the top messages carry grids
+            self._samples = {**self._samples, "language": event}
 
     def _flush(self, force=False):
         """Send the chart points gathered since the last flush, and a status, at most about 4 times a second."""

@@ -105,14 +105,14 @@ def train_for(config, data, budget_seconds, checkpoint_dir, eval_units=None):
     trainer.train()
     trainer.train_seconds = time.monotonic() - started
     loss_fn = LOSSES[config.task_type]
-    final_val, _ = trainer.evaluate(trainer.model, trainer.val_batches, loss_fn)
+    final_val = trainer.evaluate(trainer.model, trainer.val_batches, loss_fn)[0]
     best_path = os.path.join(catalogue.checkpoint_folder(checkpoint_dir, trainer.run_id), "best_model.pth")
     trainer.weights, trainer.chosen_val = "final", final_val
     if os.path.exists(best_path) and trainer.best_val_loss < final_val["loss"]:
         record = ckpt.load_checkpoint(best_path)
         trainer.model.load_state_dict(record["model_state_dict"])
         trainer.weights = f"best@{record['global_step']}"
-        trainer.chosen_val, _ = trainer.evaluate(trainer.model, trainer.val_batches, loss_fn)
+        trainer.chosen_val = trainer.evaluate(trainer.model, trainer.val_batches, loss_fn)[0]
     return trainer
 
 

@@ -5,6 +5,7 @@ import { authIsRequired, copyText, download, el, formatBytes, formatDate, format
   setAuthRequired, toast } from "./api.js";
 import { Charts, RunCurves } from "./charts.js";
 import { renderSample } from "./grids.js";
+import { renderLanguage } from "./language.js";
 
 const $ = (id) => document.getElementById(id);
 const ACTIVE_PHASES = ["pretraining", "training", "stopping"];
@@ -293,6 +294,7 @@ function statusRows(s) {
     rows.push(["distinct messages", pct(val.distinct_share), "distinct_share"]);
     rows.push(["message entropy", `${formatNumber(val.message_entropy, 3)} bits`, "message_entropy"]);
   }
+  if ("topsim" in val) rows.push(["topographic similarity", formatNumber(val.topsim, 3), "topsim"]);
   return rows.concat(mirrorRows(s.mirror));
 }
 
@@ -371,10 +373,20 @@ function showSample(sample) {
   $("samples").replaceChildren(...panels);
 }
 
-/** The latest samples of the current or last run, as a reload finds them; the event stream then replaces them. */
+/** The latest samples and language analysis of the current or last run, as a reload finds them; the event stream
+ * then replaces them. */
 async function restoreSamples() {
   const latest = await load("/samples");
   for (const sample of [latest?.train, latest?.val]) if (sample) showSample(sample);
+  if (latest?.language) showLanguage(latest.language);
+}
+
+// ---------------------------------------------------------------------------------------------- language
+
+/** The language panel: only runs with a message send language events, and it stays hidden for the others. */
+function showLanguage(d) {
+  $("language").replaceChildren(...renderLanguage(d));
+  $("language-panel").hidden = false;
 }
 
 // ---------------------------------------------------------------------------------------------- checkpoints
@@ -811,6 +823,8 @@ function onTrainingStarted(d) {
   if (d.run_id !== charts.live.runId) charts.resetLive(d.run_id);
   state.samples = { train: null, val: null };
   $("samples").replaceChildren(el("p", { className: "muted" }, "Waiting for the first samples…"));
+  $("language-panel").hidden = true; // until this run's first validation, if it sends a message
+  $("language").replaceChildren();
   refreshCheckpointsSoon(); // a new run: its group goes first
 }
 
@@ -833,6 +847,7 @@ const HANDLERS = {
   status: applyStatus,
   metrics: onMetrics,
   samples: showSample,
+  language: showLanguage,
   checkpoint_saved: onCheckpointSaved,
   checkpoint_error: (d) => {
     toast(`Checkpoint “${d.name}”${inRun(d)} failed: ${d.error}`, "error");

@@ -500,8 +500,12 @@ def test_checkpoint_table_names_break_at_underscores_and_actions_stay_on_one_lin
                 samples.append(...copies);
                 const box = (s) => document.querySelector(s).getBoundingClientRect().toJSON();
                 const panel = document.querySelector('.samples-panel');
+                // under the curves: the language panel once the run has validated (it sends a message), else
+                // the checkpoints
+                const below = document.getElementById('language-panel').hidden ? '.checkpoints-panel'
+                    : '.language-panel';
                 const shown = {curves: box('.charts-panel'), samples: box('.samples-panel'),
-                               config: box('.config-panel'), listing: box('.checkpoints-panel'),
+                               config: box('.config-panel'), listing: box(below),
                                scrolls: panel.scrollHeight > panel.clientHeight};
                 copies.forEach((c) => c.remove());
                 return shown; }""")
@@ -927,3 +931,44 @@ def test_the_status_shows_the_mirror_and_its_last_error_and_a_listing_that_fails
             page.close()
     finally:
         store.stop()
+
+
+def test_the_language_panel_draws_the_heatmap_and_the_most_frequent_messages(chromium, tmp_path, arc_data):
+    """A selection run's first validation: the panel appears live, one heatmap cell per position and symbol (each
+    position's shares adding up to all messages), the top messages most frequent first with their grids; a
+    reload draws it again from GET /samples."""
+    with serve(tmp_path / "checkpoints", arc_data) as url:
+        ui = open_page(chromium, url)
+        page = ui.page
+        try:
+            expect(page.locator("#language-panel")).to_be_hidden()  # no run, no message yet
+            started = page.evaluate("""() => fetch('/start_training', {method: 'POST',
+                headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({task_type: 'selection', max_steps: 2, epochs: 1})}).then((r) => r.status)""")
+            assert started == 202
+            for visit in ("live", "after a reload"):
+                expect(page.locator("#language-panel")).to_be_visible()
+                expect(page.locator("#language .heatmap td.usage")).to_have_count(5 * 10)
+                shares = page.eval_on_selector_all("#language .heatmap tbody tr", """rows => rows.map((r) =>
+                    [...r.querySelectorAll('td.usage')].reduce((sum, td) => sum + Number(td.dataset.share), 0))""")
+                assert len(shares) == 5 and all(abs(s - 1) < 0.01 for s in shares), (visit, shares)
+                counts = [int(c) for c in page.eval_on_selector_all("#language .top-message",
+                                                                    "items => items.map((i) => i.dataset.count)")]
+                assert 1 <= len(counts) <= 10 and counts == sorted(counts, reverse=True), (visit, counts)
+                first = page.locator("#language .top-message").first
+                expect(first.locator(".message .token")).to_have_count(5)
+                assert 1 <= first.locator(".top-message-example canvas.grid").count() <= 3
+                help_text = page.locator('#language dd[data-key="topsim"]').get_attribute("title")
+                sampled = fetch_json(page, "/samples")["language"]["topsim_examples"]
+                assert "Messages: Hamming" in help_text and f" {sampled} validation examples" in help_text, help_text
+                assert page.evaluate("() => document.documentElement.scrollWidth") <= 1280  # nothing sticks out
+                if visit == "live":
+                    expect(phase(page)).to_have_text("finished")
+                    expect(status_value(page, "topsim")).to_have_text(re.compile(r"^-?[0-9]"))
+                    page.reload()
+                    expect(page.locator("#connection")).to_have_text("live")
+            unexpected = [e for e in ui.console_errors if "Failed to load resource" not in e]
+            assert ui.page_errors == [] and unexpected == [], (ui.page_errors, unexpected)
+        finally:
+            page.close()
+

@@ -97,8 +97,10 @@ def metric_pairs(one, many):
     assert a.keys() == b.keys(), set(a) ^ set(b)
     for split in ("test",):
         if one[split] is not None:
-            a.update({(split, k): v for k, v in one[split].items()})
-            b.update({(split, k): many[split][k] for k in one[split]})
+            # a figure may be undefined (None: the topographic similarity of messages all alike), in both or neither
+            assert [k for k, v in one[split].items() if v is None] == [k for k, v in many[split].items() if v is None]
+            a.update({(split, k): v for k, v in one[split].items() if v is not None})
+            b.update({(split, k): many[split][k] for k in one[split] if one[split][k] is not None})
     return a, b
 
 
