@@ -828,21 +828,31 @@ def test_a_run_on_two_processes_from_the_page(chromium, tmp_path):
         page.close()
 
 
-def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_upload(chromium, tmp_path, arc_data,
-                                                                                   monkeypatch):
-    import requests
-
-    import mirror
+@contextlib.contextmanager
+def stoppable_store(monkeypatch):
+    """A moto server in this process, which a test may stop and start again, its AWS_* variables set, and an
+    ObjectRoot on a new bucket of it that gives up fast: with the store gone, an upload fails at once and one cut
+    mid-request within seconds."""
     import remote
     from s3server import InProcessS3Server
     store = InProcessS3Server().start()
     try:
         for key, value in store.environment().items():
             monkeypatch.setenv(key, value)
-        # the store gone: an upload fails at once, and one cut mid-request within seconds
         fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
         target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
         target.fs.retries = 1
+        yield store, target
+    finally:
+        store.stop()
+
+
+def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_upload(chromium, tmp_path, arc_data,
+                                                                                   monkeypatch):
+    import requests
+
+    import mirror
+    with stoppable_store(monkeypatch) as (store, target):
         uploads = mirror.Mirror(str(tmp_path / "ck"), target, None, retention="local", attempts=2, first_backoff=0.05)
         with serve(tmp_path / "ck", arc_data, MIRROR=uploads) as url:
             ui = open_page(chromium, url)
@@ -877,8 +887,6 @@ def test_the_table_shows_each_checkpoint_mirrored_only_there_or_its_failed_uploa
             expect(phase(page)).not_to_have_text("training")
             assert ui.page_errors == [] and store.secret not in page.content()
             page.close()
-    finally:
-        store.stop()
 
 
 def test_the_status_shows_the_mirror_and_its_last_error_and_a_listing_that_fails_says_so(chromium, tmp_path,
@@ -888,16 +896,8 @@ def test_the_status_shows_the_mirror_and_its_last_error_and_a_listing_that_fails
     import catalogue
     import checkpoint as ckpt
     import mirror
-    import remote
-    from s3server import InProcessS3Server
     from test_checkpoint import record_fields
-    store = InProcessS3Server().start()
-    try:
-        for key, value in store.environment().items():
-            monkeypatch.setenv(key, value)
-        fail_fast = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
-        target = remote.ObjectRoot(f"s3://{store.new_bucket()}/page", fail_fast)
-        target.fs.retries = 1
+    with stoppable_store(monkeypatch) as (store, target):
         root = tmp_path / "ck"
         run_id = catalogue.new_run_id()
         catalogue.create_run(str(root), run_id, {"phase": "training"})
@@ -929,8 +929,6 @@ def test_the_status_shows_the_mirror_and_its_last_error_and_a_listing_that_fails
             expect(listing_error).to_be_hidden()
             assert ui.page_errors == [] and store.secret not in page.content()
             page.close()
-    finally:
-        store.stop()
 
 
 def test_the_language_panel_draws_the_heatmap_and_the_most_frequent_messages(chromium, tmp_path, arc_data):
