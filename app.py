@@ -26,7 +26,7 @@ import remote
 import checkpoint as ckpt
 import shutdown
 from events import EventBus
-from train import PRESETS, TrainConfig, check_local_root, retries_flag
+from train import PRESETS, OneLineParser, TrainConfig, check_local_root, retries_flag
 from worker import MAX_PROCESSES, SAVE_REQUESTS_KEPT, Busy, Conflict, TrainingWorker, check_processes
 
 logger = logging.getLogger(__name__)
@@ -552,14 +552,8 @@ def processes_flag(text):
                                          f"expected a whole number of processes, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, as train.py's: the usage would bury the message, and --help shows it anyway.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="app.py", description="ARC Autoencoder Lab web app")
+    p = OneLineParser(prog="app.py", description="ARC Autoencoder Lab web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
     p.add_argument("--port", type=int, default=5002)
     p.add_argument("--checkpoint-dir", default="checkpoints", metavar="FOLDER",

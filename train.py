@@ -1284,7 +1284,9 @@ def _policy_state_before(record, parent):
 ALIASES = {"task_type": ["--task"], "bottleneck_type": ["--bottleneck"]}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage error is one line (train.py's and app.py's)."""
+
     def error(self, message):
         # One line: the usage of some 60 options would bury the message, and --help shows it anyway.
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -1335,7 +1337,7 @@ def _presets_help(width=110):
 
 
 def build_parser(add_help=True):
-    parser = _Parser(prog="train.py", description="Train ARC autoencoders and communication agents (no web server "
+    parser = OneLineParser(prog="train.py", description="Train ARC autoencoders and communication agents (no web server "
                      "needed).", epilog=_presets_help(), formatter_class=_HelpFormatter, add_help=add_help)
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
                         help="start from a headline configuration (listed below); flags given beside it win")
