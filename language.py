@@ -259,3 +259,39 @@ def analyse(messages, ref, vocab_size, cell_symbols=0):
                "topsim_examples": len(ref.sample), "message_distance": distance, "cell_symbols": cell_symbols,
                **scalars}
     return scalars, details
+
+
+# ---------------------------------------------------------------------------------------------- from a record
+
+SUMMARY_SCALARS = ("topsim", "position_entropy_mean", "position_entropy_min", "h_message", "h_message_given_colours",
+                   "h_message_given_size", "mi_colours", "mi_size")
+SUMMARY_COUNTS = ("global_step", "num_messages", "positions", "vocab_size", "topsim_examples", "cell_symbols")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summary(details):
+    """The language details a checkpoint carries -> what `load_checkpoint.py --info` shows: the figures and the top
+    messages' symbols and counts (no grids); None for none. A record is a file that may lie: raises ValueError
+    naming the first field that is not what analyse() writes."""
+    if details is None:
+        return None
+    if not isinstance(details, dict):
+        raise ValueError(f"language is a {type(details).__name__}, not a dict")
+    for key in SUMMARY_SCALARS:  # None: constant messages have no topographic similarity
+        if details.get(key) is not None and not _is_number(details[key]):
+            raise ValueError(f"language.{key} is {details[key]!r}, not a number")
+    for key in SUMMARY_COUNTS:
+        if details.get(key) is not None and not (isinstance(details[key], int) and details[key] >= 0):
+            raise ValueError(f"language.{key} is {details[key]!r}, not a count")
+    top = details.get("top_messages", [])
+    if not isinstance(top, list) or not all(isinstance(t, dict) and isinstance(t.get("message"), list)
+                                            and all(isinstance(s, int) for s in t["message"])
+                                            and isinstance(t.get("count"), int) for t in top):
+        raise ValueError("language.top_messages is not a list of messages with their counts")
+    figures = {k: details.get(k) for k in SUMMARY_COUNTS + SUMMARY_SCALARS if k in details}
+    if "message_distance" in details:
+        figures["message_distance"] = str(details["message_distance"])
+    return {**figures, "top_messages": [{"message": t["message"], "count": t["count"]} for t in top]}

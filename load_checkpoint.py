@@ -39,6 +39,7 @@ import torch
 import catalogue
 import checkpoint as ckpt
 import dcp_checkpoint
+import language
 import remote
 from data import NUM_COLORS, PAD
 from model import GRID_SIZE, count_parameters
@@ -419,6 +420,25 @@ def export_weights(record, path, out, force):
     return len(tensors)
 
 
+def language_of(record):
+    """The record's emergent-language figures (language.summary), or what is wrong with them: they are shown, never
+    trusted."""
+    try:
+        return language.summary(record.get(ckpt.LANGUAGE_KEY))
+    except ValueError as e:
+        return {"unreadable": str(e)}
+
+
+def print_language(summary):
+    if "unreadable" in summary:
+        print(f"\nlanguage: unreadable: {summary['unreadable']}")
+        return
+    figures = {k: v for k, v in summary.items() if k != "top_messages"}
+    print(f"\nlanguage (the validation split, at the checkpoint's last validation):\n{key_value_table(figures.items())}")
+    for top in summary["top_messages"]:
+        print(f"  message {' '.join(map(str, top['message']))}: {top['count']}")
+
+
 def inspect_file(args):
     """PATH mode: verify (if asked), load, show metadata, check the model, export (if asked)."""
     report = {"path": args.path, "verify": None, "metadata": None, "model": None, "exported": None}
@@ -428,6 +448,7 @@ def inspect_file(args):
     folder_info = args.info_only and dcp_checkpoint.is_folder_checkpoint(os.path.normpath(args.path))
     record = folder_metadata(args.path, skip) if folder_info else load(args.path, skip_verify=skip)
     report["metadata"] = metadata(args.path, record)
+    report["language"] = language_of(record)
     if not args.info_only:
         report["model"] = model_check(args.path, record)
     if args.export_weights:
@@ -457,6 +478,8 @@ def print_inspection(report, record):
     print(f"checkpoint {report['path']}\n{key_value_table(flatten(info))}")
     if report["metadata"]["lineage"]:
         print("\nlineage:\n" + "\n".join(f"  {lineage_line(run)}" for run in report["metadata"]["lineage"]))
+    if report["language"] is not None:
+        print_language(report["language"])
     model = report["model"]
     if model is not None:
         print(f"\nmodel: {model['class']}, {model['parameters']:,} parameters, weights loaded, eval mode")

@@ -779,9 +779,20 @@ class Trainer:
         self.parent = lineage(path, record, "resume")
         self._manager_state = record.get("checkpoint_manager") or _policy_state_before(record, self.parent)
         self.last_val = record.get("metrics", {}).get("val", {})
-        self.last_language = record.get(ckpt.LANGUAGE_KEY)
+        self.last_language = self._language_to_carry(record.get(ckpt.LANGUAGE_KEY))
         self._restore_rng(self._rng_of_this_rank(record))
         return record
+
+    @staticmethod
+    def _language_to_carry(details):
+        """The resumed record's language details, carried into this run's checkpoints until its first validation
+        replaces them, only when they read as analyse() writes them: a file that lies about them loses nothing but
+        them, and the next validation computes them anew."""
+        try:
+            language.summary(details)
+        except ValueError:
+            return None
+        return details
 
     @property
     def best_val_loss(self):

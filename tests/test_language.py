@@ -10,6 +10,7 @@ import torch
 import catalogue
 import checkpoint as ckpt
 import language
+import load_checkpoint
 import train
 from conftest import build_app, wait_for, write_task_folder
 from data import PAD, Batches, load_data, make_splits
@@ -244,3 +245,29 @@ def test_a_short_selection_run_reports_the_analysis_in_history_checkpoint_and_cl
     train.ConsoleProgress(enabled=False)({"type": "validation", **val})
     line = capsys.readouterr().out
     assert f"topsim={train.figure(val['val_topsim'])}" in line and "mi_colours=" in line and "mi_size=" in line
+    # load_checkpoint.py --info shows the figures and the top messages' symbols (the grids stay in the record)
+    assert load_checkpoint.main([path, "--info-only", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["language"]
+    assert shown["topsim"] == val["val_topsim"] and shown["num_messages"] == n and shown["global_step"] == 3
+    assert shown["top_messages"] == [{"message": t["message"], "count": t["count"]} for t in top]
+    assert load_checkpoint.main([path, "--info-only"]) == 0
+    text = capsys.readouterr().out
+    assert "\nlanguage (the validation split" in text and f"message {' '.join(map(str, top[0]['message']))}: " in text
+
+
+@pytest.mark.parametrize("lie", [[1, 2], "topsim", {"topsim": "high"}, {"num_messages": -3},
+                                 {"top_messages": [{"message": "abc", "count": 1}]}, {"top_messages": {"a": 1}},
+                                 {"h_message": True}])
+def test_language_details_that_lie_are_shown_as_unreadable_and_never_carried_into_a_resumed_run(tmp_path, lie, capsys):
+    record = {"name": "forged", "kind": "manual", "config": {}, "epoch": 0, "batch": 0, "global_step": 0,
+              "model_state_dict": {}, ckpt.LANGUAGE_KEY: lie}
+    path = str(tmp_path / "forged.pth")
+    torch.save(record, path)
+    assert load_checkpoint.main([path, "--info-only", "--skip-verify", "--json"]) == 0
+    reason = json.loads(capsys.readouterr().out)["language"]["unreadable"]
+    assert reason.startswith("language") and "not" in reason
+    assert load_checkpoint.main([path, "--info-only", "--skip-verify"]) == 0
+    assert f"language: unreadable: {reason}" in capsys.readouterr().out
+    assert train.Trainer._language_to_carry(lie) is None
+    good = {"topsim": None, "num_messages": 4, "top_messages": [{"message": [1, 2], "count": 4, "examples": []}]}
+    assert train.Trainer._language_to_carry(good) is good
